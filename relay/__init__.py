@@ -1,0 +1,1 @@
+"""The relay: SMTP front door, message pipeline, rewriting, spool, delivery, config and CLI."""

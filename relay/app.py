@@ -1,0 +1,210 @@
+"""The one place that wires stores, pipeline, front door, tracking app and delivery together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass
+from types import TracebackType
+
+from aiohttp import web
+
+from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
+from suppression import AddressHasher, Database, SuppressionStore
+from tracking import MIGRATIONS as EVENT_MIGRATIONS
+from tracking import EventStore, Signer, TrackingUrls, create_app
+
+from .config import Settings
+from .delivery import DeliveryWorker, RetryPolicy
+from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
+from .pipeline import Pipeline
+from .smtp import FrontDoor, RelaySMTP
+from .spool import Spool
+from .transport import OutboxTransport, SmtpTransport, Transport
+
+log = logging.getLogger("optout.serve")
+
+STORE_FILE = "optout.db"
+SPOOL_FILE = "spool.db"
+OUTBOX_DIR = "outbox"
+
+
+class Stores:
+    """The suppression list and the event log, opened from the data dir (async context)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._db: Database | None = None
+
+    async def __aenter__(self) -> Stores:
+        data_dir = self.settings.storage.dir
+        ensure_private_dir(data_dir)
+        hasher = AddressHasher(load_or_create_secret(data_dir / HASH_KEY_FILE).encode())
+        self._db = await Database.open(
+            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
+        )
+        self.suppressions = SuppressionStore(self._db, hasher)
+        self.events = EventStore(self._db)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            await self._db.close()
+
+
+def tracking_urls(settings: Settings) -> TrackingUrls:
+    keys = settings.signing.secret_keys or (
+        load_or_create_secret(settings.storage.dir / SIGNING_KEY_FILE),
+    )
+    public_url = settings.http.public_url or f"http://{settings.http.listen}"
+    return TrackingUrls(public_url, Signer(keys))
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    smtp: tuple[str, int]
+    http: tuple[str, int]
+
+
+class Relay:
+    """A running relay: SMTP front door, tracking HTTP app and delivery worker on one loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._exit = AsyncExitStack()
+        self._stopped = False
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Relay:
+        relay = cls(settings)
+        try:
+            await relay._start()
+        except BaseException:
+            await relay._exit.aclose()
+            raise
+        return relay
+
+    async def _start(self) -> None:
+        settings = self.settings
+        stores = await self._exit.enter_async_context(Stores(settings))
+        urls = tracking_urls(settings)
+        spool = await Spool.open(settings.storage.dir / SPOOL_FILE)
+        self._exit.push_async_callback(spool.close)
+        self.spool = spool
+        self.stores = stores
+
+        transport: Transport
+        hostname = settings.smtp.hostname or socket.getfqdn()
+        if settings.delivery.downstream is None:
+            transport = OutboxTransport(settings.storage.dir / OUTBOX_DIR)
+        else:
+            transport = SmtpTransport(
+                settings.delivery.downstream,
+                pool_size=settings.delivery.workers,
+                timeout=settings.delivery.timeout,
+                local_hostname=hostname,
+            )
+        worker = DeliveryWorker(
+            spool=spool,
+            transport=transport,
+            pipeline=Pipeline(),
+            suppressions=stores.suppressions,
+            events=stores.events,
+            urls=urls,
+            retry=RetryPolicy(
+                settings.delivery.retry_initial_delay, settings.delivery.retry_max_delay
+            ),
+            concurrency=settings.delivery.workers,
+        )
+        worker_task = asyncio.create_task(worker.run(), name="delivery-worker")
+        self._exit.push_async_callback(self._stop_worker, worker, worker_task)
+
+        runner = web.AppRunner(
+            create_app(stores.suppressions, stores.events, urls), access_log=None
+        )
+        await runner.setup()
+        self._exit.push_async_callback(runner.cleanup)
+        http = settings.http.listen
+        site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
+        await site.start()
+
+        front_door = FrontDoor(
+            spool=spool,
+            suppressions=stores.suppressions,
+            settings=settings.smtp,
+            on_spooled=worker.notify,
+        )
+        smtp = settings.smtp
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: RelaySMTP(
+                front_door,
+                hostname=hostname,
+                data_size_limit=smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                ident="optout-relay",
+            ),
+            smtp.listen.host,
+            smtp.listen.port,
+            reuse_address=True,
+        )
+        self._exit.push_async_callback(self._close_smtp, server, front_door)
+        self.addresses = Addresses(
+            smtp=_host_port(server.sockets[0].getsockname()),
+            http=_host_port(runner.addresses[0]),
+        )
+        log.info(
+            "listening: smtp=%s http=%s, delivering to %s, data in %s",
+            _fmt(self.addresses.smtp),
+            _fmt(self.addresses.http),
+            transport.describe(),
+            settings.storage.dir,
+        )
+
+    @staticmethod
+    async def _close_smtp(server: asyncio.Server, front_door: FrontDoor) -> None:
+        server.close()
+        # Replies not yet sent for messages being spooled must still be sent as 250 or 451.
+        await asyncio.wait_for(front_door.drain(), timeout=30)
+
+    @staticmethod
+    async def _stop_worker(worker: DeliveryWorker, task: asyncio.Task[None]) -> None:
+        await worker.stop()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._exit.aclose()
+        log.info("stopped")
+
+
+def _host_port(address: object) -> tuple[str, int]:
+    assert isinstance(address, tuple)
+    return str(address[0]), int(address[1])
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then finish in-flight work and close the stores."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    relay = await Relay.start(settings)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await relay.stop()

@@ -1,0 +1,270 @@
+"""The TOML config file, read into typed, frozen settings; every key optional."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Downstream:
+    host: str
+    port: int
+    implicit_tls: bool = False
+
+    def __str__(self) -> str:
+        return f"{'smtps' if self.implicit_tls else 'smtp'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    dir: Path = Path("optout-data")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    listen: Listen = Listen("127.0.0.1", 2525)
+    trusted_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_message_size: int = 26_214_400
+    max_recipients: int = 1000
+    hostname: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    listen: Listen = Listen("127.0.0.1", 8080)
+    public_url: str | None = None  # default: http:// and the listen address
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    downstream: Downstream | None = None
+    workers: int = 4
+    retry_initial_delay: float = 60.0
+    retry_max_delay: float = 3600.0
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SigningSettings:
+    secret_keys: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
+
+
+# ---- value parsers: each takes the raw TOML value and the dotted key for its errors ----
+
+Parser = Callable[[Any, str], Any]
+
+
+def _type_name(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {_type_name(value)}")
+    return value
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, not {_type_name(value)}")
+    if value <= 0:
+        raise ConfigError(key, f"must be greater than 0 (got {value})")
+    return value
+
+
+def _positive_number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number, not {_type_name(value)}")
+    if value <= 0:
+        raise ConfigError(key, f"must be greater than 0 (got {value})")
+    return float(value)
+
+
+def _host_port(text: str, key: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(key, f"must be HOST:PORT (got {text!r})")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(key, f"port must be between 1 and 65535 (got {port!r})")
+    return host, int(port)
+
+
+def _listen(value: Any, key: str) -> Listen:
+    host, port = _host_port(_string(value, key), key)
+    return Listen(host, port)
+
+
+def _networks(value: Any, key: str) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be an array of networks, not {_type_name(value)}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item, key)))
+        except ValueError as exc:
+            raise ConfigError(key, f"{item!r} is not a network: {exc}") from None
+    return tuple(networks)
+
+
+def _public_url(value: Any, key: str) -> str:
+    url = urlsplit(_string(value, key))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(key, f"must be an http(s) URL with a host (got {value!r})")
+    if url.query or url.fragment:
+        raise ConfigError(key, "must not have a query or fragment")
+    return str(value).rstrip("/")
+
+
+def _downstream(value: Any, key: str) -> Downstream:
+    url = urlsplit(_string(value, key))
+    if url.scheme not in ("smtp", "smtps"):
+        raise ConfigError(key, f"must be smtp://HOST:PORT or smtps://HOST:PORT (got {value!r})")
+    try:
+        port = url.port
+    except ValueError:
+        raise ConfigError(key, f"port must be between 1 and 65535 (got {value!r})") from None
+    if not url.hostname or url.path not in ("", "/"):
+        raise ConfigError(key, f"must be smtp://HOST:PORT (got {value!r})")
+    implicit_tls = url.scheme == "smtps"
+    return Downstream(url.hostname, port or (465 if implicit_tls else 25), implicit_tls)
+
+
+def _secret_keys(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "must be a non-empty array of strings, newest first")
+    keys = tuple(_string(item, key) for item in value)
+    if any(len(k) < 16 for k in keys):
+        raise ConfigError(key, "every key must be at least 16 characters long")
+    return keys
+
+
+def _directory(value: Any, key: str) -> Path:
+    path = Path(_string(value, key)).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise ConfigError(key, f"{path} is not a directory")
+    if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{existing} is not readable and writable")
+    return path
+
+
+_SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
+    "storage": (StorageSettings, {"dir": _directory}),
+    "smtp": (
+        SmtpSettings,
+        {
+            "listen": _listen,
+            "trusted_networks": _networks,
+            "max_message_size": _positive_int,
+            "max_recipients": _positive_int,
+            "hostname": _string,
+        },
+    ),
+    "http": (HttpSettings, {"listen": _listen, "public_url": _public_url}),
+    "delivery": (
+        DeliverySettings,
+        {
+            "downstream": _downstream,
+            "workers": _positive_int,
+            "retry_initial_delay": _positive_number,
+            "retry_max_delay": _positive_number,
+            "timeout": _positive_number,
+        },
+    ),
+    "signing": (SigningSettings, {"secret_keys": _secret_keys}),
+}
+
+
+def parse_settings(document: Mapping[str, Any]) -> Settings:
+    """Settings from a parsed TOML document; ConfigError names the first bad key."""
+    sections: dict[str, Any] = {}
+    for name, value in document.items():
+        if name not in _SCHEMA:
+            raise ConfigError(name, "unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a table, not {_type_name(value)}")
+        cls, parsers = _SCHEMA[name]
+        values = {}
+        for key, raw in value.items():
+            dotted = f"{name}.{key}"
+            if key not in parsers:
+                raise ConfigError(dotted, "unknown key")
+            values[key] = parsers[key](raw, dotted)
+        sections[name] = cls(**values)
+    settings = Settings(**sections)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    delivery = settings.delivery
+    if delivery.retry_max_delay < delivery.retry_initial_delay:
+        raise ConfigError(
+            "delivery.retry_max_delay", "must not be less than delivery.retry_initial_delay"
+        )
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read `path`, or the embedded defaults when there is no file."""
+    if path is None:
+        return Settings()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not UTF-8 text") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"is not valid TOML: {exc}") from None
+    return parse_settings(document)
+
+
+def section_keys() -> dict[str, list[str]]:
+    """Every documented key per section (used to check config.example.toml stays complete)."""
+    return {name: [f.name for f in fields(cls)] for name, (cls, _) in _SCHEMA.items()}

@@ -1,0 +1,97 @@
+"""Just enough MIME to find parts by byte offset, so untouched bytes stay untouched."""
+
+from __future__ import annotations
+
+import email.parser
+import itertools
+from dataclasses import dataclass
+from email.message import Message
+from email.policy import compat32
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=compat32)
+
+
+class MimeError(ValueError):
+    """The structure of a message or part cannot be followed."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    name: str
+    raw: bytes  # the whole field as sent, folding and line ending included
+
+    @property
+    def lname(self) -> str:
+        return self.name.lower()
+
+
+def split_entity(data: bytes) -> tuple[bytes, bytes]:
+    """(header block, body) of an entity; the blank line belongs to neither."""
+    if data.startswith((b"\r\n", b"\n")):
+        return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
+    end = data.find(b"\r\n\r\n")
+    lf_end = data.find(b"\n\n")
+    if end >= 0 and (lf_end < 0 or end <= lf_end):
+        return data[: end + 2], data[end + 4 :]
+    if lf_end >= 0:
+        return data[: lf_end + 1], data[lf_end + 2 :]
+    return data, b""
+
+
+def header_fields(block: bytes) -> list[HeaderField]:
+    """The fields of a header block, each with its continuation lines."""
+    fields: list[HeaderField] = []
+    for line in block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+            continue
+        name, colon, _ = line.partition(b":")
+        fields.append(HeaderField(name.strip().decode("latin-1") if colon else "", line))
+    return fields
+
+
+def parse_headers(block: bytes) -> Message:
+    """The header block as a Message, for content types and their parameters."""
+    return _HEADER_PARSER.parsebytes(block)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyPart:
+    start: int  # first byte of the part's headers
+    end: int  # one past its last byte (the line break before the next delimiter excluded)
+
+
+def split_multipart(body: bytes, boundary: str) -> list[BodyPart]:
+    """The parts of a multipart body, by offset; a missing close delimiter ends at the end."""
+    if not boundary or len(boundary) > 200:
+        raise MimeError("multipart without a usable boundary")
+    delimiter = b"--" + boundary.encode("latin-1")
+    lines: list[tuple[int, int, bool]] = []  # (delimiter start, next line start, is close)
+    pos = 0
+    while (found := body.find(delimiter, pos)) >= 0:
+        pos = found + len(delimiter)
+        if found and body[found - 1 : found] != b"\n":
+            continue
+        line_end = body.find(b"\n", found)
+        next_line = len(body) if line_end < 0 else line_end + 1
+        rest = body[pos:next_line].rstrip(b"\r\n \t")
+        if rest not in (b"", b"--"):
+            continue
+        lines.append((found, next_line, rest == b"--"))
+        if rest == b"--":
+            break
+    if not lines or lines[0][2]:
+        raise MimeError(f"multipart body has no delimiter for boundary {boundary!r}")
+    parts = []
+    for (_, part_start, _), (next_delim, _, _) in itertools.pairwise(lines):
+        parts.append(BodyPart(part_start, _before_line_break(body, next_delim)))
+    if not lines[-1][2]:
+        parts.append(BodyPart(lines[-1][1], len(body)))
+    return parts
+
+
+def _before_line_break(body: bytes, index: int) -> int:
+    if body[index - 2 : index] == b"\r\n":
+        return index - 2
+    return index - 1

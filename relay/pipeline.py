@@ -1,0 +1,158 @@
+"""Message processing as an ordered pipeline of small named steps.
+
+Each step reads the parsed headers and records its decision on the message's metadata, so that
+what the relay did to a message can always be explained. The steps run once per message; the
+per-recipient work (tokens, URLs) happens at delivery time in `PreparedMessage.personalise`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Protocol
+
+from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope
+from tracking import RecipientRef, TrackingUrls
+
+from .mime import parse_headers, split_entity
+from .rewrite import Decorations, Hole, Template, build_template, list_unsubscribe_headers
+
+UNTOUCHABLE_TOP_LEVEL = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+    }
+)
+
+
+@dataclass(slots=True)
+class Metadata:
+    """What the pipeline learnt and decided about one message."""
+
+    queue_id: str
+    mail_from: str
+    campaign: str | None = None
+    scope: str = GLOBAL
+    track_opens: bool = True
+    transactional: bool = False
+    rewrite_body: bool = True
+    decisions: list[str] = field(default_factory=list)
+
+    def decide(self, step: str, decision: str) -> None:
+        self.decisions.append(f"{step}: {decision}")
+
+
+class Step(Protocol):
+    name: str
+
+    def process(self, headers: Message, meta: Metadata) -> None: ...
+
+
+def _header(headers: Message, name: str) -> str | None:
+    value = headers.get(name)
+    return " ".join(str(value).split()) if value is not None else None
+
+
+class ReadCampaign:
+    name = "campaign"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        campaign = _header(headers, "X-Optout-Campaign")
+        if campaign:
+            meta.campaign = campaign[:200]
+            meta.decide(self.name, f"campaign {meta.campaign!r}")
+
+
+class ReadTopic:
+    name = "topic"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        topic = _header(headers, "X-Optout-Topic")
+        if not topic:
+            return
+        try:
+            meta.scope = parse_scope(f"topic:{topic}")
+        except InvalidScope:
+            meta.decide(self.name, f"ignored unusable topic {topic!r}; scope stays global")
+        else:
+            meta.decide(self.name, f"unsubscribe scope {meta.scope}")
+
+
+class ReadCategory:
+    name = "category"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        category = (_header(headers, "X-Optout-Category") or "").lower()
+        if category == "transactional":
+            meta.transactional = True
+            meta.track_opens = False
+            meta.decide(self.name, "transactional: no tracking, no unsubscribe decoration")
+
+
+class ReadTracking:
+    name = "tracking"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        if (_header(headers, "X-Optout-Track") or "").lower() == "off":
+            meta.track_opens = False
+            meta.decide(self.name, "open tracking off (X-Optout-Track)")
+
+
+class GuardSignedContent:
+    name = "signed-content"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        ctype = headers.get_content_type()
+        if ctype in UNTOUCHABLE_TOP_LEVEL:
+            meta.rewrite_body = False
+            meta.decide(self.name, f"{ctype}: body left untouched, headers only")
+
+
+DEFAULT_STEPS: tuple[Step, ...] = (
+    ReadCampaign(),
+    ReadTopic(),
+    ReadCategory(),
+    ReadTracking(),
+    GuardSignedContent(),
+)
+
+
+@dataclass(slots=True)
+class PreparedMessage:
+    """A message after the pipeline: its metadata and its template, ready for recipients."""
+
+    meta: Metadata
+    template: Template
+
+    def personalise(self, recipient: str, urls: TrackingUrls, hasher: AddressHasher) -> bytes:
+        if self.meta.transactional:
+            return self.template.render({})
+        ref = RecipientRef(
+            hasher.hash(recipient), self.meta.scope, self.meta.campaign, self.meta.queue_id
+        )
+        unsubscribe_url = urls.unsubscribe_url(ref)
+        values = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
+        if self.meta.track_opens and self.meta.rewrite_body:
+            values[Hole.PIXEL_URL] = urls.pixel_url(ref)
+        return self.template.render(values, list_unsubscribe_headers(unsubscribe_url))
+
+
+class Pipeline:
+    def __init__(self, steps: tuple[Step, ...] = DEFAULT_STEPS) -> None:
+        self.steps = steps
+
+    def prepare(self, queue_id: str, mail_from: str, raw: bytes) -> PreparedMessage:
+        meta = Metadata(queue_id, mail_from)
+        headers = parse_headers(split_entity(raw)[0])
+        for step in self.steps:
+            step.process(headers, meta)
+        decorations = Decorations(
+            unsubscribe=not meta.transactional and meta.rewrite_body,
+            pixel=meta.track_opens and meta.rewrite_body,
+        )
+        template = build_template(raw, decorations)
+        for note in template.notes:
+            meta.decide("rewrite", note)
+        return PreparedMessage(meta, template)

@@ -1,0 +1,188 @@
+"""Handing one personalised copy to the next hop: a one-method interface, two transports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from .config import Downstream
+
+
+class Status(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # try again later: 4xx, connection trouble
+    BOUNCED = "bounced"  # permanent: 5xx
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    queue_id: str
+    mail_from: str
+    recipient: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    reply: str
+
+
+class Transport(Protocol):
+    async def send(self, message: Outgoing) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def _reply(code: int, text: str) -> str:
+    return f"{code} {' '.join(text.split())}"
+
+
+def _status_for(code: int) -> Status:
+    if 200 <= code < 300:
+        return Status.DELIVERED
+    return Status.BOUNCED if 500 <= code < 600 else Status.DEFERRED
+
+
+class SmtpTransport:
+    """Delivers over SMTP to the downstream MTA, reusing a small pool of connections."""
+
+    def __init__(
+        self, downstream: Downstream, *, pool_size: int, timeout: float, local_hostname: str
+    ) -> None:
+        self.downstream = downstream
+        self._timeout = timeout
+        self._local_hostname = local_hostname
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(pool_size)
+
+    def describe(self) -> str:
+        return f"{self.downstream.host}:{self.downstream.port}"
+
+    async def send(self, message: Outgoing) -> Outcome:
+        async with self._slots:
+            reused = bool(self._idle)
+            try:
+                client = self._idle.pop() if reused else await self._connect()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                return Outcome(Status.DEFERRED, f"connect to {self.describe()} failed: {exc}")
+            outcome, keep = await self._transact(client, message)
+            if keep is None and reused:
+                # The server dropped an idle connection: that says nothing about this message.
+                try:
+                    client = await self._connect()
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    return Outcome(Status.DEFERRED, f"connect to {self.describe()} failed: {exc}")
+                outcome, keep = await self._transact(client, message)
+            if keep:
+                self._idle.append(client)
+            else:
+                client.close()
+            return outcome
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self.downstream.host,
+            port=self.downstream.port,
+            timeout=self._timeout,
+            use_tls=self.downstream.implicit_tls,
+            local_hostname=self._local_hostname,
+        )
+        await client.connect()
+        return client
+
+    async def _transact(
+        self, client: aiosmtplib.SMTP, message: Outgoing
+    ) -> tuple[Outcome, bool | None]:
+        """The outcome and whether the connection can be reused (None: it was lost)."""
+        options = []
+        if not message.content.isascii() and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        try:
+            _, reply = await client.sendmail(
+                message.mail_from, [message.recipient], message.content, mail_options=options
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            return Outcome(_status_for(refused.code), _reply(refused.code, refused.message)), (
+                await self._reset(client)
+            )
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            return Outcome(Status.DEFERRED, f"lost connection to {self.describe()}: {exc}"), None
+        except aiosmtplib.SMTPResponseException as exc:
+            return Outcome(_status_for(exc.code), _reply(exc.code, exc.message)), (
+                await self._reset(client)
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return Outcome(Status.DEFERRED, f"conversation with {self.describe()} failed: {exc}"), (
+                False
+            )
+        return Outcome(Status.DELIVERED, f"250 {' '.join(reply.split())}"), True
+
+    @staticmethod
+    async def _reset(client: aiosmtplib.SMTP) -> bool:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+
+class OutboxTransport:
+    """Final delivery into a folder of .eml files, for running without a downstream MTA."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def describe(self) -> str:
+        return f"outbox:{self.directory}"
+
+    async def send(self, message: Outgoing) -> Outcome:
+        try:
+            path = await asyncio.to_thread(self._write, message)
+        except OSError as exc:
+            return Outcome(Status.DEFERRED, f"cannot write to {self.directory}: {exc.strerror}")
+        return Outcome(Status.DELIVERED, f"250 2.0.0 written to {path.name}")
+
+    def _write(self, message: Outgoing) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{message.queue_id}-{secrets.token_hex(4)}.eml"
+        temporary = self.directory / f".{name}.tmp"
+        # Final delivery adds the envelope as Postfix's local delivery does.
+        envelope = (
+            f"Return-Path: <{message.mail_from}>\r\nX-Original-To: {message.recipient}\r\n"
+        ).encode()
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(fd, "wb") as file:
+            file.write(envelope)
+            file.write(message.content)
+            file.flush()
+            os.fsync(file.fileno())
+        final = self.directory / name
+        os.replace(temporary, final)
+        directory_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+        return final
+
+    async def close(self) -> None:
+        return None

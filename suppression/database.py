@@ -1,0 +1,210 @@
+"""SQLite under asyncio: one writer thread with group commit, one reader thread.
+
+Every write is a function run on the writer thread. Writes queued while a commit is in
+progress are run together in the next transaction and share its fsync (group commit), each
+inside its own savepoint so one failing write never undoes the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+T = TypeVar("T")
+
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A named, one-time schema change; names are recorded in the `migrations` table."""
+
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite_utils.Database], Any]
+    future: concurrent.futures.Future[Any]
+
+
+_STOP = object()
+
+
+def _connect(path: Path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk (fsync of the WAL) before the caller hears of it.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return sqlite_utils.Database(conn)
+
+
+class Database:
+    """An SQLite file used from asyncio without blocking the event loop."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration] = ()) -> None:
+        self.path = path
+        self._migrations = tuple(migrations)
+        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"sqlite-writer:{path.name}", daemon=True
+        )
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"sqlite-reader:{path.name}"
+        )
+        self._reader_local = threading.local()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, migrations: Sequence[Migration] = ()) -> Database:
+        database = cls(path, migrations)
+        database._writer.start()
+        try:
+            await asyncio.wrap_future(database._ready)
+        except BaseException:
+            database._writer.join()
+            database._reader.shutdown(wait=False)
+            raise
+        return database
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn` in a write transaction; return once it is durably committed."""
+        if self._closed:
+            raise RuntimeError(f"database {self.path} is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put(_Job(fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn` on the reader connection (sees every committed write)."""
+        if self._closed:
+            raise RuntimeError(f"database {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._read, fn)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._writer.join)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
+
+    def _read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        db: sqlite_utils.Database | None = getattr(self._reader_local, "db", None)
+        if db is None:
+            db = _connect(self.path)
+            self._reader_local.db = db
+        return fn(db)
+
+    def _close_reader(self) -> None:
+        db: sqlite_utils.Database | None = getattr(self._reader_local, "db", None)
+        if db is not None:
+            db.conn.close()
+
+    def _write_loop(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = _connect(self.path)
+            _apply_migrations(db, self._migrations)
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(db, [job for job in batch if isinstance(job, _Job)])
+                if stop:
+                    return
+        finally:
+            db.conn.close()
+
+    @staticmethod
+    def _run_batch(db: sqlite_utils.Database, batch: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, bool, Any]] = []
+        conn = db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                result = job.fn(db)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                outcomes.append((job, False, exc))
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((job, True, result))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job, ok, value in outcomes:
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+
+def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    applied = {row[0] for row in db.execute("SELECT name FROM migrations").fetchall()}
+    for migration in migrations:
+        if migration.name in applied:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            migration.apply(db)
+            db.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                [migration.name, utc_now()],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with a `Z`, the format of every stored timestamp."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
