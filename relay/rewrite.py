@@ -266,24 +266,21 @@ def _html_footer(
         ]
     if not addition:
         return segments
-    # Cut the segment holding the insertion point; earlier segments are untouched text.
+    # Cut the segment holding the insertion point. Offsets are in the original text, where
+    # every hole so far was a placeholder.
     out: list[str | Hole] = []
     offset = 0
-    done = False
-    for segment in segments:
-        if isinstance(segment, Hole) or done:
+    for index, segment in enumerate(segments):
+        if isinstance(segment, Hole):
             out.append(segment)
-            if not isinstance(segment, Hole):
-                offset += len(segment)
+            offset += len(PLACEHOLDER)
             continue
         if offset + len(segment) >= insert_at:
-            cut = insert_at - offset
-            out += [segment[:cut], *addition, segment[cut:]]
-            done = True
-        else:
-            out.append(segment)
+            cut = max(insert_at - offset, 0)
+            return [*out, segment[:cut], *addition, segment[cut:], *segments[index + 1 :]]
+        out.append(segment)
         offset += len(segment)
-    return out
+    return [*out, *addition]
 
 
 class _BodyCloseFinder(html.parser.HTMLParser):

@@ -1,0 +1,139 @@
+"""Real parts for tests: a capture SMTP server as the downstream MTA, message builders, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Captured:
+    mail_from: str
+    recipients: list[str]
+    content: bytes
+
+
+@dataclass
+class CaptureHandler:
+    """A downstream MTA that keeps what it is given; replies can be scripted per recipient."""
+
+    messages: list[Captured] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(
+            Captured(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        self.arrived.set()
+        return "250 2.0.0 Ok: captured"
+
+    def for_recipient(self, address: str) -> list[Captured]:
+        return [m for m in self.messages if address in m.recipients]
+
+
+class CaptureServer:
+    def __init__(self, handler: CaptureHandler, server: asyncio.Server) -> None:
+        self.handler = handler
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    @classmethod
+    async def start(cls, port: int = 0) -> CaptureServer:
+        handler = CaptureHandler()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="capture.test"), "127.0.0.1", port
+        )
+        return cls(handler, server)
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0, what: str = ""
+) -> None:
+    """Poll until `condition` holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+def newsletter(
+    to: list[str],
+    *,
+    sender: str = "news@shop.example",
+    subject: str = "Spring sale",
+    headers: dict[str, str] | None = None,
+) -> EmailMessage:
+    """A multipart/alternative marketing message, as a marketing tool sends it."""
+    message = EmailMessage()
+    message["From"] = f"Shop <{sender}>"
+    message["To"] = ", ".join(to)
+    message["Subject"] = subject
+    message["Message-ID"] = "<spring-2026@shop.example>"
+    for name, value in (headers or {}).items():
+        message[name] = value
+    message.set_content("Our spring sale starts today.\nEverything 20% off.\n")
+    message.add_alternative(
+        "<!doctype html><html><head><title>Sale</title></head>"
+        "<body><h1>Spring sale</h1><p>Everything 20% off.</p></body></html>",
+        subtype="html",
+    )
+    return message
+
+
+@dataclass
+class Submission:
+    refused: dict[str, tuple[int, bytes]]
+    reply: tuple[int, bytes] | None = None
+    error: Exception | None = None
+
+
+def submit(
+    port: int, message: EmailMessage | bytes, sender: str, recipients: list[str]
+) -> Submission:
+    """Submit with the stdlib client, as a marketing tool would; report what the server said."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        try:
+            if isinstance(message, bytes):
+                refused = client.sendmail(sender, recipients, message)
+            else:
+                refused = client.send_message(message, sender, recipients)
+        except smtplib.SMTPRecipientsRefused as exc:
+            return Submission(dict(exc.recipients), error=exc)
+        except smtplib.SMTPResponseException as exc:
+            return Submission({}, (exc.smtp_code, exc.smtp_error), exc)
+        return Submission(dict(refused), (250, b""))
+
+
+async def asubmit(*args: Any) -> Submission:
+    return await asyncio.to_thread(submit, *args)

@@ -1,0 +1,149 @@
+"""Delivery to a real downstream SMTP server: success, deferral and retry, failure, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from relay.app import Relay
+from tests.conftest import relay_settings
+from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+async def events_of(relay: Relay, kind: str) -> list[dict[str, Any]]:
+    return [e async for e in relay.stores.events.export() if e["type"] == kind]
+
+
+def spool_rows(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "spool.db") as db:
+        return int(db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+
+
+async def test_4xx_stays_spooled_and_is_retried(tmp_path: Path, downstream: CaptureServer) -> None:
+    downstream.handler.rcpt_replies[ALICE] = "451 4.7.1 Greylisted, try again later"
+    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
+    try:
+        await asubmit(
+            relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
+        )
+        await wait_for(lambda: len(downstream.handler.messages) == 1, what="bob's copy")
+        await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
+        deferred = (await events_of(relay, "deferred"))[0]
+        assert deferred["recipient"] == ALICE
+        assert deferred["detail"]["reply"].startswith("451 4.7.1")
+        assert "retry_at" in deferred["detail"]
+        assert await asyncio.to_thread(spool_rows, tmp_path) == 1
+
+        del downstream.handler.rcpt_replies[ALICE]
+        await wait_for(lambda: len(downstream.handler.for_recipient(ALICE)) == 1, what="retry")
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+    finally:
+        await relay.stop()
+
+
+async def test_dead_downstream_then_back(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    relay = await Relay.start(relay_settings(tmp_path, port))
+    server = None
+    try:
+        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+        await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
+        deferred = (await events_of(relay, "deferred"))[0]
+        assert "connect" in deferred["detail"]["reply"]
+        server = await CaptureServer.start(port)
+        await wait_for(lambda: len(server.handler.messages) == 1, what="delivery after restart")
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+    finally:
+        await relay.stop()
+        if server:
+            await server.stop()
+
+
+async def test_5xx_is_a_permanent_failure(tmp_path: Path, downstream: CaptureServer) -> None:
+    downstream.handler.rcpt_replies[ALICE] = "550 5.1.1 No such user"
+    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
+    try:
+        await asubmit(
+            relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
+        )
+        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
+        bounced = (await events_of(relay, "bounced"))[0]
+        assert bounced["recipient"] == ALICE
+        assert bounced["detail"]["reply"] == "550 5.1.1 No such user"
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+        assert [m.recipients for m in downstream.handler.messages] == [[BOB]]
+    finally:
+        await relay.stop()
+
+
+async def test_spooled_mail_is_delivered_after_a_restart(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = int(sock.getsockname()[1])
+    first = await Relay.start(relay_settings(tmp_path, dead))
+    await asubmit(
+        first.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
+    )
+    await first.stop()
+    assert await asyncio.to_thread(spool_rows, tmp_path) == 2
+
+    second = await Relay.start(relay_settings(tmp_path, downstream.port))
+    try:
+        await wait_for(lambda: len(downstream.handler.messages) == 2, what="both after restart")
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+    finally:
+        await second.stop()
+
+
+async def test_topic_opt_out_is_enforced_at_delivery(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
+    try:
+        await relay.stores.suppressions.add(ALICE, scope="topic:news")
+        message = newsletter([ALICE, BOB], headers={"X-Optout-Topic": "news"})
+        result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE, BOB])
+        assert result.refused == {}  # only global opt-outs are known at RCPT
+        await wait_for(lambda: _has(relay, "suppressed"), what="a suppressed event")
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+        assert [m.recipients for m in downstream.handler.messages] == [[BOB]]
+        suppressed = (await events_of(relay, "suppressed"))[0]
+        assert suppressed["recipient"] == ALICE
+        assert suppressed["detail"]["scope"] == "topic:news"
+    finally:
+        await relay.stop()
+
+
+async def test_outbox_delivery_without_downstream(tmp_path: Path) -> None:
+    relay = await Relay.start(relay_settings(tmp_path, None))
+    try:
+        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+        outbox = tmp_path / "outbox"
+        await wait_for(lambda: len(list(outbox.glob("*.eml"))) == 1, what="an .eml file")
+        [eml] = outbox.glob("*.eml")
+        content = eml.read_bytes()
+        assert content.startswith(
+            b"Return-Path: <news@shop.example>\r\nX-Original-To: " + ALICE.encode()
+        )
+        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in content
+        assert not list(outbox.glob(".*.tmp"))
+    finally:
+        await relay.stop()
+
+
+async def _has(relay: Relay, kind: str) -> bool:
+    return bool(await events_of(relay, kind))
+
+
+async def _spool_empty(data_dir: Path) -> bool:
+    return await asyncio.to_thread(spool_rows, data_dir) == 0

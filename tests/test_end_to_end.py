@@ -1,0 +1,115 @@
+"""The whole path through real sockets: submit, personalise, deliver, one-click, refuse."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+from email.message import Message
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from relay.app import Relay
+from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+def parse(content: bytes) -> Message:
+    return email.message_from_bytes(content, policy=email.policy.compat32)
+
+
+def body_of(message: Message, subtype: str) -> str:
+    for part in message.walk():
+        if part.get_content_type() == f"text/{subtype}":
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            return payload.decode(part.get_content_charset() or "ascii")
+    raise AssertionError(f"no text/{subtype} part")
+
+
+def local_url(relay: Relay, public_url: str) -> str:
+    """The public URL as served by this relay's HTTP listener (what a reverse proxy does)."""
+    host, port = relay.addresses.http
+    path = urlsplit(public_url).path
+    return f"http://{host}:{port}{path}"
+
+
+async def test_two_recipients_get_their_own_copies_and_one_click_stops_the_next(
+    relay: Relay, downstream: CaptureServer
+) -> None:
+    port = relay.addresses.smtp[1]
+    message = newsletter([ALICE, BOB], headers={"X-Optout-Campaign": "spring-2026"})
+    message["List-Unsubscribe"] = "<mailto:unsubscribe@shop.example>"
+    result = await asubmit(port, message, "news@shop.example", [ALICE, BOB])
+    assert result.refused == {}
+
+    handler = downstream.handler
+    await wait_for(lambda: len(handler.messages) == 2, what="two personalised copies")
+    copies = {m.recipients[0]: parse(m.content) for m in handler.messages}
+    assert set(copies) == {ALICE, BOB}
+    assert all(m.mail_from == "news@shop.example" for m in handler.messages)
+
+    unsubscribe_urls = {}
+    for address, copy in copies.items():
+        # Exactly one of each list header, the sender's own replaced, control headers gone.
+        assert len(copy.get_all("List-Unsubscribe")) == 1
+        assert copy.get_all("List-Unsubscribe-Post") == ["List-Unsubscribe=One-Click"]
+        assert copy.get("X-Optout-Campaign") is None
+        match = re.fullmatch(
+            r"<(https://mail\.shop\.example/u/[\w.\-]+)>", copy["List-Unsubscribe"]
+        )
+        assert match, copy["List-Unsubscribe"]
+        url = match.group(1)
+        unsubscribe_urls[address] = url
+        # The visible link in both bodies, the pixel in the HTML.
+        text, html = body_of(copy, "plain"), body_of(copy, "html")
+        assert "Our spring sale starts today." in text
+        assert url in text
+        assert f'href="{url}"' in html
+        pixel = re.search(r'<img src="(https://mail\.shop\.example/o/[\w.\-]+\.gif)"', html)
+        assert pixel, html
+        assert html.index(pixel.group(0)) < html.lower().rindex("</body>")
+        # No address, plain or base64-decoded, anywhere in the URLs.
+        for part in url.split("/")[-1].split("."):
+            decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+            assert b"example.org" not in decoded.lower()
+        assert address not in url
+    assert unsubscribe_urls[ALICE] != unsubscribe_urls[BOB]
+
+    async with aiohttp.ClientSession() as http:
+        # A scanner's GET shows the page and changes nothing.
+        async with http.get(local_url(relay, unsubscribe_urls[ALICE])) as page:
+            assert page.status == 200
+            assert "Unsubscribe" in await page.text()
+        assert await relay.stores.suppressions.check(ALICE) is None
+        # The mail client's RFC 8058 one-click POST.
+        async with http.post(
+            local_url(relay, unsubscribe_urls[ALICE]),
+            data={"List-Unsubscribe": "One-Click"},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 200
+    suppression = await relay.stores.suppressions.check(ALICE)
+    assert suppression is not None
+    assert (suppression.reason, suppression.source) == ("unsubscribe", "one-click")
+
+    handler.messages.clear()
+    again = await asubmit(port, newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB])
+    assert again.refused[ALICE][0] == 550
+    assert again.refused[ALICE][1].startswith(b"5.7.1")
+    assert BOB not in again.refused
+    await wait_for(lambda: len(handler.messages) == 1, what="the copy for bob")
+    assert handler.messages[0].recipients == [BOB]
+
+    events = [e async for e in relay.stores.events.export()]
+    kinds = [(e["type"], e["recipient"]) for e in events]
+    assert kinds.count(("delivered", ALICE)) == 1
+    assert kinds.count(("delivered", BOB)) == 2
+    assert ("unsubscribe", ALICE) in kinds
+    unsubscribe = next(e for e in events if e["type"] == "unsubscribe")
+    assert unsubscribe["campaign"] == "spring-2026"
+    assert unsubscribe["detail"]["method"] == "one-click"
