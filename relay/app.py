@@ -19,6 +19,7 @@ from tracking import EventStore, Signer, TrackingUrls, create_app
 
 from .config import Settings
 from .delivery import DeliveryWorker, RetryPolicy
+from .errors import ConfigError
 from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
 from .pipeline import Pipeline
 from .smtp import FrontDoor, RelaySMTP
@@ -131,7 +132,10 @@ class Relay:
         self._exit.push_async_callback(runner.cleanup)
         http = settings.http.listen
         site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError("http.listen", f"cannot listen on {http}: {exc.strerror}") from None
 
         front_door = FrontDoor(
             spool=spool,
@@ -141,18 +145,23 @@ class Relay:
         )
         smtp = settings.smtp
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: RelaySMTP(
-                front_door,
-                hostname=hostname,
-                data_size_limit=smtp.max_message_size,
-                enable_SMTPUTF8=True,
-                ident="optout-relay",
-            ),
-            smtp.listen.host,
-            smtp.listen.port,
-            reuse_address=True,
-        )
+        try:
+            server = await loop.create_server(
+                lambda: RelaySMTP(
+                    front_door,
+                    hostname=hostname,
+                    data_size_limit=smtp.max_message_size,
+                    enable_SMTPUTF8=True,
+                    ident="optout-relay",
+                ),
+                smtp.listen.host,
+                smtp.listen.port,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "smtp.listen", f"cannot listen on {smtp.listen}: {exc.strerror}"
+            ) from None
         self._exit.push_async_callback(self._close_smtp, server, front_door)
         self.addresses = Addresses(
             smtp=_host_port(server.sockets[0].getsockname()),

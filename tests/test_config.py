@@ -1,0 +1,152 @@
+"""Config: embedded defaults, the example file, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relay.config import Downstream, Listen, Settings, load_settings, parse_settings, section_keys
+from relay.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+
+
+def test_embedded_defaults_match_the_contract() -> None:
+    settings = Settings()
+    assert settings.smtp.listen == Listen("127.0.0.1", 2525)
+    assert settings.http.listen == Listen("127.0.0.1", 8080)
+    assert settings.storage.dir == Path("optout-data")
+    assert settings.delivery.downstream is None
+    assert settings.signing.secret_keys is None
+    assert settings.smtp.max_message_size == 26214400
+    assert ipaddress.ip_address("127.0.0.1") in settings.smtp.trusted_networks[0]
+
+
+def test_the_example_file_parses_and_documents_every_key() -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    settings = load_settings(ROOT / "config.example.toml")
+    assert settings == Settings()
+    uncommented = tomllib.loads(
+        "\n".join(
+            line.removeprefix("# ")
+            for line in text.splitlines()
+            if " = " in line or line.startswith("[")
+        )
+    )
+    for section, keys in section_keys().items():
+        assert set(uncommented[section]) == set(keys), section
+    full = parse_settings(uncommented)
+    assert full.delivery.downstream == Downstream("127.0.0.1", 25)
+    assert full.http.public_url == "https://mail.example.com"
+
+
+@pytest.mark.parametrize(
+    ("document", "key"),
+    [
+        ({"smtp": {"lisen": "127.0.0.1:25"}}, "smtp.lisen"),
+        ({"smpt": {}}, "smpt"),
+        ({"smtp": {"listen": "127.0.0.1:70000"}}, "smtp.listen"),
+        ({"smtp": {"listen": "no-port"}}, "smtp.listen"),
+        ({"smtp": {"max_message_size": "big"}}, "smtp.max_message_size"),
+        ({"smtp": {"max_message_size": -1}}, "smtp.max_message_size"),
+        ({"smtp": {"trusted_networks": ["10.0.0.0/33"]}}, "smtp.trusted_networks"),
+        ({"http": {"public_url": "ftp://x"}}, "http.public_url"),
+        ({"delivery": {"downstream": "http://x:25"}}, "delivery.downstream"),
+        ({"delivery": {"downstream": "smtp://x:99999"}}, "delivery.downstream"),
+        (
+            {"delivery": {"retry_initial_delay": 10, "retry_max_delay": 5}},
+            "delivery.retry_max_delay",
+        ),
+        ({"signing": {"secret_keys": ["short"]}}, "signing.secret_keys"),
+        ({"signing": {"secret_keys": []}}, "signing.secret_keys"),
+        ({"storage": "x"}, "storage"),
+    ],
+)
+def test_bad_values_name_their_key(document: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    assert caught.value.key == key
+
+
+def test_storage_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"storage": {"dir": str(tmp_path / "file")}})
+    assert caught.value.key == "storage.dir"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[smtp]\nlisten = 25\n", "smtp.listen: must be a string, not an integer"),
+        ("[smtp]\nlisten = '127.0.0.1:0'\n", "smtp.listen: port must be between 1 and 65535"),
+        ("[smtp\nlisten=", "is not valid TOML"),
+        ("[delivery]\nfoo = 1\n", "delivery.foo: unknown key"),
+        (b"\xff\xfe[smtp]", "is not UTF-8"),
+    ],
+)
+def test_serve_with_a_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, content: str | bytes, expected: str
+) -> None:
+    config = tmp_path / "relay.toml"
+    if isinstance(content, bytes):
+        config.write_bytes(content)
+    else:
+        config.write_text(content)
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("optout-relay: error: config: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "optout-data").exists()
+
+
+def test_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run_cli("suppress", "list", "--config", str(tmp_path / "absent.toml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "cannot read" in result.stderr
+
+
+def test_port_in_use_names_the_key(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "relay.toml"
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            http_port = free.getsockname()[1]
+        config.write_text(
+            f'[storage]\ndir = "{tmp_path / "data"}"\n'
+            f'[smtp]\nlisten = "127.0.0.1:{port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        )
+        result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"optout-relay: error: config: smtp.listen: cannot listen on 127.0.0.1:{port}")
+    )

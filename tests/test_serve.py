@@ -1,0 +1,116 @@
+"""`optout-relay serve` as a process: start, take mail, write the outbox, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import newsletter, submit
+from tests.test_config import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[bytes], within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"relay exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def poll(condition: object, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    smtp_port, http_port = free_port(), free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
+    )
+    log_format = getattr(request, "param", "text")
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
+    with open(tmp_path / "serve.log", "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--log-format", log_format],
+            cwd=tmp_path,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        wait_until_listening(smtp_port, process)
+        yield process, smtp_port, http_port, tmp_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_serve_delivers_to_the_outbox_and_stops_on_sigterm(
+    served: tuple[subprocess.Popen[bytes], int, int, Path],
+) -> None:
+    process, smtp_port, http_port, cwd = served
+    result = submit(
+        smtp_port, newsletter(["judy@example.org"]), "news@shop.example", ["judy@example.org"]
+    )
+    assert result.refused == {}
+    outbox = cwd / "optout-data" / "outbox"
+    poll(lambda: len(list(outbox.glob("*.eml"))) == 1)
+    content = next(outbox.glob("*.eml")).read_bytes()
+    assert f"List-Unsubscribe: <http://127.0.0.1:{http_port}/u/".encode() in content
+
+    for key in ("signing.key", "address-hash.key"):
+        mode = stat.S_IMODE((cwd / "optout-data" / key).stat().st_mode)
+        assert mode == 0o600, key
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    log = (cwd / "serve.log").read_text()
+    assert "(queued)" in log
+    assert "status=delivered" in log
+    assert log.rstrip().endswith("info: stopped")
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("served", ["json"], indirect=True)
+def test_json_logs_carry_the_queue_id(
+    served: tuple[subprocess.Popen[bytes], int, int, Path],
+) -> None:
+    process, smtp_port, _, cwd = served
+    submit(smtp_port, newsletter(["kim@example.org"]), "news@shop.example", ["kim@example.org"])
+    poll(lambda: len(list((cwd / "optout-data" / "outbox").glob("*.eml"))) == 1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in (cwd / "serve.log").read_text().splitlines()]
+    queued = next(line for line in lines if line["message"].endswith("(queued)"))
+    delivered = next(line for line in lines if line.get("status") == "delivered")
+    assert queued["queue_id"] == delivered["queue_id"]
+    assert delivered["to"] == "kim@example.org"
+    assert queued["component"] == "smtp"
