@@ -96,6 +96,9 @@ class SmtpTransport:
             timeout=self._timeout,
             use_tls=self.downstream.implicit_tls,
             local_hostname=self._local_hostname,
+            # Opportunistic STARTTLS, as MTAs do it (Postfix: smtp_tls_security_level = may):
+            # encrypt whenever offered, even with the self-signed certificate a local MTA has.
+            validate_certs=False,
         )
         await client.connect()
         return client

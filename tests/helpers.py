@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import smtplib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -18,6 +21,7 @@ class Captured:
     mail_from: str
     recipients: list[str]
     content: bytes
+    encrypted: bool = False
 
 
 @dataclass
@@ -42,7 +46,12 @@ class CaptureHandler:
         if self.data_reply:
             return self.data_reply
         self.messages.append(
-            Captured(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+            Captured(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                encrypted=session.ssl is not None,
+            )
         )
         self.arrived.set()
         return "250 2.0.0 Ok: captured"
@@ -58,11 +67,15 @@ class CaptureServer:
         self.port: int = server.sockets[0].getsockname()[1]
 
     @classmethod
-    async def start(cls, port: int = 0) -> CaptureServer:
+    async def start(cls, port: int = 0, tls: ssl.SSLContext | None = None) -> CaptureServer:
         handler = CaptureHandler()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: SMTP(handler, hostname="capture.test"), "127.0.0.1", port
+            lambda: SMTP(
+                handler, hostname="capture.test", tls_context=tls, require_starttls=bool(tls)
+            ),
+            "127.0.0.1",
+            port,
         )
         return cls(handler, server)
 
@@ -137,3 +150,37 @@ def submit(
 
 async def asubmit(*args: Any) -> Submission:
     return await asyncio.to_thread(submit, *args)
+
+
+def self_signed_context(directory: Path) -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate, as a local MTA often has."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mta.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "mta.crt", directory / "mta.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context

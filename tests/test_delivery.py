@@ -10,7 +10,7 @@ from typing import Any
 
 from relay.app import Relay
 from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+from tests.helpers import CaptureServer, asubmit, newsletter, self_signed_context, wait_for
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -147,3 +147,15 @@ async def _has(relay: Relay, kind: str) -> bool:
 
 async def _spool_empty(data_dir: Path) -> bool:
     return await asyncio.to_thread(spool_rows, data_dir) == 0
+
+
+async def test_starttls_is_used_when_the_mta_offers_it(tmp_path: Path) -> None:
+    server = await CaptureServer.start(tls=self_signed_context(tmp_path))
+    relay = await Relay.start(relay_settings(tmp_path / "data", server.port))
+    try:
+        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+        await wait_for(lambda: len(server.handler.messages) == 1, what="a copy over TLS")
+        assert server.handler.messages[0].encrypted
+    finally:
+        await relay.stop()
+        await server.stop()
