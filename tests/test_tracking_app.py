@@ -129,7 +129,8 @@ async def test_post_without_one_click_body_is_refused(
 @pytest.mark.parametrize(
     "mangle",
     [
-        lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
+        # Not the last character: its spare base64 bits may decode to the same signature.
+        lambda t: t[:-5] + ("A" if t[-5] != "A" else "B") + t[-4:],
         lambda t: t.split(".")[0],
         lambda t: "",
         lambda t: "x" * 5000,
