@@ -23,6 +23,7 @@ log = logging.getLogger("optout.delivery")
 # Only these keep a transactional message from someone who unsubscribed from marketing.
 TRANSACTIONAL_BLOCKERS = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
 IDLE_POLL = 30.0
+SPOOL_RETRY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +72,22 @@ class DeliveryWorker:
     async def run(self) -> None:
         while not self._stopping:
             self._wakeup.clear()
-            room = self._max_messages - len(self._in_flight)
-            if room > 0:
-                for queue_id in await self._spool.due(self._clock(), self._in_flight, room):
-                    task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
-                    self._in_flight[queue_id] = task
-                    task.add_done_callback(functools.partial(self._done, queue_id))
-            await self._sleep()
+            try:
+                await self._start_due()
+                await self._sleep()
+            except Exception:
+                # The spool is unreadable for now (disk, lock): mail stays there; try later.
+                log.exception("cannot read the spool; retrying in %.0f s", SPOOL_RETRY)
+                await asyncio.sleep(SPOOL_RETRY)
+
+    async def _start_due(self) -> None:
+        room = self._max_messages - len(self._in_flight)
+        if room <= 0:
+            return
+        for queue_id in await self._spool.due(self._clock(), self._in_flight, room):
+            task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
+            self._in_flight[queue_id] = task
+            task.add_done_callback(functools.partial(self._done, queue_id))
 
     async def _sleep(self) -> None:
         timeout = IDLE_POLL

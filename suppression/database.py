@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -150,38 +151,40 @@ class Database:
 
     @staticmethod
     def _run_batch(db: sqlite_utils.Database, batch: list[_Job]) -> None:
-        outcomes: list[tuple[_Job, bool, Any]] = []
+        # A caller that gave up (cancelled) before its turn is skipped; once running, a
+        # future cannot be cancelled, so every result below can be set.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         conn = db.conn
+        outcomes: list[tuple[_Job, BaseException | None, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
             for job in batch:
-                job.future.set_exception(exc)
-            return
-        for job in batch:
-            conn.execute("SAVEPOINT job")
-            try:
-                result = job.fn(db)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-                outcomes.append((job, False, exc))
-            else:
-                conn.execute("RELEASE job")
-                outcomes.append((job, True, result))
-        try:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(db)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, exc, None))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, None, result))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            # Nothing of this batch is durable: every caller hears of the failure.
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             for job in batch:
                 job.future.set_exception(exc)
             return
-        for job, ok, value in outcomes:
-            if ok:
+        for job, error, value in outcomes:
+            if error is None:
                 job.future.set_result(value)
             else:
-                job.future.set_exception(value)
+                job.future.set_exception(error)
 
 
 def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
