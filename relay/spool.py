@@ -180,3 +180,33 @@ class Spool:
             return int(messages), int(deliveries)
 
         return await self._db.read(query)
+
+    async def for_recipient(self, address: str) -> list[dict[str, object]]:
+        """Spooled deliveries to `address` (compared case-insensitively), for data exports."""
+
+        def query(db: sqlite_utils.Database) -> list[dict[str, object]]:
+            cursor = db.execute(
+                "SELECT d.queue_id, d.recipient, d.attempts, d.last_reply, m.mail_from,"
+                " m.received_at, m.size FROM deliveries d JOIN messages m USING (queue_id)"
+                " WHERE lower(d.recipient) = lower(?) ORDER BY d.id",
+                [address],
+            )
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        return await self._db.read(query)
+
+    async def erase_recipient(self, address: str) -> int:
+        """Drop every pending delivery to `address` (erasure); messages left empty go too."""
+
+        def delete(db: sqlite_utils.Database) -> int:
+            removed = db.execute(
+                "DELETE FROM deliveries WHERE lower(recipient) = lower(?)", [address]
+            ).rowcount
+            db.execute(
+                "DELETE FROM messages WHERE NOT EXISTS"
+                " (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.queue_id)"
+            )
+            return int(removed)
+
+        return await self._db.write(delete)
