@@ -109,6 +109,7 @@ class Relay:
                 pool_size=settings.delivery.workers,
                 timeout=settings.delivery.timeout,
                 local_hostname=hostname,
+                require_tls=settings.delivery.require_tls,
             )
         worker = DeliveryWorker(
             spool=spool,
@@ -118,9 +119,12 @@ class Relay:
             events=stores.events,
             urls=urls,
             retry=RetryPolicy(
-                settings.delivery.retry_initial_delay, settings.delivery.retry_max_delay
+                settings.delivery.retry_initial_delay,
+                settings.delivery.retry_max_delay,
+                settings.delivery.max_queue_age,
             ),
             concurrency=settings.delivery.workers,
+            hostname=hostname,
         )
         worker_task = asyncio.create_task(worker.run(), name="delivery-worker")
         self._exit.push_async_callback(self._stop_worker, worker, worker_task)
@@ -141,6 +145,7 @@ class Relay:
             spool=spool,
             suppressions=stores.suppressions,
             settings=settings.smtp,
+            max_queued_messages=settings.delivery.max_queued_messages,
             on_spooled=worker.notify,
         )
         smtp = settings.smtp

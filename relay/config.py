@@ -64,7 +64,10 @@ class DeliverySettings:
     workers: int = 4
     retry_initial_delay: float = 60.0
     retry_max_delay: float = 3600.0
+    max_queue_age: float = 5 * 24 * 3600.0  # then a DSN, as Postfix's maximal_queue_lifetime
     timeout: float = 60.0
+    require_tls: bool = False
+    max_queued_messages: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,12 @@ def _type_name(value: Any) -> str:
 def _string(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, f"must be a string, not {_type_name(value)}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, not {_type_name(value)}")
     return value
 
 
@@ -212,7 +221,10 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "workers": _positive_int,
             "retry_initial_delay": _positive_number,
             "retry_max_delay": _positive_number,
+            "max_queue_age": _positive_number,
             "timeout": _positive_number,
+            "require_tls": _boolean,
+            "max_queued_messages": _positive_int,
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),
@@ -242,6 +254,8 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
 
 def _check_consistency(settings: Settings) -> None:
     delivery = settings.delivery
+    if delivery.require_tls and delivery.downstream is None:
+        raise ConfigError("delivery.require_tls", "needs delivery.downstream")
     if delivery.retry_max_delay < delivery.retry_initial_delay:
         raise ConfigError(
             "delivery.retry_max_delay", "must not be less than delivery.retry_initial_delay"

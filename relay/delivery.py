@@ -10,31 +10,41 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from suppression import GLOBAL, Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
+from .dsn import Failure, build_dsn, status_of
 from .pipeline import Pipeline, PreparedMessage
-from .spool import Delivery, Spool, SpooledMessage
+from .spool import DSN, Delivery, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
 log = logging.getLogger("optout.delivery")
 
 # Only these keep a transactional message from someone who unsubscribed from marketing.
 TRANSACTIONAL_BLOCKERS = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
-IDLE_POLL = 30.0
+IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
+REPORT_EVERY = 60.0
+# Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory.
+LOADED_BYTES_BUDGET = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     initial_delay: float
     max_delay: float
+    max_age: float
 
     def delay(self, attempts: int) -> float:
         """Exponential back-off with jitter, so deferred mail does not return in lockstep."""
         base = min(self.initial_delay * 2.0 ** min(attempts, 32), self.max_delay)
         return base * random.uniform(0.8, 1.0)
+
+
+def _iso(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 class DeliveryWorker:
@@ -49,6 +59,7 @@ class DeliveryWorker:
         urls: TrackingUrls,
         retry: RetryPolicy,
         concurrency: int,
+        hostname: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
@@ -58,50 +69,37 @@ class DeliveryWorker:
         self._events = events
         self._urls = urls
         self._retry = retry
+        self._hostname = hostname
         self._clock = clock
         self._sends = asyncio.Semaphore(concurrency)
         self._max_messages = concurrency * 4
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._loaded_bytes = 0
+        # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
+        self._unreachable_since: float | None = None
+        self._failed_connects = 0
+        self._paused_until = 0.0
 
     def notify(self) -> None:
         """A message was spooled: look for work now rather than at the next poll."""
         self._wakeup.set()
 
     async def run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
-            try:
-                await self._start_due()
-                await self._sleep()
-            except Exception:
-                # The spool is unreadable for now (disk, lock): mail stays there; try later.
-                log.exception("cannot read the spool; retrying in %.0f s", SPOOL_RETRY)
-                await asyncio.sleep(SPOOL_RETRY)
-
-    async def _start_due(self) -> None:
-        room = self._max_messages - len(self._in_flight)
-        if room <= 0:
-            return
-        for queue_id in await self._spool.due(self._clock(), self._in_flight, room):
-            task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
-            self._in_flight[queue_id] = task
-            task.add_done_callback(functools.partial(self._done, queue_id))
-
-    async def _sleep(self) -> None:
-        timeout = IDLE_POLL
-        next_at = await self._spool.next_attempt_at()
-        if next_at is not None:
-            timeout = min(max(next_at - self._clock(), 0.0), IDLE_POLL)
-            if timeout == 0.0 and self._in_flight:
-                timeout = IDLE_POLL  # what is due is in flight: its end wakes us
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout if timeout > 0 else 0.01)
-
-    def _done(self, queue_id: str, _task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(queue_id, None)
-        self._wakeup.set()
+        reporter = asyncio.create_task(self._report_queue(), name="queue-report")
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                try:
+                    await self._start_due()
+                    await self._sleep()
+                except Exception:
+                    # The spool is unreadable for now (disk, lock): mail stays there.
+                    log.exception("cannot read the spool; retrying in %.0f s", SPOOL_RETRY)
+                    await asyncio.sleep(SPOOL_RETRY)
+        finally:
+            reporter.cancel()
 
     async def stop(self) -> None:
         """Finish the copies being sent now; the rest stays spooled for the next start."""
@@ -111,11 +109,56 @@ class DeliveryWorker:
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
         await self._transport.close()
 
+    async def _start_due(self) -> None:
+        now = self._clock()
+        room = self._max_messages - len(self._in_flight)
+        if room <= 0 or now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
+            return
+        for queue_id, size in await self._spool.due(now, self._in_flight, room):
+            if self._loaded_bytes > LOADED_BYTES_BUDGET:
+                break
+            self._loaded_bytes += size
+            task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
+            self._in_flight[queue_id] = task
+            task.add_done_callback(functools.partial(self._done, queue_id, size))
+
+    def _done(self, queue_id: str, size: int, _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(queue_id, None)
+        self._loaded_bytes -= size
+        self._wakeup.set()
+
+    async def _sleep(self) -> None:
+        now = self._clock()
+        timeout = IDLE_POLL
+        next_at = await self._spool.next_attempt_at()
+        if next_at is not None and not self._in_flight:
+            timeout = min(max(next_at - now, 0.01), IDLE_POLL)
+        if now < self._paused_until:
+            timeout = min(timeout, self._paused_until - now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.01))
+
+    async def _report_queue(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            if self._spool.waiting:
+                age = await self._spool.oldest_age(self._clock()) or 0.0
+                log.info(
+                    "queue: %d messages waiting, oldest %.0f s, %d in flight",
+                    self._spool.waiting,
+                    age,
+                    len(self._in_flight),
+                    extra={"fields": {"queue_depth": self._spool.waiting, "oldest_age": age}},
+                )
+
     async def _deliver(self, queue_id: str) -> None:
         message = None
         try:
             message = await self._spool.load(queue_id, self._clock())
             if message is None or not message.deliveries:
+                return
+            if message.kind == DSN:
+                await asyncio.gather(*(self._send_report(message, d) for d in message.deliveries))
                 return
             prepared = self._pipeline.prepare(queue_id, message.mail_from, message.content)
             for decision in prepared.meta.decisions:
@@ -139,13 +182,16 @@ class DeliveryWorker:
                 log.exception("cannot defer", extra={"queue_id": message.queue_id})
                 return
 
+    def _paused(self) -> bool:
+        return self._stopping or self._clock() < self._paused_until
+
     async def _deliver_one(
         self, message: SpooledMessage, prepared: PreparedMessage, delivery: Delivery
     ) -> None:
-        if self._stopping:
-            return
+        if self._paused():
+            return  # left due in the spool: picked up again after the pause
         async with self._sends:
-            if self._stopping:
+            if self._paused():
                 return
             meta = prepared.meta
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
@@ -175,7 +221,49 @@ class DeliveryWorker:
             outcome = await self._transport.send(
                 Outgoing(message.queue_id, message.mail_from, delivery.recipient, content)
             )
-            await self._record(message, prepared, delivery, address_hash, outcome, started)
+            del content
+            self._note_reachability(outcome)
+            outcome = self._expire_if_too_old(message, outcome)
+            await self._record(
+                message, prepared.meta.campaign, delivery, address_hash, outcome, started
+            )
+
+    async def _send_report(self, message: SpooledMessage, delivery: Delivery) -> None:
+        """Our own DSNs go out as they are: no decoration, no suppression, no DSN of a DSN."""
+        if self._paused():
+            return
+        async with self._sends:
+            started = self._clock()
+            outcome = await self._transport.send(
+                Outgoing(message.queue_id, "", delivery.recipient, message.content)
+            )
+            self._note_reachability(outcome)
+            outcome = self._expire_if_too_old(message, outcome)
+            await self._record(message, None, delivery, None, outcome, started)
+
+    def _note_reachability(self, outcome: Outcome) -> None:
+        if outcome.reached:
+            self._failed_connects = 0
+            return
+        self._failed_connects += 1
+        pause = self._retry.delay(self._failed_connects - 1)
+        self._paused_until = max(self._paused_until, self._clock() + pause)
+        log.warning(
+            "%s unreachable; pausing deliveries for %.1f s", self._transport.describe(), pause
+        )
+
+    def _expire_if_too_old(self, message: SpooledMessage, outcome: Outcome) -> Outcome:
+        if outcome.status is not Status.DEFERRED:
+            return outcome
+        age = self._clock() - message.received_ts
+        if age < self._retry.max_age:
+            return outcome
+        return Outcome(
+            Status.BOUNCED,
+            f"4.4.7 message expired after {age / 86400:.1f} days in the queue;"
+            f" last reply: {outcome.reply}",
+            outcome.reached,
+        )
 
     async def _blocked(self, address_hash: str, scope: str, transactional: bool) -> str | None:
         """Checked again at send time: an opt-out may have arrived while the mail waited."""
@@ -189,37 +277,77 @@ class DeliveryWorker:
     async def _record(
         self,
         message: SpooledMessage,
-        prepared: PreparedMessage,
+        campaign: str | None,
         delivery: Delivery,
-        address_hash: str,
+        address_hash: str | None,
         outcome: Outcome,
         started: float,
     ) -> None:
-        meta = prepared.meta
+        attempt = delivery.attempts + 1
+        detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
+        if outcome.status is Status.DEFERRED:
+            retry_at = self._clock() + self._retry.delay(delivery.attempts)
+            detail["retry_at"] = _iso(retry_at)
+            if address_hash is not None:
+                await self._events.record(
+                    Event(
+                        EventType.DEFERRED, address_hash, campaign, message.queue_id, detail=detail
+                    )
+                )
+            await self._spool.defer(delivery, retry_at, outcome.reply)
+        else:
+            kind = EventType.DELIVERED if outcome.status is Status.DELIVERED else EventType.BOUNCED
+            if address_hash is not None:
+                await self._events.record(
+                    Event(kind, address_hash, campaign, message.queue_id, detail=detail)
+                )
+            if outcome.status is Status.BOUNCED:
+                await self._notify_sender(message, delivery, outcome)
+            await self._spool.finish(delivery)
+        self._log_attempt(message, delivery, outcome, started, attempt)
+
+    async def _notify_sender(
+        self, message: SpooledMessage, delivery: Delivery, outcome: Outcome
+    ) -> None:
+        if message.kind == DSN or not message.mail_from:
+            return  # never a DSN about a DSN or to the null sender (RFC 3464 §2, 5321 §4.5.5)
+        reply = outcome.reply
+        status = status_of(reply, "4.4.7" if reply.startswith("4.4.7") else "5.0.0")
+        report = build_dsn(
+            reporting_mta=self._hostname,
+            original_sender=message.mail_from,
+            original=message.content,
+            arrival=datetime.fromtimestamp(message.received_ts, UTC),
+            failure=Failure(
+                delivery.recipient,
+                reply,
+                status,
+                self._transport.describe() if outcome.reached else None,
+            ),
+            queue_id=message.queue_id,
+        )
+        dsn_id = await self._spool.accept("", [message.mail_from], report, "local", kind=DSN)
+        log.info(
+            "sender non-delivery notification: %s", dsn_id, extra={"queue_id": message.queue_id}
+        )
+        self.notify()
+
+    def _log_attempt(
+        self,
+        message: SpooledMessage,
+        delivery: Delivery,
+        outcome: Outcome,
+        started: float,
+        attempt: int,
+    ) -> None:
         delay = self._clock() - started
         fields = {
             "to": delivery.recipient,
             "relay": self._transport.describe(),
             "status": str(outcome.status),
             "reply": outcome.reply,
-            "attempt": delivery.attempts + 1,
+            "attempt": attempt,
         }
-        detail: dict[str, object] = {"reply": outcome.reply, "attempt": delivery.attempts + 1}
-        if outcome.status is Status.DEFERRED:
-            retry_at = self._clock() + self._retry.delay(delivery.attempts)
-            detail["retry_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(retry_at))
-            await self._events.record(
-                Event(
-                    EventType.DEFERRED, address_hash, meta.campaign, message.queue_id, detail=detail
-                )
-            )
-            await self._spool.defer(delivery, retry_at, outcome.reply)
-        else:
-            kind = EventType.DELIVERED if outcome.status is Status.DELIVERED else EventType.BOUNCED
-            await self._events.record(
-                Event(kind, address_hash, meta.campaign, message.queue_id, detail=detail)
-            )
-            await self._spool.finish(delivery)
         level = logging.WARNING if outcome.status is Status.BOUNCED else logging.INFO
         log.log(
             level,

@@ -62,8 +62,10 @@ class FrontDoor:
         spool: Spool,
         suppressions: SuppressionStore,
         settings: SmtpSettings,
+        max_queued_messages: int,
         on_spooled: Callable[[], None],
     ) -> None:
+        self._max_queued = max_queued_messages
         self._spool = spool
         self._suppressions = suppressions
         self._trusted: tuple[IPNetwork, ...] = settings.trusted_networks
@@ -92,6 +94,13 @@ class FrontDoor:
                 address,
             )
             return "530 5.7.0 Authentication required"
+        if self._spool.waiting >= self._max_queued:
+            log.warning(
+                "NOQUEUE: reject: MAIL from %s: 451 4.3.1 spool holds %d messages",
+                _client(session),
+                self._spool.waiting,
+            )
+            return "451 4.3.1 Mail system full, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -130,11 +139,13 @@ class FrontDoor:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: Any = envelope.original_content
         assert isinstance(content, bytes)
+        # aiosmtpd keeps the null sender (RFC 5321 §4.5.5) as "<>"; the spool stores "".
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         self._accepting += 1
         self._idle.clear()
         try:
             queue_id = await self._spool.accept(
-                envelope.mail_from or "", list(envelope.rcpt_tos), content, _client(session)
+                sender, list(envelope.rcpt_tos), content, _client(session)
             )
         except Exception as exc:
             log.error("NOQUEUE: cannot spool message from=<%s>: %s", envelope.mail_from, exc)

@@ -48,7 +48,20 @@ def _create_spool(db: sqlite_utils.Database) -> None:
     db.table("deliveries").create_index(["queue_id"])
 
 
-MIGRATIONS = (Migration("spool/0001-messages-and-deliveries", _create_spool),)
+def _add_kind_and_arrival(db: sqlite_utils.Database) -> None:
+    # kind: "mail" is decorated per recipient; "dsn" (our own reports) goes out as it is.
+    db.execute("ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'mail'")
+    db.execute("ALTER TABLE messages ADD COLUMN received_ts REAL")
+    db.execute("UPDATE messages SET received_ts = (julianday(received_at) - 2440587.5) * 86400.0")
+
+
+MIGRATIONS = (
+    Migration("spool/0001-messages-and-deliveries", _create_spool),
+    Migration("spool/0002-kind-and-arrival-time", _add_kind_and_arrival),
+)
+
+MAIL = "mail"
+DSN = "dsn"
 
 
 def new_queue_id() -> str:
@@ -69,23 +82,56 @@ class SpooledMessage:
     queue_id: str
     mail_from: str
     received_at: str
+    received_ts: float
+    kind: str
     content: bytes
     deliveries: tuple[Delivery, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One waiting message as an operator sees it (`optout-relay queue list`)."""
+
+    queue_id: str
+    mail_from: str
+    received_at: str
+    size: int
+    kind: str
+    recipients: tuple[str, ...]
+    attempts: int
+    next_attempt_at: float
+    last_reply: str | None
+
+
 class Spool:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, waiting: int) -> None:
         self._db = db
+        self._waiting = waiting
 
     @classmethod
     async def open(cls, path: Path) -> Spool:
-        return cls(await Database.open(path, MIGRATIONS))
+        db = await Database.open(path, MIGRATIONS)
+        waiting = await db.read(
+            lambda conn: int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        )
+        return cls(db, waiting)
+
+    @property
+    def waiting(self) -> int:
+        """Messages in the spool not yet fully delivered (kept in memory for back-pressure)."""
+        return self._waiting
 
     async def close(self) -> None:
         await self._db.close()
 
     async def accept(
-        self, mail_from: str, recipients: Sequence[str], content: bytes, client: str
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        content: bytes,
+        client: str,
+        *,
+        kind: str = MAIL,
     ) -> str:
         """Durably take a message; its queue id once committed. Raises if it cannot be."""
         queue_id = new_queue_id()
@@ -93,9 +139,9 @@ class Spool:
 
         def insert(db: sqlite_utils.Database) -> str:
             db.execute(
-                "INSERT INTO messages (queue_id, mail_from, received_at, client, size, content)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [queue_id, mail_from, utc_now(), client, len(content), content],
+                "INSERT INTO messages (queue_id, mail_from, received_at, received_ts, client,"
+                " size, kind, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [queue_id, mail_from, utc_now(), now, client, len(content), kind, content],
             )
             db.conn.executemany(
                 "INSERT INTO deliveries (queue_id, recipient, attempts, next_attempt_at)"
@@ -104,19 +150,24 @@ class Spool:
             )
             return queue_id
 
-        return await self._db.write(insert)
+        queue_id = await self._db.write(insert)
+        self._waiting += 1
+        return queue_id
 
-    async def due(self, now: float, exclude: Iterable[str] = (), limit: int = 100) -> list[str]:
-        """Queue ids with a delivery due by `now`, oldest first, not in `exclude`."""
+    async def due(
+        self, now: float, exclude: Iterable[str] = (), limit: int = 100
+    ) -> list[tuple[str, int]]:
+        """(queue id, size) of messages with a delivery due by `now`, oldest first."""
         excluded = set(exclude)
 
-        def query(db: sqlite_utils.Database) -> list[str]:
+        def query(db: sqlite_utils.Database) -> list[tuple[str, int]]:
             rows = db.execute(
-                "SELECT queue_id, MIN(next_attempt_at) AS first FROM deliveries"
-                " WHERE next_attempt_at <= ? GROUP BY queue_id ORDER BY first LIMIT ?",
+                "SELECT d.queue_id, m.size, MIN(d.next_attempt_at) AS first FROM deliveries d"
+                " JOIN messages m USING (queue_id) WHERE d.next_attempt_at <= ?"
+                " GROUP BY d.queue_id ORDER BY first LIMIT ?",
                 [now, limit + len(excluded)],
             ).fetchall()
-            return [row[0] for row in rows if row[0] not in excluded][:limit]
+            return [(row[0], int(row[1])) for row in rows if row[0] not in excluded][:limit]
 
         return await self._db.read(query)
 
@@ -125,7 +176,8 @@ class Spool:
 
         def query(db: sqlite_utils.Database) -> SpooledMessage | None:
             row = db.execute(
-                "SELECT mail_from, received_at, content FROM messages WHERE queue_id = ?",
+                "SELECT mail_from, received_at, received_ts, kind, content FROM messages"
+                " WHERE queue_id = ?",
                 [queue_id],
             ).fetchone()
             if row is None:
@@ -138,7 +190,10 @@ class Spool:
                     [queue_id, now],
                 ).fetchall()
             )
-            return SpooledMessage(queue_id, row[0], row[1], row[2], deliveries)
+            mail_from, received_at, received_ts, kind, content = row
+            return SpooledMessage(
+                queue_id, mail_from, received_at, received_ts, kind, content, deliveries
+            )
 
         return await self._db.read(query)
 
@@ -152,15 +207,18 @@ class Spool:
     async def finish(self, delivery: Delivery) -> None:
         """Drop a delivery that is done (delivered, failed for good or suppressed)."""
 
-        def delete(db: sqlite_utils.Database) -> None:
+        def drop(db: sqlite_utils.Database) -> bool:
             db.execute("DELETE FROM deliveries WHERE id = ?", [delivery.id])
-            db.execute(
-                "DELETE FROM messages WHERE queue_id = ? AND NOT EXISTS"
-                " (SELECT 1 FROM deliveries WHERE queue_id = ?)",
-                [delivery.queue_id, delivery.queue_id],
+            return bool(
+                db.execute(
+                    "DELETE FROM messages WHERE queue_id = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM deliveries WHERE queue_id = ?)",
+                    [delivery.queue_id, delivery.queue_id],
+                ).rowcount
             )
 
-        await self._db.write(delete)
+        if await self._db.write(drop):
+            self._waiting -= 1
 
     async def defer(self, delivery: Delivery, retry_at: float, reply: str) -> None:
         await self._db.write(
@@ -199,14 +257,79 @@ class Spool:
     async def erase_recipient(self, address: str) -> int:
         """Drop every pending delivery to `address` (erasure); messages left empty go too."""
 
-        def delete(db: sqlite_utils.Database) -> int:
+        def erase(db: sqlite_utils.Database) -> tuple[int, int]:
             removed = db.execute(
                 "DELETE FROM deliveries WHERE lower(recipient) = lower(?)", [address]
             ).rowcount
-            db.execute(
+            emptied = db.execute(
                 "DELETE FROM messages WHERE NOT EXISTS"
                 " (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.queue_id)"
-            )
+            ).rowcount
+            return int(removed), int(emptied)
+
+        removed, emptied = await self._db.write(erase)
+        self._waiting -= emptied
+        return removed
+
+    # ---- operator commands (optout-relay queue ...) ----
+
+    async def entries(self, queue_id: str | None = None) -> list[QueueEntry]:
+        """Waiting messages, oldest first (or just `queue_id`)."""
+
+        def query(db: sqlite_utils.Database) -> list[QueueEntry]:
+            rows = db.execute(
+                "SELECT m.queue_id, m.mail_from, m.received_at, m.size, m.kind,"
+                " group_concat(d.recipient, char(10)), MAX(d.attempts), MIN(d.next_attempt_at),"
+                " (SELECT last_reply FROM deliveries x WHERE x.queue_id = m.queue_id"
+                "  AND x.last_reply IS NOT NULL ORDER BY x.attempts DESC LIMIT 1)"
+                " FROM messages m JOIN deliveries d USING (queue_id)"
+                " WHERE (? IS NULL OR m.queue_id = ?)"
+                " GROUP BY m.queue_id ORDER BY m.received_ts",
+                [queue_id, queue_id],
+            ).fetchall()
+            return [
+                QueueEntry(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split("\n")), r[6], r[7], r[8])
+                for r in rows
+            ]
+
+        return await self._db.read(query)
+
+    async def content(self, queue_id: str) -> bytes | None:
+        def query(db: sqlite_utils.Database) -> bytes | None:
+            row = db.execute(
+                "SELECT content FROM messages WHERE queue_id = ?", [queue_id]
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._db.read(query)
+
+    async def retry_now(self, queue_id: str | None = None) -> int:
+        """Make deliveries due at once (all, or of one message); how many were changed."""
+        now = time.time()
+        params: list[object]
+        if queue_id is None:
+            sql, params = "UPDATE deliveries SET next_attempt_at = ?", [now]
+        else:
+            sql = "UPDATE deliveries SET next_attempt_at = ? WHERE queue_id = ?"
+            params = [now, queue_id]
+        return await self._db.write(lambda db: int(db.execute(sql, params).rowcount))
+
+    async def delete(self, queue_id: str) -> int:
+        """Drop a message and its deliveries (operator's decision); deliveries removed."""
+
+        def drop(db: sqlite_utils.Database) -> int:
+            removed = db.execute("DELETE FROM deliveries WHERE queue_id = ?", [queue_id]).rowcount
+            db.execute("DELETE FROM messages WHERE queue_id = ?", [queue_id])
             return int(removed)
 
-        return await self._db.write(delete)
+        removed = await self._db.write(drop)
+        if removed:
+            self._waiting -= 1
+        return removed
+
+    async def oldest_age(self, now: float) -> float | None:
+        def query(db: sqlite_utils.Database) -> float | None:
+            row = db.execute("SELECT MIN(received_ts) FROM messages").fetchone()
+            return None if row is None or row[0] is None else now - float(row[0])
+
+        return await self._db.read(query)

@@ -33,6 +33,7 @@ class Outgoing:
 class Outcome:
     status: Status
     reply: str
+    reached: bool = True  # False: the next hop never answered (down, refused, timed out)
 
 
 class Transport(Protocol):
@@ -57,9 +58,16 @@ class SmtpTransport:
     """Delivers over SMTP to the downstream MTA, reusing a small pool of connections."""
 
     def __init__(
-        self, downstream: Downstream, *, pool_size: int, timeout: float, local_hostname: str
+        self,
+        downstream: Downstream,
+        *,
+        pool_size: int,
+        timeout: float,
+        local_hostname: str,
+        require_tls: bool = False,
     ) -> None:
         self.downstream = downstream
+        self._require_tls = require_tls
         self._timeout = timeout
         self._local_hostname = local_hostname
         self._idle: list[aiosmtplib.SMTP] = []
@@ -74,20 +82,25 @@ class SmtpTransport:
             try:
                 client = self._idle.pop() if reused else await self._connect()
             except (aiosmtplib.SMTPException, OSError) as exc:
-                return Outcome(Status.DEFERRED, f"connect to {self.describe()} failed: {exc}")
+                return self._unreachable(exc)
             outcome, keep = await self._transact(client, message)
             if keep is None and reused:
                 # The server dropped an idle connection: that says nothing about this message.
                 try:
                     client = await self._connect()
                 except (aiosmtplib.SMTPException, OSError) as exc:
-                    return Outcome(Status.DEFERRED, f"connect to {self.describe()} failed: {exc}")
+                    return self._unreachable(exc)
                 outcome, keep = await self._transact(client, message)
             if keep:
                 self._idle.append(client)
             else:
                 client.close()
             return outcome
+
+    def _unreachable(self, exc: BaseException) -> Outcome:
+        return Outcome(
+            Status.DEFERRED, f"connect to {self.describe()} failed: {exc}", reached=False
+        )
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(
@@ -99,6 +112,7 @@ class SmtpTransport:
             # Opportunistic STARTTLS, as MTAs do it (Postfix: smtp_tls_security_level = may):
             # encrypt whenever offered, even with the self-signed certificate a local MTA has.
             validate_certs=False,
+            start_tls=True if self._require_tls and not self.downstream.implicit_tls else None,
         )
         await client.connect()
         return client
@@ -110,6 +124,11 @@ class SmtpTransport:
         options = []
         if not message.content.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if not (message.mail_from.isascii() and message.recipient.isascii()):
+            if not client.supports_extension("smtputf8"):
+                reply = f"553 5.6.7 {self.describe()} does not offer SMTPUTF8 for this address"
+                return Outcome(Status.BOUNCED, reply), True
+            options.append("SMTPUTF8")
         try:
             _, reply = await client.sendmail(
                 message.mail_from, [message.recipient], message.content, mail_options=options

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import socket
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +70,73 @@ async def test_dead_downstream_then_back(tmp_path: Path) -> None:
             await server.stop()
 
 
-async def test_5xx_is_a_permanent_failure(tmp_path: Path, downstream: CaptureServer) -> None:
+async def test_5xx_fails_for_good_and_the_sender_gets_a_dsn(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
     downstream.handler.rcpt_replies[ALICE] = "550 5.1.1 No such user"
     relay = await Relay.start(relay_settings(tmp_path, downstream.port))
     try:
         await asubmit(
             relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
         )
-        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
+        await wait_for(lambda: len(downstream.handler.messages) == 2, what="bob's copy and a DSN")
+        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
         bounced = (await events_of(relay, "bounced"))[0]
         assert bounced["recipient"] == ALICE
         assert bounced["detail"]["reply"] == "550 5.1.1 No such user"
+    finally:
+        await relay.stop()
+    assert len(downstream.handler.for_recipient(BOB)) == 1
+    [report] = downstream.handler.for_recipient("news@shop.example")
+    assert report.mail_from == "<>"  # the null sender: no DSN loops
+    dsn = email.message_from_bytes(report.content, policy=email.policy.compat32)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert dsn["Auto-Submitted"] == "auto-replied"
+    parts = dsn.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    per_message, per_recipient = parts[1].get_payload()
+    assert per_message["Reporting-MTA"] == "dns; relay.test"
+    assert per_message["Arrival-Date"]
+    assert per_recipient["Final-Recipient"] == f"rfc822; {ALICE}"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
+    assert "Subject: Spring sale" in parts[2].get_payload()
+    assert "List-Unsubscribe" not in report.content.decode()
+
+
+async def test_no_dsn_for_the_null_sender(tmp_path: Path, downstream: CaptureServer) -> None:
+    downstream.handler.rcpt_replies[ALICE] = "550 5.1.1 No such user"
+    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
+    try:
+        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "", [ALICE])
+        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
         await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-        assert [m.recipients for m in downstream.handler.messages] == [[BOB]]
+        assert downstream.handler.messages == []
+    finally:
+        await relay.stop()
+
+
+async def test_expired_mail_fails_with_a_dsn(tmp_path: Path, downstream: CaptureServer) -> None:
+    downstream.handler.rcpt_replies[ALICE] = "451 4.3.0 Try later"
+    settings = relay_settings(tmp_path, downstream.port)
+    settings = replace(settings, delivery=replace(settings.delivery, max_queue_age=0.3))
+    relay = await Relay.start(settings)
+    try:
+        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+        await wait_for(lambda: _has(relay, "bounced"), what="expiry")
+        deferred = await events_of(relay, "deferred")
+        assert deferred, "deferred at least once before expiring"
+        bounced = (await events_of(relay, "bounced"))[0]
+        assert bounced["detail"]["reply"].startswith("4.4.7 message expired")
+        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the DSN")
+        report = downstream.handler.messages[0].content.decode()
+        assert "Status: 4.4.7" in report
     finally:
         await relay.stop()
 

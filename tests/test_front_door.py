@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import smtplib
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,5 +169,28 @@ async def test_bad_recipient_syntax_is_refused(tmp_path: Path) -> None:
             b"RCPT TO:<no-at-sign>",
         )
         assert replies[1][0] in (501, 553)
+    finally:
+        await relay.stop()
+
+
+async def test_a_full_spool_pushes_back_with_451(tmp_path: Path, closed_port: int) -> None:
+    settings = relay_settings(tmp_path, closed_port)
+    settings = replace(settings, delivery=replace(settings.delivery, max_queued_messages=2))
+    relay = await start(settings)
+    port = relay.addresses.smtp[1]
+    try:
+        for _ in range(2):
+            accepted = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+            assert accepted.error is None
+        refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+        assert refused.reply is not None
+        assert refused.reply[0] == 451
+        assert refused.reply[1].startswith(b"4.3.1")
+        assert await asyncio.to_thread(spooled_messages, tmp_path) == 2
+        # Room again once a message leaves the spool.
+        [entry, _] = await relay.spool.entries()
+        await relay.spool.delete(entry.queue_id)
+        again = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+        assert again.error is None
     finally:
         await relay.stop()
