@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -21,16 +23,19 @@ from .config import Settings
 from .delivery import DeliveryWorker, RetryPolicy
 from .errors import ConfigError
 from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
+from .logs import LogFormat
 from .pipeline import Pipeline
 from .smtp import FrontDoor, RelaySMTP
 from .spool import Spool
 from .transport import OutboxTransport, SmtpTransport, Transport
+from .worker_process import DeliveryProcess
 
 log = logging.getLogger("optout.serve")
 
 STORE_FILE = "optout.db"
 SPOOL_FILE = "spool.db"
 OUTBOX_DIR = "outbox"
+RECOUNT_EVERY = 1.0
 
 
 class Stores:
@@ -72,17 +77,102 @@ class Addresses:
     http: tuple[str, int]
 
 
-class Relay:
-    """A running relay: SMTP front door, tracking HTTP app and delivery worker on one loop."""
+def describe_destination(settings: Settings) -> str:
+    downstream = settings.delivery.downstream
+    if downstream is None:
+        return f"outbox:{settings.storage.dir / OUTBOX_DIR}"
+    return f"{downstream.host}:{downstream.port}"
 
-    def __init__(self, settings: Settings) -> None:
+
+def build_transport(settings: Settings, hostname: str) -> Transport:
+    if settings.delivery.downstream is None:
+        return OutboxTransport(settings.storage.dir / OUTBOX_DIR)
+    return SmtpTransport(
+        settings.delivery.downstream,
+        pool_size=settings.delivery.workers,
+        timeout=settings.delivery.timeout,
+        local_hostname=hostname,
+        require_tls=settings.delivery.require_tls,
+    )
+
+
+class DeliveryRuntime:
+    """The delivery worker and what it needs, running on the current event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stores: Stores | None = None,
+        spool: Spool | None = None,
+        urls: TrackingUrls | None = None,
+    ) -> None:
         self.settings = settings
+        self._stores = stores
+        self._spool = spool
+        self._urls = urls
+        self._exit = AsyncExitStack()
+
+    async def __aenter__(self) -> DeliveryRuntime:
+        settings = self.settings
+        try:
+            stores = self._stores
+            if stores is None:
+                stores = await self._exit.enter_async_context(Stores(settings))
+            spool = self._spool
+            if spool is None:
+                spool = await Spool.open(settings.storage.dir / SPOOL_FILE)
+                self._exit.push_async_callback(spool.close)
+            hostname = settings.smtp.hostname or socket.getfqdn()
+            self.transport = build_transport(settings, hostname)
+            self.worker = DeliveryWorker(
+                spool=spool,
+                transport=self.transport,
+                pipeline=Pipeline(),
+                suppressions=stores.suppressions,
+                events=stores.events,
+                urls=self._urls or tracking_urls(settings),
+                retry=RetryPolicy(
+                    settings.delivery.retry_initial_delay,
+                    settings.delivery.retry_max_delay,
+                    settings.delivery.max_queue_age,
+                ),
+                concurrency=settings.delivery.workers,
+                hostname=hostname,
+            )
+            task = asyncio.create_task(self.worker.run(), name="delivery-worker")
+            self._exit.push_async_callback(self._stop, self.worker, task)
+        except BaseException:
+            await self._exit.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._exit.aclose()
+
+    @staticmethod
+    async def _stop(worker: DeliveryWorker, task: asyncio.Task[None]) -> None:
+        await worker.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Relay:
+    """A running relay: SMTP front door and tracking HTTP app on one loop; delivery in a child
+    process (or on the same loop when delivery.separate_process is false)."""
+
+    def __init__(self, settings: Settings, log_format: LogFormat = "text") -> None:
+        self.settings = settings
+        self.log_format = log_format
         self._exit = AsyncExitStack()
         self._stopped = False
 
     @classmethod
-    async def start(cls, settings: Settings) -> Relay:
-        relay = cls(settings)
+    async def start(cls, settings: Settings, log_format: LogFormat = "text") -> Relay:
+        relay = cls(settings, log_format)
         try:
             await relay._start()
         except BaseException:
@@ -98,36 +188,25 @@ class Relay:
         self._exit.push_async_callback(spool.close)
         self.spool = spool
         self.stores = stores
-
-        transport: Transport
         hostname = settings.smtp.hostname or socket.getfqdn()
-        if settings.delivery.downstream is None:
-            transport = OutboxTransport(settings.storage.dir / OUTBOX_DIR)
+
+        notify: Callable[[], None]
+        destination: str
+        if settings.delivery.separate_process:
+            delivery = DeliveryProcess(settings, self.log_format)
+            await delivery.start()
+            self._exit.push_async_callback(delivery.stop)
+            notify = delivery.notify
+            # Deliveries now leave the spool in the other process: recount for back-pressure.
+            refresher = asyncio.create_task(self._recount(spool), name="spool-recount")
+            self._exit.callback(refresher.cancel)
+            destination = describe_destination(settings)
         else:
-            transport = SmtpTransport(
-                settings.delivery.downstream,
-                pool_size=settings.delivery.workers,
-                timeout=settings.delivery.timeout,
-                local_hostname=hostname,
-                require_tls=settings.delivery.require_tls,
+            runtime = await self._exit.enter_async_context(
+                DeliveryRuntime(settings, stores=stores, spool=spool, urls=urls)
             )
-        worker = DeliveryWorker(
-            spool=spool,
-            transport=transport,
-            pipeline=Pipeline(),
-            suppressions=stores.suppressions,
-            events=stores.events,
-            urls=urls,
-            retry=RetryPolicy(
-                settings.delivery.retry_initial_delay,
-                settings.delivery.retry_max_delay,
-                settings.delivery.max_queue_age,
-            ),
-            concurrency=settings.delivery.workers,
-            hostname=hostname,
-        )
-        worker_task = asyncio.create_task(worker.run(), name="delivery-worker")
-        self._exit.push_async_callback(self._stop_worker, worker, worker_task)
+            notify = runtime.worker.notify
+            destination = runtime.transport.describe()
 
         runner = web.AppRunner(
             create_app(stores.suppressions, stores.events, urls), access_log=None
@@ -146,7 +225,7 @@ class Relay:
             suppressions=stores.suppressions,
             settings=settings.smtp,
             max_queued_messages=settings.delivery.max_queued_messages,
-            on_spooled=worker.notify,
+            on_spooled=notify,
         )
         smtp = settings.smtp
         loop = asyncio.get_running_loop()
@@ -176,7 +255,7 @@ class Relay:
             "listening: smtp=%s http=%s, delivering to %s, data in %s",
             _fmt(self.addresses.smtp),
             _fmt(self.addresses.http),
-            transport.describe(),
+            destination,
             settings.storage.dir,
         )
 
@@ -187,11 +266,13 @@ class Relay:
         await asyncio.wait_for(front_door.drain(), timeout=30)
 
     @staticmethod
-    async def _stop_worker(worker: DeliveryWorker, task: asyncio.Task[None]) -> None:
-        await worker.stop()
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+    async def _recount(spool: Spool) -> None:
+        while True:
+            await asyncio.sleep(RECOUNT_EVERY)
+            try:
+                await spool.recount()
+            except Exception:
+                log.exception("cannot count the spool")
 
     async def stop(self) -> None:
         if self._stopped:
@@ -210,13 +291,13 @@ def _fmt(address: tuple[str, int]) -> str:
     return f"{address[0]}:{address[1]}"
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, log_format: LogFormat = "text") -> None:
     """Run until SIGINT or SIGTERM, then finish in-flight work and close the stores."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    relay = await Relay.start(settings)
+    relay = await Relay.start(settings, log_format)
     try:
         await stop.wait()
         log.info("shutting down")

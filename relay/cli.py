@@ -38,7 +38,7 @@ def serve_command(config_path: Path | None, log_format: LogFormat) -> None:
     """Run the SMTP relay, the tracking endpoint and the delivery worker."""
     settings = settings_from(config_path)
     setup_logging(log_format)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, log_format))
 
 
 serve_command.name = "serve"

@@ -68,6 +68,7 @@ class DeliverySettings:
     timeout: float = 60.0
     require_tls: bool = False
     max_queued_messages: int = 100_000
+    separate_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "timeout": _positive_number,
             "require_tls": _boolean,
             "max_queued_messages": _positive_int,
+            "separate_process": _boolean,
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),

@@ -116,6 +116,12 @@ class Spool:
         )
         return cls(db, waiting)
 
+    async def recount(self) -> None:
+        """Count waiting messages again, when another process also takes them out."""
+        self._waiting = await self._db.read(
+            lambda conn: int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        )
+
     @property
     def waiting(self) -> int:
         """Messages in the spool not yet fully delivered (kept in memory for back-pressure)."""

@@ -1,0 +1,236 @@
+"""End-to-end throughput: optout-relay vs a plain aiosmtpd pass-through relay, side by side.
+
+Postfix's smtp-source submits the same HTML campaign message to each relay, both forward to
+Postfix's smtp-sink. The pass-through relay is done when smtp-source is; optout-relay is done
+when its spool is empty (every copy durably spooled, rewritten and delivered). Also reports
+optout-relay's peak RSS, and the peak under 100 clients each submitting a 1 MB message.
+
+Needs Debian's postfix package (smtp-source, smtp-sink). Run: python bench/throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSIONS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def campaign(size: int) -> bytes:
+    """A multipart/alternative campaign of about `size` bytes, as a marketing tool sends it."""
+    paragraph = (
+        '<tr><td style="padding:12px;font-family:Arial,sans-serif;font-size:15px;color:#333">'
+        '<h2 style="margin:0 0 8px">Spring collection</h2><p>New arrivals in every size, '
+        'free shipping over 50 EUR. <a href="https://shop.example/spring?utm_source=mail">'
+        "Shop now</a></p></td></tr>\n"
+    )
+    rows = paragraph * max(1, (size * 3 // 4) // len(paragraph))
+    html = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Spring</title></head>'
+        f'<body><table width="600" align="center">{rows}</table></body></html>'
+    )
+    message = EmailMessage()
+    message["From"] = "Shop <news@shop.example>"
+    message["To"] = "customer@example.org"
+    message["Subject"] = "Spring collection"
+    message["X-Optout-Campaign"] = "spring-bench"
+    message.set_content("Spring collection: new arrivals. https://shop.example/spring\n" * 20)
+    message.add_alternative(html, subtype="html")
+    return message.as_bytes()
+
+
+def run_source(port: int, message_file: Path, count: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            "smtp-source",
+            "-s",
+            str(SESSIONS),
+            "-m",
+            str(count),
+            "-d",
+            "-F",
+            str(message_file),
+            "-f",
+            "news@shop.example",
+            "-t",
+            "customer@example.org",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def spool_empty(data_dir: Path) -> bool:
+    try:
+        with sqlite3.connect(data_dir / "spool.db", timeout=10) as db:
+            return db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 0
+    except sqlite3.OperationalError:
+        return False
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_relay(workdir: Path, sink_port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    smtp_port, http_port = free_port(), free_port()
+    config = workdir / "relay.toml"
+    config.write_text(
+        f'[storage]\ndir = "{workdir / "data"}"\n'
+        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nmax_message_size = 5000000\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\npublic_url = "https://mail.shop.example"\n'
+        f'[delivery]\ndownstream = "smtp://127.0.0.1:{sink_port}"\nworkers = {workers}\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        cwd=workdir,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    wait_listening(smtp_port)
+    return process, smtp_port
+
+
+def measure_relay(
+    workdir: Path, sink_port: int, message_file: Path, count: int, workers: int
+) -> tuple[float, float]:
+    process, port = start_relay(workdir, sink_port, workers)
+    try:
+        started = time.perf_counter()
+        run_source(port, message_file, count)
+        while not spool_empty(workdir / "data"):
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        return count / elapsed, peak_rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def measure_passthrough(sink_port: int, message_file: Path, count: int, pool: int) -> float:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "passthrough.py"),
+            str(port),
+            str(sink_port),
+            str(pool),
+        ]
+    )
+    try:
+        wait_listening(port)
+        return count / run_source(port, message_file, count)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+async def concurrent_big_submissions(port: int, clients: int, size: int) -> None:
+    body = ("x" * 76 + "\r\n") * (size // 78)
+    message = (
+        "From: news@shop.example\r\nTo: big@example.org\r\nSubject: big\r\n"
+        "Content-Type: text/plain\r\n\r\n" + body
+    ).encode()
+
+    async def one() -> None:
+        await aiosmtplib.send(
+            message,
+            sender="news@shop.example",
+            recipients=["big@example.org"],
+            hostname="127.0.0.1",
+            port=port,
+            timeout=120,
+        )
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+
+
+def measure_memory(workdir: Path, sink_port: int, workers: int) -> float:
+    process, port = start_relay(workdir, sink_port, workers)
+    try:
+        asyncio.run(concurrent_big_submissions(port, 100, 1_000_000))
+        while not spool_empty(workdir / "data"):
+            time.sleep(0.05)
+        return peak_rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=2000, help="messages per run")
+    parser.add_argument("--workers", type=int, default=8, help="optout-relay delivery workers")
+    args = parser.parse_args()
+    if not (shutil.which("smtp-source") and shutil.which("smtp-sink")):
+        sys.exit("needs smtp-source and smtp-sink (Debian package postfix)")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        sink_port = free_port()
+        user = ["-u", "postfix"] if os.geteuid() == 0 else []
+        sink = subprocess.Popen(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])
+        try:
+            wait_listening(sink_port)
+            print(
+                f"{'message':>8} {'pass-through':>14} {'optout-relay':>14} {'ratio':>6}"
+                f" {'relay peak RSS':>15}"
+            )
+            for size in (20_000, 100_000):
+                message_file = workdir / f"campaign-{size}.eml"
+                message_file.write_bytes(campaign(size))
+                count = args.count if size <= 20_000 else args.count // 2
+                baseline = measure_passthrough(sink_port, message_file, count, args.workers)
+                run_dir = workdir / f"relay-{size}"
+                run_dir.mkdir()
+                ours, rss = measure_relay(run_dir, sink_port, message_file, count, args.workers)
+                print(
+                    f"{size // 1000:>6}KB {baseline:>10.0f} m/s {ours:>10.0f} m/s"
+                    f" {ours / baseline:>6.2f} {rss:>12.0f} MB"
+                )
+            memory_dir = workdir / "memory"
+            memory_dir.mkdir()
+            peak = measure_memory(memory_dir, sink_port, args.workers)
+            print(f"100 clients x 1 MB at once: optout-relay peak RSS {peak:.0f} MB")
+        finally:
+            sink.terminate()
+            sink.wait()
+
+
+if __name__ == "__main__":
+    main()
