@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from tracking import EventStore, Signer, TrackingUrls, create_app
 
 from .config import Settings
 from .delivery import DeliveryWorker, RetryPolicy
+from .dkim import DkimError, DkimSigner, load_signer
 from .errors import ConfigError
 from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
 from .logs import LogFormat
@@ -77,6 +79,30 @@ class Addresses:
     http: tuple[str, int]
 
 
+def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
+    """A signer per configured domain; a missing or unsafe key file is a config error."""
+    base = settings.storage.dir
+
+    def under_storage(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    signers = {}
+    for index, key in enumerate(settings.dkim.keys):
+        try:
+            signers[key.domain] = load_signer(
+                key.domain,
+                key.selector,
+                under_storage(key.key_file),
+                second_selector=key.second_selector,
+                second_key_file=(
+                    under_storage(key.second_key_file) if key.second_key_file else None
+                ),
+            )
+        except DkimError as exc:
+            raise ConfigError(f"dkim.keys[{index}]", str(exc)) from None
+    return signers
+
+
 def describe_destination(settings: Settings) -> str:
     downstream = settings.delivery.downstream
     if downstream is None:
@@ -128,7 +154,7 @@ class DeliveryRuntime:
             self.worker = DeliveryWorker(
                 spool=spool,
                 transport=self.transport,
-                pipeline=Pipeline(),
+                pipeline=Pipeline(signers=load_dkim_signers(settings)),
                 suppressions=stores.suppressions,
                 events=stores.events,
                 urls=self._urls or tracking_urls(settings),
@@ -189,6 +215,11 @@ class Relay:
         self.spool = spool
         self.stores = stores
         hostname = settings.smtp.hostname or socket.getfqdn()
+        signers = load_dkim_signers(settings)  # fail here, before anything listens
+        if signers:
+            log.info("DKIM: signing for %s", ", ".join(sorted(signers)))
+        else:
+            log.warning("DKIM: no [[dkim.keys]] configured; mail leaves unsigned")
 
         notify: Callable[[], None]
         destination: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -77,12 +78,27 @@ class SigningSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key_file: Path  # relative paths are under storage.dir
+    second_selector: str | None = None
+    second_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSettings:
+    keys: tuple[DkimKey, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
 
 
 # ---- value parsers: each takes the raw TOML value and the dotted key for its errors ----
@@ -190,6 +206,57 @@ def _secret_keys(value: Any, key: str) -> tuple[str, ...]:
     return keys
 
 
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62})$", re.IGNORECASE)
+
+
+def _dkim_keys(value: Any, key: str) -> tuple[DkimKey, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            key, f"must be an array of tables ([[dkim.keys]]), not {_type_name(value)}"
+        )
+    keys = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
+        allowed = {"domain", "selector", "key_file", "second_selector", "second_key_file"}
+        for name in entry:
+            if name not in allowed:
+                raise ConfigError(f"{where}.{name}", "unknown key")
+        for name in ("domain", "selector", "key_file"):
+            if name not in entry:
+                raise ConfigError(f"{where}.{name}", "is required")
+        domain = _string(entry["domain"], f"{where}.domain").lower().rstrip(".")
+        if not _DOMAIN.match(domain):
+            raise ConfigError(f"{where}.domain", f"{domain!r} is not a domain name")
+        selectors = {}
+        for name in ("selector", "second_selector"):
+            if name in entry:
+                selector = _string(entry[name], f"{where}.{name}")
+                if not _SELECTOR.match(selector):
+                    raise ConfigError(f"{where}.{name}", f"{selector!r} is not a DKIM selector")
+                selectors[name] = selector
+        if ("second_selector" in entry) != ("second_key_file" in entry):
+            raise ConfigError(f"{where}.second_key_file", "goes with second_selector, both or none")
+        second_file = entry.get("second_key_file")
+        keys.append(
+            DkimKey(
+                domain=domain,
+                selector=selectors["selector"],
+                key_file=Path(_string(entry["key_file"], f"{where}.key_file")),
+                second_selector=selectors.get("second_selector"),
+                second_key_file=(
+                    Path(_string(second_file, f"{where}.second_key_file")) if second_file else None
+                ),
+            )
+        )
+    domains = [k.domain for k in keys]
+    if len(set(domains)) != len(domains):
+        raise ConfigError(key, "a domain appears twice")
+    return tuple(keys)
+
+
 def _directory(value: Any, key: str) -> Path:
     path = Path(_string(value, key)).expanduser()
     existing = path
@@ -230,6 +297,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),
+    "dkim": (DkimSettings, {"keys": _dkim_keys}),
 }
 
 

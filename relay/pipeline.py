@@ -7,13 +7,16 @@ per-recipient work (tokens, URLs) happens at delivery time in `PreparedMessage.p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
+from email.utils import getaddresses
 from typing import Protocol
 
 from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope
 from tracking import RecipientRef, TrackingUrls
 
+from .dkim import DkimSigner, signing_domains
 from .mime import parse_headers, split_entity
 from .rewrite import Decorations, Hole, Template, build_template, list_unsubscribe_headers
 
@@ -38,6 +41,8 @@ class Metadata:
     track_opens: bool = True
     transactional: bool = False
     rewrite_body: bool = True
+    from_domain: str | None = None
+    signer: DkimSigner | None = None
     decisions: list[str] = field(default_factory=list)
 
     def decide(self, step: str, decision: str) -> None:
@@ -110,12 +115,47 @@ class GuardSignedContent:
             meta.decide(self.name, f"{ctype}: body left untouched, headers only")
 
 
+class ReadFromDomain:
+    name = "from"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        addresses = getaddresses(headers.get_all("From") or [])
+        domains = {
+            addr.rpartition("@")[2].lower().rstrip(".") for _, addr in addresses if "@" in addr
+        }
+        if len(domains) == 1:
+            meta.from_domain = domains.pop()
+        else:
+            meta.decide(self.name, f"no single From domain ({len(domains)} found)")
+
+
+class ChooseDkimKey:
+    """Sign with the key of the From domain, or of its nearest parent (DMARC relaxed alignment)."""
+
+    name = "dkim"
+
+    def __init__(self, signers: Mapping[str, DkimSigner]) -> None:
+        self.signers = signers
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        domain = meta.from_domain
+        while domain:
+            if domain in self.signers:
+                meta.signer = self.signers[domain]
+                selectors = ",".join(meta.signer.selectors)
+                meta.decide(self.name, f"signing as d={domain} s={selectors}")
+                return
+            domain = domain.partition(".")[2] if domain.count(".") > 1 else ""
+        meta.decide(self.name, f"no DKIM key for {meta.from_domain or 'this sender'}: unsigned")
+
+
 DEFAULT_STEPS: tuple[Step, ...] = (
     ReadCampaign(),
     ReadTopic(),
     ReadCategory(),
     ReadTracking(),
     GuardSignedContent(),
+    ReadFromDomain(),
 )
 
 
@@ -127,6 +167,12 @@ class PreparedMessage:
     template: Template
 
     def personalise(self, recipient: str, urls: TrackingUrls, hasher: AddressHasher) -> bytes:
+        """The recipient's copy, DKIM-signed last so the signature covers every change."""
+        copy = self._render(recipient, urls, hasher)
+        signer = self.meta.signer
+        return copy if signer is None else signer.sign(copy) + copy
+
+    def _render(self, recipient: str, urls: TrackingUrls, hasher: AddressHasher) -> bytes:
         if self.meta.transactional:
             return self.template.render({})
         ref = RecipientRef(
@@ -140,14 +186,26 @@ class PreparedMessage:
 
 
 class Pipeline:
-    def __init__(self, steps: tuple[Step, ...] = DEFAULT_STEPS) -> None:
-        self.steps = steps
+    def __init__(
+        self,
+        steps: tuple[Step, ...] = DEFAULT_STEPS,
+        signers: Mapping[str, DkimSigner] | None = None,
+    ) -> None:
+        self.steps = (*steps, ChooseDkimKey(signers or {}))
 
     def prepare(self, queue_id: str, mail_from: str, raw: bytes) -> PreparedMessage:
         meta = Metadata(queue_id, mail_from)
-        headers = parse_headers(split_entity(raw)[0])
+        block = split_entity(raw)[0]
+        headers = parse_headers(block)
         for step in self.steps:
             step.process(headers, meta)
+        if meta.from_domain and meta.from_domain in signing_domains(block):
+            # The sender's signature cannot survive the rewrite; ours replaces its purpose.
+            meta.decide(
+                "dkim",
+                f"warning: the sender's own d={meta.from_domain} signature"
+                " will not verify after the rewrite",
+            )
         decorations = Decorations(
             unsubscribe=not meta.transactional and meta.rewrite_body,
             pixel=meta.track_opens and meta.rewrite_body,

@@ -51,7 +51,7 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         "\n".join(
             line.removeprefix("# ")
             for line in text.splitlines()
-            if setting.match(line) or line.startswith("[")
+            if setting.match(line) or line.startswith(("[", "# [["))
         )
     )
     for section, keys in section_keys().items():

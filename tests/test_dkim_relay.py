@@ -1,0 +1,91 @@
+"""Every copy the relay emits carries a DKIM signature that verifies after all its changes."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.app import Relay
+from relay.config import DkimKey, DkimSettings, Settings
+from tests.conftest import relay_settings
+from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+from tests.test_config import run_cli
+
+dkim = pytest.importorskip("dkim", reason="dkimpy (test extra) verifies the signatures")
+
+RECIPIENTS = ["olga@example.org", "paul@example.org"]
+
+
+def keygen(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("dkim", "keygen", *args, "--config", str(config), cwd=config.parent)
+
+
+def txt_of(zone_line: str) -> bytes:
+    """The TXT value of a zone-file line, its strings joined as resolvers do."""
+    inside = zone_line[zone_line.index("(") + 1 : zone_line.rindex(")")]
+    return "".join(part for part in inside.split('"')[1::2]).encode()
+
+
+async def test_copies_are_signed_over_the_list_headers(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
+    made = keygen(config, "shop.example", "s2026")
+    assert made.returncode == 0, made.stderr
+    record = txt_of(made.stdout.strip())
+    assert made.stdout.startswith("s2026._domainkey.shop.example. IN TXT")
+    key_file = tmp_path / "data" / "dkim" / "shop.example.s2026.pem"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+
+    settings: Settings = relay_settings(tmp_path / "data", downstream.port)
+    settings = replace(
+        settings,
+        dkim=DkimSettings((DkimKey("shop.example", "s2026", Path("dkim/shop.example.s2026.pem")),)),
+    )
+    relay = await Relay.start(settings)
+    try:
+        result = await asubmit(
+            relay.addresses.smtp[1], newsletter(RECIPIENTS), "news@shop.example", RECIPIENTS
+        )
+        assert result.refused == {}
+        await wait_for(lambda: len(downstream.handler.messages) == 2, what="two signed copies")
+    finally:
+        await relay.stop()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"s2026._domainkey.shop.example."
+        return record
+
+    for copy in downstream.handler.messages:
+        content = copy.content
+        assert content.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+        signature = content.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:")[0]
+        tags = b"".join(signature.split())
+        assert b"l=" not in tags.replace(b"; ", b";").split(b"h=")[0]
+        signed = tags.split(b"h=")[1].split(b";")[0].lower().split(b":")
+        assert signed.count(b"list-unsubscribe") == 2  # present once, over-signed once
+        assert signed.count(b"list-unsubscribe-post") == 2
+        assert dkim.verify(content, dnsfunc=dns)
+        forged = content.replace(
+            b"\r\n\r\n", b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n\r\n", 1
+        )
+        assert not dkim.verify(forged, dnsfunc=dns)
+
+
+def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[storage]\ndir = "{tmp_path / "data"}"\n'
+        '[[dkim.keys]]\ndomain = "shop.example"\nselector = "s1"\nkey_file = "nope.pem"\n'
+    )
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("optout-relay: error: config: dkim.keys[0]: ")
+    )
