@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from suppression import AddressHasher, Database, SuppressionStore
 from tracking import MIGRATIONS as EVENT_MIGRATIONS
 from tracking import EventStore, Signer, TrackingUrls, create_app
 
+from .accounts import AuthThrottle
 from .config import Settings
 from .delivery import DeliveryWorker, RetryPolicy
 from .dkim import DkimError, DkimSigner, load_signer
@@ -27,7 +29,8 @@ from .errors import ConfigError
 from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
 from .logs import LogFormat
 from .pipeline import Pipeline
-from .smtp import FrontDoor, RelaySMTP
+from .smtp import FrontDoor
+from .smtp_server import AuthPolicy, ConnectionLimits, RelaySMTP, reload_certificate, tls_context
 from .spool import Spool
 from .transport import OutboxTransport, SmtpTransport, Transport
 from .worker_process import DeliveryProcess
@@ -77,6 +80,7 @@ def tracking_urls(settings: Settings) -> TrackingUrls:
 class Addresses:
     smtp: tuple[str, int]
     http: tuple[str, int]
+    smtps: tuple[str, int] | None = None
 
 
 def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
@@ -154,7 +158,10 @@ class DeliveryRuntime:
             self.worker = DeliveryWorker(
                 spool=spool,
                 transport=self.transport,
-                pipeline=Pipeline(signers=load_dkim_signers(settings)),
+                pipeline=Pipeline(
+                    signers=load_dkim_signers(settings),
+                    accounts={a.username: a for a in settings.accounts},
+                ),
                 suppressions=stores.suppressions,
                 events=stores.events,
                 urls=self._urls or tracking_urls(settings),
@@ -193,6 +200,7 @@ class Relay:
     def __init__(self, settings: Settings, log_format: LogFormat = "text") -> None:
         self.settings = settings
         self.log_format = log_format
+        self.tls: ssl.SSLContext | None = None
         self._exit = AsyncExitStack()
         self._stopped = False
 
@@ -257,30 +265,15 @@ class Relay:
             settings=settings.smtp,
             max_queued_messages=settings.delivery.max_queued_messages,
             on_spooled=notify,
+            accounts={a.username: a for a in settings.accounts},
         )
-        smtp = settings.smtp
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(
-                lambda: RelaySMTP(
-                    front_door,
-                    hostname=hostname,
-                    data_size_limit=smtp.max_message_size,
-                    enable_SMTPUTF8=True,
-                    ident="optout-relay",
-                ),
-                smtp.listen.host,
-                smtp.listen.port,
-                reuse_address=True,
-            )
-        except OSError as exc:
-            raise ConfigError(
-                "smtp.listen", f"cannot listen on {smtp.listen}: {exc.strerror}"
-            ) from None
-        self._exit.push_async_callback(self._close_smtp, server, front_door)
+        servers = await self._listen_smtp(front_door, hostname)
+        self._exit.push_async_callback(self._close_smtp, servers, front_door)
+        server = servers[0]
         self.addresses = Addresses(
             smtp=_host_port(server.sockets[0].getsockname()),
             http=_host_port(runner.addresses[0]),
+            smtps=_host_port(servers[1].sockets[0].getsockname()) if len(servers) > 1 else None,
         )
         log.info(
             "listening: smtp=%s http=%s, delivering to %s, data in %s",
@@ -290,9 +283,73 @@ class Relay:
             settings.storage.dir,
         )
 
+    async def _listen_smtp(self, front_door: FrontDoor, hostname: str) -> list[asyncio.Server]:
+        """The submission listener, plus the implicit-TLS one when configured."""
+        smtp = self.settings.smtp
+        context = None
+        if smtp.tls_cert is not None and smtp.tls_key is not None:
+            try:
+                context = tls_context(smtp.tls_cert, smtp.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError("smtp.tls_cert", f"cannot load certificate: {exc}") from None
+            self.tls = context
+        limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
+        auth = AuthPolicy({a.username: a for a in self.settings.accounts}, AuthThrottle())
+
+        def session(implicit_tls: bool) -> RelaySMTP:
+            return RelaySMTP(
+                front_door,
+                limits=limits,
+                auth=auth,
+                implicit_tls=implicit_tls,
+                hostname=hostname,
+                data_size_limit=smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                ident="optout-relay",
+                timeout=smtp.idle_timeout,
+                tls_context=None if implicit_tls else context,
+                # Over implicit TLS the connection is encrypted from the first byte.
+                auth_require_tls=not implicit_tls,
+            )
+
+        loop = asyncio.get_running_loop()
+        servers = []
+        listeners = [("smtp.listen", smtp.listen, False)]
+        if smtp.implicit_tls_listen is not None:
+            listeners.append(("smtp.implicit_tls_listen", smtp.implicit_tls_listen, True))
+        for key, listen, implicit in listeners:
+            try:
+                servers.append(
+                    await loop.create_server(
+                        lambda implicit=implicit: session(implicit),
+                        listen.host,
+                        listen.port,
+                        reuse_address=True,
+                        ssl=context if implicit else None,
+                    )
+                )
+            except OSError as exc:
+                for started in servers:
+                    started.close()
+                raise ConfigError(key, f"cannot listen on {listen}: {exc.strerror}") from None
+        return servers
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: new connections use the certificate files as they are now."""
+        smtp = self.settings.smtp
+        if self.tls is None or smtp.tls_cert is None or smtp.tls_key is None:
+            return
+        try:
+            reload_certificate(self.tls, smtp.tls_cert, smtp.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("certificate reload failed, keeping the old one: %s", exc)
+        else:
+            log.info("certificate reloaded from %s", smtp.tls_cert)
+
     @staticmethod
-    async def _close_smtp(server: asyncio.Server, front_door: FrontDoor) -> None:
-        server.close()
+    async def _close_smtp(servers: list[asyncio.Server], front_door: FrontDoor) -> None:
+        for server in servers:
+            server.close()
         # Replies not yet sent for messages being spooled must still be sent as 250 or 451.
         await asyncio.wait_for(front_door.drain(), timeout=30)
 
@@ -329,6 +386,7 @@ async def serve(settings: Settings, log_format: LogFormat = "text") -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     relay = await Relay.start(settings, log_format)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
     try:
         await stop.wait()
         log.info("shutting down")

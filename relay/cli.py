@@ -12,7 +12,7 @@ import click
 
 from suppression import SuppressionError
 
-from . import cli_dkim, cli_queue, cli_suppress
+from . import cli_account, cli_dkim, cli_queue, cli_suppress
 from .app import Stores, serve
 from .cli_common import PROG, config_option, settings_from, with_stores
 from .errors import ConfigError
@@ -60,6 +60,7 @@ def events(config_path: Path | None, fmt: str) -> None:
 cli_suppress.register(cli)
 cli_queue.register(cli)
 cli_dkim.register(cli)
+cli_account.register(cli)
 
 
 def _fail(message: str, code: int) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .accounts import Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,6 +52,12 @@ class SmtpSettings:
     max_message_size: int = 26_214_400
     max_recipients: int = 1000
     hostname: str | None = None
+    tls_cert: Path | None = None  # with tls_key: STARTTLS offered, AUTH possible
+    tls_key: Path | None = None
+    implicit_tls_listen: Listen | None = None  # a second listener, TLS from the first byte
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,10 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
+    accounts: tuple[Account, ...] = ()
+
+    def account(self, username: str) -> Account | None:
+        return next((a for a in self.accounts if a.username == username), None)
 
 
 # ---- value parsers: each takes the raw TOML value and the dotted key for its errors ----
@@ -257,6 +268,55 @@ def _dkim_keys(value: Any, key: str) -> tuple[DkimKey, ...]:
     return tuple(keys)
 
 
+def _readable_file(value: Any, key: str) -> Path:
+    path = Path(_string(value, key)).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(key, f"{path} is not a readable file")
+    return path
+
+
+def _accounts(value: Any, key: str) -> tuple[Account, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be [[accounts]] tables, not {_type_name(value)}")
+    accounts = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
+        for name in entry:
+            if name not in ("username", "password_hash", "from_domains", "topic", "tracking"):
+                raise ConfigError(f"{where}.{name}", "unknown key")
+        for name in ("username", "password_hash", "from_domains"):
+            if name not in entry:
+                raise ConfigError(f"{where}.{name}", "is required")
+        password_hash = _string(entry["password_hash"], f"{where}.password_hash")
+        try:
+            check_password_hash(password_hash)
+        except PasswordHashError as exc:
+            raise ConfigError(f"{where}.password_hash", str(exc)) from None
+        domains = entry["from_domains"]
+        if not isinstance(domains, list) or not domains:
+            raise ConfigError(f"{where}.from_domains", "must be a non-empty array of domains")
+        for domain in domains:
+            if not _DOMAIN.match(_string(domain, f"{where}.from_domains").lower()):
+                raise ConfigError(f"{where}.from_domains", f"{domain!r} is not a domain name")
+        topic = entry.get("topic")
+        tracking = entry.get("tracking", True)
+        accounts.append(
+            Account(
+                username=_string(entry["username"], f"{where}.username"),
+                password_hash=password_hash,
+                from_domains=tuple(d.lower().rstrip(".") for d in domains),
+                topic=None if topic is None else _string(topic, f"{where}.topic"),
+                track_opens=_boolean(tracking, f"{where}.tracking"),
+            )
+        )
+    names = [a.username for a in accounts]
+    if len(set(names)) != len(names):
+        raise ConfigError(key, "a username appears twice")
+    return tuple(accounts)
+
+
 def _directory(value: Any, key: str) -> Path:
     path = Path(_string(value, key)).expanduser()
     existing = path
@@ -279,6 +339,12 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "max_message_size": _positive_int,
             "max_recipients": _positive_int,
             "hostname": _string,
+            "tls_cert": _readable_file,
+            "tls_key": _readable_file,
+            "implicit_tls_listen": _listen,
+            "max_connections": _positive_int,
+            "max_connections_per_client": _positive_int,
+            "idle_timeout": _positive_number,
         },
     ),
     "http": (HttpSettings, {"listen": _listen, "public_url": _public_url}),
@@ -305,6 +371,9 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
     """Settings from a parsed TOML document; ConfigError names the first bad key."""
     sections: dict[str, Any] = {}
     for name, value in document.items():
+        if name == "accounts":
+            sections[name] = _accounts(value, name)
+            continue
         if name not in _SCHEMA:
             raise ConfigError(name, "unknown section")
         if not isinstance(value, dict):
@@ -324,6 +393,13 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
 
 def _check_consistency(settings: Settings) -> None:
     delivery = settings.delivery
+    smtp = settings.smtp
+    if (smtp.tls_cert is None) != (smtp.tls_key is None):
+        raise ConfigError("smtp.tls_key", "goes with smtp.tls_cert: both or neither")
+    if smtp.implicit_tls_listen is not None and smtp.tls_cert is None:
+        raise ConfigError("smtp.implicit_tls_listen", "needs smtp.tls_cert and smtp.tls_key")
+    if settings.accounts and smtp.tls_cert is None:
+        raise ConfigError("accounts", "AUTH is only offered over TLS: set smtp.tls_cert/tls_key")
     if delivery.require_tls and delivery.downstream is None:
         raise ConfigError("delivery.require_tls", "needs delivery.downstream")
     if delivery.retry_max_delay < delivery.retry_initial_delay:

@@ -160,7 +160,9 @@ class DeliveryWorker:
             if message.kind == DSN:
                 await asyncio.gather(*(self._send_report(message, d) for d in message.deliveries))
                 return
-            prepared = self._pipeline.prepare(queue_id, message.mail_from, message.content)
+            prepared = self._pipeline.prepare(
+                queue_id, message.mail_from, message.content, message.account
+            )
             for decision in prepared.meta.decisions:
                 log.info("%s", decision, extra={"queue_id": queue_id})
             await self._suppressions.remember(d.recipient for d in message.deliveries)

@@ -16,6 +16,7 @@ from typing import Protocol
 from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope
 from tracking import RecipientRef, TrackingUrls
 
+from .accounts import Account
 from .dkim import DkimSigner, signing_domains
 from .mime import parse_headers, split_entity
 from .rewrite import Decorations, Hole, Template, build_template, list_unsubscribe_headers
@@ -43,6 +44,7 @@ class Metadata:
     rewrite_body: bool = True
     from_domain: str | None = None
     signer: DkimSigner | None = None
+    account: Account | None = None
     decisions: list[str] = field(default_factory=list)
 
     def decide(self, step: str, decision: str) -> None:
@@ -115,6 +117,27 @@ class GuardSignedContent:
             meta.decide(self.name, f"{ctype}: body left untouched, headers only")
 
 
+class ApplyAccountDefaults:
+    """The sender account's default topic and tracking choice, unless the message says."""
+
+    name = "account"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        account = meta.account
+        if account is None:
+            return
+        if account.topic and meta.scope == GLOBAL and headers.get("X-Optout-Topic") is None:
+            try:
+                meta.scope = parse_scope(f"topic:{account.topic}")
+            except InvalidScope:
+                meta.decide(self.name, f"ignored unusable default topic {account.topic!r}")
+            else:
+                meta.decide(self.name, f"{account.username}: default scope {meta.scope}")
+        if not account.track_opens and meta.track_opens:
+            meta.track_opens = False
+            meta.decide(self.name, f"{account.username}: open tracking off")
+
+
 class ReadFromDomain:
     name = "from"
 
@@ -154,6 +177,7 @@ DEFAULT_STEPS: tuple[Step, ...] = (
     ReadTopic(),
     ReadCategory(),
     ReadTracking(),
+    ApplyAccountDefaults(),
     GuardSignedContent(),
     ReadFromDomain(),
 )
@@ -190,11 +214,16 @@ class Pipeline:
         self,
         steps: tuple[Step, ...] = DEFAULT_STEPS,
         signers: Mapping[str, DkimSigner] | None = None,
+        accounts: Mapping[str, Account] | None = None,
     ) -> None:
         self.steps = (*steps, ChooseDkimKey(signers or {}))
+        self.accounts = dict(accounts or {})
 
-    def prepare(self, queue_id: str, mail_from: str, raw: bytes) -> PreparedMessage:
+    def prepare(
+        self, queue_id: str, mail_from: str, raw: bytes, account: str | None = None
+    ) -> PreparedMessage:
         meta = Metadata(queue_id, mail_from)
+        meta.account = self.accounts.get(account) if account else None
         block = split_entity(raw)[0]
         headers = parse_headers(block)
         for step in self.steps:

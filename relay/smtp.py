@@ -5,35 +5,20 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
-from typing import Any, AnyStr
+from collections.abc import Callable, Mapping
+from email.utils import getaddresses
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from suppression import InvalidAddress, SuppressionStore
 
+from .accounts import Account
 from .config import IPNetwork, SmtpSettings
+from .mime import parse_headers, split_entity
 from .spool import Spool
 
 log = logging.getLogger("optout.smtp")
-
-# aiosmtpd's own wording for limits it enforces, mapped to the replies of our contract.
-_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-_REPLIES = {
-    "552 Error: message size exceeds fixed maximum message size": _TOO_BIG,
-    "552 Error: Too much mail data": _TOO_BIG,
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
-}
-
-
-class RelaySMTP(SMTP):
-    """aiosmtpd's server, speaking enhanced status codes (RFC 3463) where it answers itself."""
-
-    async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            await super().push(_REPLIES.get(status, status))
-        else:
-            await super().push(status)
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -47,6 +32,20 @@ def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def _domain(address: str) -> str:
+    return address.strip("<>").rpartition("@")[2].lower().rstrip(".")
+
+
+def from_domains(content: bytes) -> set[str]:
+    """The domains of the From header's addresses (an unparseable From has none)."""
+    headers = parse_headers(split_entity(content)[0])
+    return {
+        _domain(address)
+        for _, address in getaddresses(headers.get_all("From") or [])
+        if "@" in address
+    }
 
 
 def _client(session: Session) -> str:
@@ -64,7 +63,9 @@ class FrontDoor:
         settings: SmtpSettings,
         max_queued_messages: int,
         on_spooled: Callable[[], None],
+        accounts: Mapping[str, Account] | None = None,
     ) -> None:
+        self._accounts = dict(accounts or {})
         self._max_queued = max_queued_messages
         self._spool = spool
         self._suppressions = suppressions
@@ -74,6 +75,11 @@ class FrontDoor:
         self._accepting = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _account(self, session: Session) -> Account | None:
+        if not session.authenticated or not isinstance(session.auth_data, str):
+            return None
+        return self._accounts.get(session.auth_data)
 
     def is_trusted(self, session: Session) -> bool:
         address = peer_ip(session)
@@ -94,6 +100,15 @@ class FrontDoor:
                 address,
             )
             return "530 5.7.0 Authentication required"
+        account = self._account(session)
+        if account is not None and address != "<>" and not account.may_send_as(_domain(address)):
+            log.info(
+                "NOQUEUE: reject: MAIL from %s: 550 5.7.1 %s may not send as <%s>",
+                _client(session),
+                account.username,
+                address,
+            )
+            return f"550 5.7.1 <{address}>: Sender address not allowed for this account"
         if self._spool.waiting >= self._max_queued:
             log.warning(
                 "NOQUEUE: reject: MAIL from %s: 451 4.3.1 spool holds %d messages",
@@ -139,13 +154,28 @@ class FrontDoor:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: Any = envelope.original_content
         assert isinstance(content, bytes)
+        account = self._account(session)
+        if account is not None:
+            foreign = [d for d in from_domains(content) if not account.may_send_as(d)]
+            if foreign:
+                log.info(
+                    "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s",
+                    _client(session),
+                    account.username,
+                    ", ".join(foreign),
+                )
+                return f"550 5.7.1 From domain {foreign[0]} not allowed for this account"
         # aiosmtpd keeps the null sender (RFC 5321 §4.5.5) as "<>"; the spool stores "".
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         self._accepting += 1
         self._idle.clear()
         try:
             queue_id = await self._spool.accept(
-                sender, list(envelope.rcpt_tos), content, _client(session)
+                sender,
+                list(envelope.rcpt_tos),
+                content,
+                _client(session),
+                account=None if account is None else account.username,
             )
         except Exception as exc:
             log.error("NOQUEUE: cannot spool message from=<%s>: %s", envelope.mail_from, exc)

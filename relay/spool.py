@@ -55,9 +55,15 @@ def _add_kind_and_arrival(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE messages SET received_ts = (julianday(received_at) - 2440587.5) * 86400.0")
 
 
+def _add_account(db: sqlite_utils.Database) -> None:
+    # The authenticated sender account, whose defaults (topic, tracking) apply at delivery.
+    db.execute("ALTER TABLE messages ADD COLUMN account TEXT")
+
+
 MIGRATIONS = (
     Migration("spool/0001-messages-and-deliveries", _create_spool),
     Migration("spool/0002-kind-and-arrival-time", _add_kind_and_arrival),
+    Migration("spool/0003-account", _add_account),
 )
 
 MAIL = "mail"
@@ -86,6 +92,7 @@ class SpooledMessage:
     kind: str
     content: bytes
     deliveries: tuple[Delivery, ...]
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,7 @@ class Spool:
         client: str,
         *,
         kind: str = MAIL,
+        account: str | None = None,
     ) -> str:
         """Durably take a message; its queue id once committed. Raises if it cannot be."""
         queue_id = new_queue_id()
@@ -146,8 +154,8 @@ class Spool:
         def insert(db: sqlite_utils.Database) -> str:
             db.execute(
                 "INSERT INTO messages (queue_id, mail_from, received_at, received_ts, client,"
-                " size, kind, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [queue_id, mail_from, utc_now(), now, client, len(content), kind, content],
+                " size, kind, content, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [queue_id, mail_from, utc_now(), now, client, len(content), kind, content, account],
             )
             db.conn.executemany(
                 "INSERT INTO deliveries (queue_id, recipient, attempts, next_attempt_at)"
@@ -182,8 +190,8 @@ class Spool:
 
         def query(db: sqlite_utils.Database) -> SpooledMessage | None:
             row = db.execute(
-                "SELECT mail_from, received_at, received_ts, kind, content FROM messages"
-                " WHERE queue_id = ?",
+                "SELECT mail_from, received_at, received_ts, kind, content, account"
+                " FROM messages WHERE queue_id = ?",
                 [queue_id],
             ).fetchone()
             if row is None:
@@ -196,9 +204,9 @@ class Spool:
                     [queue_id, now],
                 ).fetchall()
             )
-            mail_from, received_at, received_ts, kind, content = row
+            mail_from, received_at, received_ts, kind, content, account = row
             return SpooledMessage(
-                queue_id, mail_from, received_at, received_ts, kind, content, deliveries
+                queue_id, mail_from, received_at, received_ts, kind, content, deliveries, account
             )
 
         return await self._db.read(query)

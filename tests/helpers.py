@@ -154,25 +154,33 @@ async def asubmit(*args: Any) -> Submission:
 
 def self_signed_context(directory: Path) -> ssl.SSLContext:
     """A server TLS context with a fresh self-signed certificate, as a local MTA often has."""
+    cert_file, key_file = self_signed_files(directory)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def self_signed_files(directory: Path, name: str = "mta") -> tuple[Path, Path]:
+    """A fresh self-signed certificate and its key, as PEM files (certificate, key)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mta.test")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}.test")])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
-    cert_file, key_file = directory / "mta.crt", directory / "mta.key"
+    cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
     cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
         key.private_bytes(
@@ -181,6 +189,5 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
             serialization.NoEncryption(),
         )
     )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return context
+    key_file.chmod(0o600)
+    return cert_file, key_file

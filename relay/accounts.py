@@ -1,0 +1,134 @@
+"""Sender accounts: who may submit from outside the trusted networks, and as which domains."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+# scrypt at N=2^14, r=8, p=1: about 50 ms and 16 MiB per check, RFC 7914's interactive choice.
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+_PREFIX = "scrypt"
+
+
+class PasswordHashError(ValueError):
+    """A stored password hash that is not one this relay writes."""
+
+
+def hash_password(password: str) -> str:
+    """`scrypt$N$r$p$salt$hash`, the form `accounts[].password_hash` takes."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+    )
+    return "$".join(
+        [_PREFIX, str(SCRYPT_N), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(digest)]
+    )
+
+
+def check_password_hash(stored: str) -> None:
+    """Raise PasswordHashError unless `stored` is a hash `verify_password` can check."""
+    _parse(stored)
+
+
+def verify_password(password: bytes, stored: str) -> bool:
+    """Constant-time check of `password` against a `hash_password` result."""
+    n, r, p, salt, expected = _parse(stored)
+    digest = hashlib.scrypt(
+        password, salt=salt, n=n, r=r, p=p, dklen=len(expected), maxmem=256 * 1024 * 1024
+    )
+    return hmac.compare_digest(digest, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _parse(stored: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != _PREFIX:
+        raise PasswordHashError("expected scrypt$N$r$p$salt$hash (optout-relay account hash)")
+    try:
+        n, r, p = (int(x) for x in parts[1:4])
+        salt, digest = _unb64(parts[4]), _unb64(parts[5])
+    except ValueError as exc:
+        raise PasswordHashError(f"malformed scrypt hash: {exc}") from None
+    if n < 2**10 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16 or len(digest) < 16:
+        raise PasswordHashError("scrypt parameters out of range")
+    return n, r, p, salt, digest
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    username: str
+    password_hash: str
+    from_domains: tuple[str, ...]
+    topic: str | None = None
+    track_opens: bool = True
+
+    def may_send_as(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        return any(domain == d or domain.endswith("." + d) for d in self.from_domains)
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    first: float
+
+
+class AuthThrottle:
+    """Slows, then refuses, a client address that keeps failing AUTH (password guessing)."""
+
+    def __init__(
+        self,
+        *,
+        slow_after: int = 3,
+        lock_after: int = 6,
+        window: float = 900.0,
+        delay: float = 1.0,
+    ) -> None:
+        self.slow_after = slow_after
+        self.lock_after = lock_after
+        self.window = window
+        self.delay = delay
+        self._failures: dict[str, _Failures] = {}
+
+    def _current(self, client: str, now: float) -> _Failures | None:
+        entry = self._failures.get(client)
+        if entry is not None and now - entry.first > self.window:
+            del self._failures[client]
+            return None
+        return entry
+
+    def locked(self, client: str, now: float | None = None) -> bool:
+        entry = self._current(client, time.monotonic() if now is None else now)
+        return entry is not None and entry.count >= self.lock_after
+
+    def penalty(self, client: str, now: float | None = None) -> float:
+        """Seconds to wait before answering this client's next AUTH."""
+        entry = self._current(client, time.monotonic() if now is None else now)
+        return self.delay if entry is not None and entry.count >= self.slow_after else 0.0
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        moment = time.monotonic() if now is None else now
+        entry = self._current(client, moment)
+        if entry is None:
+            self._failures[client] = _Failures(1, moment)
+        else:
+            entry.count += 1
+        if len(self._failures) > 100_000:  # bound memory under a distributed attack
+            oldest = min(self._failures, key=lambda c: self._failures[c].first)
+            del self._failures[oldest]
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)

@@ -1,0 +1,163 @@
+"""aiosmtpd's server as the relay needs it: enhanced status codes, connection limits, and
+AUTH checked off the event loop with a throttle against password guessing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from .accounts import Account, AuthThrottle, verify_password
+
+log = logging.getLogger("optout.smtp")
+
+# aiosmtpd's own wording for limits it enforces, mapped to the replies of our contract.
+_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+_REPLIES = {
+    "552 Error: message size exceeds fixed maximum message size": _TOO_BIG,
+    "552 Error: Too much mail data": _TOO_BIG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+}
+AUTH_LOCKED = "454 4.7.0 Too many failed authentications from your address, try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+
+
+@dataclass(slots=True)
+class ConnectionLimits:
+    total: int
+    per_client: int
+    open: Counter[str] = field(default_factory=Counter)
+
+    def admit(self, client: str) -> bool:
+        if sum(self.open.values()) >= self.total or self.open[client] >= self.per_client:
+            return False
+        self.open[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.open[client] -= 1
+        if self.open[client] <= 0:
+            del self.open[client]
+
+
+@dataclass(slots=True)
+class AuthPolicy:
+    accounts: dict[str, Account]
+    throttle: AuthThrottle
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Credentials parsed by aiosmtpd's PLAIN/LOGIN code, waiting for our async check."""
+
+    credentials: LoginPassword
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context; `reload_certificate` swaps the files in for new connections."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def reload_certificate(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    context.load_cert_chain(cert, key)
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session. `implicit_tls`: the listener wrapped the socket in TLS already."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        limits: ConnectionLimits,
+        auth: AuthPolicy,
+        implicit_tls: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._auth = auth
+        self.implicit_tls = implicit_tls
+        self._admitted: str | None = None
+
+    def _client_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+
+    @property
+    def encrypted(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")  # the session may not exist yet
+        client = str(peer[0]) if isinstance(peer, tuple) else "?"
+        if self._limits.admit(client):
+            self._admitted = client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted is not None:
+            self._limits.release(self._admitted)
+            self._admitted = None
+        super().connection_lost(exc)
+
+    async def _handle_client(self) -> None:
+        if self._admitted is None:
+            log.warning("reject: connection from %s: too many connections", self._client_ip())
+            await super().push(TOO_MANY_CONNECTIONS)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_REPLIES.get(status, status))
+        else:
+            await super().push(status)
+
+    # ---- AUTH: aiosmtpd parses PLAIN and LOGIN; the password check runs in a thread ----
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # Called synchronously by aiosmtpd's auth_PLAIN/auth_LOGIN: only collect the data.
+        return AuthResult(success=False, handled=False, auth_data=_Pending(auth_data))
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_LOGIN(server, args))
+
+    async def _checked(self, parsed: AuthResult) -> AuthResult:
+        if not isinstance(parsed.auth_data, _Pending):
+            return parsed  # aiosmtpd already answered (bad base64, client gave up)
+        client = self._client_ip()
+        throttle = self._auth.throttle
+        if throttle.locked(client):
+            return AuthResult(success=False, handled=False, message=AUTH_LOCKED)
+        delay = throttle.penalty(client)
+        if delay:
+            await asyncio.sleep(delay)  # slows guessing down; the session stays usable
+        credentials = parsed.auth_data.credentials
+        username = credentials.login.decode("utf-8", "replace")
+        account = self._auth.accounts.get(username)
+        valid = account is not None and await asyncio.to_thread(
+            verify_password, credentials.password, account.password_hash
+        )
+        if not valid:
+            throttle.failed(client)
+            log.warning("AUTH failed for %r from %s", username, client)
+            return AuthResult(success=False, handled=False)
+        throttle.succeeded(client)
+        log.info("AUTH ok: %s from %s", username, client)
+        return AuthResult(success=True, auth_data=username)

@@ -1,0 +1,240 @@
+"""Authenticated submission (RFC 6409): never an open relay, TLS before AUTH, own domains only."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import smtplib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.accounts import Account, AuthThrottle, hash_password, verify_password
+from relay.app import Relay
+from relay.config import Listen, Settings
+from tests.conftest import relay_settings, with_smtp
+from tests.helpers import CaptureServer, newsletter, self_signed_files, wait_for
+from tests.test_config import run_cli
+
+PASSWORD = "correct horse battery staple"
+HASH = hash_password(PASSWORD)
+MAUTIC = Account("mautic", HASH, ("shop.example",), topic="news", track_opens=False)
+RCPT = "quinn@example.org"
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
+    return context
+
+
+def untrusted(tmp_path: Path, downstream_port: int) -> Settings:
+    cert, key = self_signed_files(tmp_path, "relay")
+    settings = with_smtp(
+        relay_settings(tmp_path / "data", downstream_port),
+        trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),),  # loopback is not trusted
+        tls_cert=cert,
+        tls_key=key,
+        implicit_tls_listen=Listen("127.0.0.1", 0),
+        max_connections_per_client=3,
+    )
+    return replace(settings, accounts=(MAUTIC,))
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, downstream: CaptureServer) -> AsyncIterator[Relay]:
+    running = await Relay.start(untrusted(tmp_path, downstream.port))
+    yield running
+    await running.stop()
+
+
+def session(
+    port: int, *, tls: bool = True, login: str | None = None, password: str = PASSWORD
+) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:
+        client.ehlo("tool.test")
+        if tls:
+            client.starttls(context=client_context())
+            client.ehlo("tool.test")
+        if login:
+            client.login(login, password)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def mail_from(client: smtplib.SMTP, sender: str) -> tuple[int, bytes]:
+    return client.docmd(f"MAIL FROM:<{sender}>")
+
+
+async def test_without_tls_and_auth_nobody_submits(relay: Relay) -> None:
+    port = relay.addresses.smtp[1]
+
+    def attempt() -> list[tuple[int, bytes]]:
+        with session(port, tls=False) as client:
+            return [mail_from(client, "news@shop.example"), client.docmd("AUTH PLAIN AGFiYw==")]
+
+    no_auth, auth_before_tls = await asyncio.to_thread(attempt)
+    assert no_auth[0] == 530 and no_auth[1].startswith(b"5.7.0")
+    assert auth_before_tls[0] == 538 and auth_before_tls[1].startswith(b"5.7.11")
+
+    def tls_only() -> tuple[int, bytes]:
+        with session(port) as client:
+            return mail_from(client, "news@shop.example")
+
+    code, text = await asyncio.to_thread(tls_only)
+    assert code == 530 and text.startswith(b"5.7.0")
+
+
+async def test_a_wrong_password_cannot_log_in(relay: Relay) -> None:
+    def attempt() -> int:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            session(relay.addresses.smtp[1], login="mautic", password="guess")
+        return refused.value.smtp_code
+
+    assert await asyncio.to_thread(attempt) == 535
+
+
+async def test_own_domain_goes_through_with_the_account_defaults(
+    relay: Relay, downstream: CaptureServer
+) -> None:
+    def send() -> None:
+        with session(relay.addresses.smtp[1], login="mautic") as client:
+            client.send_message(newsletter([RCPT]), "news@shop.example", [RCPT])
+
+    await asyncio.to_thread(send)
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="delivery")
+    copy = downstream.handler.messages[0].content
+    assert b"/o/" not in copy  # the account turned open tracking off
+    token = copy.split(b"List-Unsubscribe: <")[1].split(b">")[0].rsplit(b"/", 1)[1]
+    from tests.conftest import SIGNING_KEYS
+    from tracking import Signer, TrackingUrls
+
+    ref = TrackingUrls("https://x", Signer(SIGNING_KEYS)).read_unsubscribe(token.decode())
+    assert ref.scope == "topic:news"  # the account's default topic
+
+
+async def test_foreign_domains_are_refused(relay: Relay) -> None:
+    port = relay.addresses.smtp[1]
+
+    def envelope() -> tuple[int, bytes]:
+        with session(port, login="mautic") as client:
+            return mail_from(client, "ceo@bank.example")
+
+    code, text = await asyncio.to_thread(envelope)
+    assert code == 550 and text.startswith(b"5.7.1")
+
+    def header() -> tuple[int, bytes]:
+        message = newsletter([RCPT], sender="ceo@bank.example")
+        with session(port, login="mautic") as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.send_message(message, "news@shop.example", [RCPT])
+            return refused.value.smtp_code, refused.value.smtp_error
+
+    code, text = await asyncio.to_thread(header)
+    assert code == 550 and text.startswith(b"5.7.1")
+    assert relay.spool.waiting == 0
+
+
+async def test_implicit_tls_listener(relay: Relay, downstream: CaptureServer) -> None:
+    assert relay.addresses.smtps is not None
+
+    def send() -> None:
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", relay.addresses.smtps[1], context=client_context(), timeout=30
+        ) as client:
+            client.login("mautic", PASSWORD)
+            client.send_message(newsletter([RCPT]), "news@shop.example", [RCPT])
+
+    await asyncio.to_thread(send)
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="delivery")
+
+
+async def test_repeated_failures_are_slowed_then_refused(relay: Relay) -> None:
+    port = relay.addresses.smtp[1]
+
+    def hammer() -> list[int]:
+        codes = []
+        with session(port) as client:
+            for _ in range(7):
+                code, _text = client.docmd("AUTH PLAIN", "AG1hdXRpYwB3cm9uZw==")  # mautic/wrong
+                codes.append(code)
+        return codes
+
+    codes = await asyncio.to_thread(hammer)
+    assert codes[:6] == [535] * 6  # the last three answered a second late
+    assert codes[6] == 454  # then locked out for a while, whatever the password
+
+
+async def test_connections_per_client_are_limited(relay: Relay) -> None:
+    port = relay.addresses.smtp[1]
+
+    def connect_many() -> list[int]:
+        clients, codes = [], []
+        try:
+            for _ in range(4):
+                client = smtplib.SMTP(timeout=10)
+                code, _ = client.connect("127.0.0.1", port)
+                clients.append(client)
+                codes.append(code)
+        finally:
+            for client in clients:
+                client.close()
+        return codes
+
+    assert await asyncio.to_thread(connect_many) == [220, 220, 220, 421]
+
+
+def test_throttle_counts_per_client_and_forgets() -> None:
+    throttle = AuthThrottle(slow_after=2, lock_after=3, window=60, delay=1.5)
+    for moment in (0, 1):
+        throttle.failed("198.51.100.7", now=moment)
+    assert throttle.penalty("198.51.100.7", now=2) == 1.5
+    assert throttle.penalty("203.0.113.9", now=2) == 0.0
+    throttle.failed("198.51.100.7", now=3)
+    assert throttle.locked("198.51.100.7", now=4)
+    assert not throttle.locked("198.51.100.7", now=100)  # the window passed
+
+
+def test_password_hashes() -> None:
+    assert verify_password(PASSWORD.encode(), HASH)
+    assert not verify_password(b"correct horse battery stapler", HASH)
+    assert hash_password(PASSWORD) != HASH  # salted
+
+
+def test_hash_password_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.test_config import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "account", "hash-password"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert verify_password(PASSWORD.encode(), result.stdout.strip())
+    short = run_cli("account", "hash-password", cwd=tmp_path)
+    assert short.returncode == 2
+
+
+def test_accounts_need_tls_in_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[storage]\ndir = "{tmp_path}"\n[[accounts]]\nusername = "a"\n'
+        f'password_hash = "{HASH}"\nfrom_domains = ["shop.example"]\n'
+    )
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "accounts: AUTH is only offered over TLS" in result.stderr
