@@ -217,7 +217,10 @@ class DeliveryWorker:
                 )
                 return
             content = prepared.personalise(
-                delivery.recipient, self._urls, self._suppressions.hasher
+                delivery.recipient,
+                self._urls,
+                self._suppressions.hasher,
+                eight_bit_ok=self._transport.eight_bit_ok,
             )
             started = self._clock()
             outcome = await self._transport.send(

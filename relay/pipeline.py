@@ -190,15 +190,27 @@ class PreparedMessage:
     meta: Metadata
     template: Template
 
-    def personalise(self, recipient: str, urls: TrackingUrls, hasher: AddressHasher) -> bytes:
-        """The recipient's copy, DKIM-signed last so the signature covers every change."""
-        copy = self._render(recipient, urls, hasher)
+    def personalise(
+        self,
+        recipient: str,
+        urls: TrackingUrls,
+        hasher: AddressHasher,
+        *,
+        eight_bit_ok: bool = True,
+    ) -> bytes:
+        """The recipient's copy, DKIM-signed last so the signature covers every change.
+
+        `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
+        """
+        copy = self._render(recipient, urls, hasher, eight_bit_ok)
         signer = self.meta.signer
         return copy if signer is None else signer.sign(copy) + copy
 
-    def _render(self, recipient: str, urls: TrackingUrls, hasher: AddressHasher) -> bytes:
+    def _render(
+        self, recipient: str, urls: TrackingUrls, hasher: AddressHasher, eight_bit_ok: bool
+    ) -> bytes:
         if self.meta.transactional:
-            return self.template.render({})
+            return self.template.render({}, eight_bit_ok=eight_bit_ok)
         ref = RecipientRef(
             hasher.hash(recipient), self.meta.scope, self.meta.campaign, self.meta.queue_id
         )
@@ -206,7 +218,9 @@ class PreparedMessage:
         values = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
         if self.meta.track_opens and self.meta.rewrite_body:
             values[Hole.PIXEL_URL] = urls.pixel_url(ref)
-        return self.template.render(values, list_unsubscribe_headers(unsubscribe_url))
+        return self.template.render(
+            values, list_unsubscribe_headers(unsubscribe_url), eight_bit_ok=eight_bit_ok
+        )
 
 
 class Pipeline:

@@ -1,52 +1,50 @@
-"""Parse once, personalise many: a message becomes a template of bytes and holes.
+"""Parse once, personalise many: a message becomes a template of the sender's bytes and holes.
 
-Building the template decodes each text part that will change and cuts it at the places where
-per-recipient values go. Rendering a recipient joins the untouched bytes with those parts
-re-encoded in their own charset and transfer encoding. Everything else is the sender's bytes.
+Building the template walks the MIME tree once, decides which text parts carry the unsubscribe
+footer and the pixel, finds where they go with a real HTML tokenizer, and compiles each changed
+part into chunks for its own transfer encoding. Rendering a recipient joins those chunks with
+the recipient's URLs; every byte the relay has no reason to change is the sender's byte.
+
+A message the walker cannot follow is still delivered as it came, with the relay's headers and a
+`rewrite_failed: ...` note: a compliance relay must never be the reason a mail is lost.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import html
-import html.parser
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.message import Message
-from enum import StrEnum
-from typing import Literal
 
-from .mime import (
-    HeaderField,
-    MimeError,
-    header_fields,
-    parse_headers,
-    split_entity,
-    split_multipart,
+from ._compile import (
+    base64_part,
+    byte_edits,
+    decode,
+    qp_part,
+    raw_part,
+    seven_bit,
 )
+from ._encoding import line_ending
+from ._footer import PLACEHOLDER, Edit, html_footer, placeholders, text_footer
+from ._html import sniff_charset
+from ._parts import CteField, Downgrade, Hole, Piece, Switch
+from ._walk import Leaf, Tree, walk
+from .mime import HeaderField, MimeError, header_fields, split_entity
 
-PLACEHOLDER = "%unsubscribe_url%"
+__all__ = [
+    "PLACEHOLDER",
+    "Decorations",
+    "Hole",
+    "Template",
+    "build_template",
+    "list_unsubscribe_headers",
+]
+
+log = logging.getLogger(__name__)
+
 CONTROL_HEADER_PREFIX = "x-optout-"
 # Replaced by ours (RFC 8058 wants exactly one of each).
 OWNED_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
-# Subtrees whose bytes are a signature or ciphertext: any change breaks them.
-UNTOUCHABLE_TYPES = frozenset(
-    {
-        "multipart/signed",
-        "multipart/encrypted",
-        "application/pkcs7-mime",
-        "application/x-pkcs7-mime",
-        "message/rfc822",
-        "message/global",
-    }
-)
-CRLF = "\r\n"
-
-
-class Hole(StrEnum):
-    UNSUBSCRIBE_URL = "unsubscribe_url"
-    PIXEL_URL = "pixel_url"
+FOLD_AT = 78  # RFC 5322 2.1.1's "should"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,80 +55,107 @@ class Decorations:
     pixel: bool = True
 
 
-Encoding = Literal["base64", "quoted-printable", "7bit", "8bit", "binary"]
-
-
-@dataclass(slots=True)
-class TextPart:
-    """A decoded text part cut into literal text and holes."""
-
-    segments: list[str | Hole]
-    charset: str
-    encoding: Encoding
-    html: bool
-
-    def render(self, values: Mapping[Hole, str]) -> bytes:
-        text = "".join(
-            (html.escape(values[s]) if self.html else values[s]) if isinstance(s, Hole) else s
-            for s in self.segments
-        )
-        data = text.encode(self.charset)
-        if self.encoding == "base64":
-            return base64.encodebytes(data).replace(b"\n", b"\r\n").rstrip(b"\r\n")
-        if self.encoding == "quoted-printable":
-            return (
-                binascii.b2a_qp(data, istext=True).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            )
-        return data
-
-
-Piece = bytes | TextPart
-
-
 @dataclass(slots=True)
 class Template:
-    headers: list[bytes]
-    body: list[Piece]
+    head: list[Piece]  # the sender's header fields the relay keeps
+    body: list[Piece]  # from the blank line after the header block to the end
     decorations: Decorations
+    nl: bytes = b"\r\n"  # the message's own line break, for the headers added at render
     notes: list[str] = field(default_factory=list)  # every decision, for logs and events
+    holes: frozenset[Hole] = frozenset()
 
-    def render(self, values: Mapping[Hole, str], extra_headers: Sequence[bytes] = ()) -> bytes:
-        out = [*self.headers, *extra_headers, b"\r\n"]
-        out.extend(p if isinstance(p, bytes) else p.render(values) for p in self.body)
+    def render(
+        self,
+        values: Mapping[Hole, str],
+        extra_headers: Sequence[bytes] = (),
+        *,
+        eight_bit_ok: bool = True,
+    ) -> bytes:
+        """One recipient's copy. `eight_bit_ok=False` when the next hop lacks 8BITMIME: 8bit
+        parts outside signed and forwarded content then go as quoted-printable (or base64)."""
+        out = [p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.head]
+        if self.nl == b"\n":
+            out.extend(h.replace(b"\r\n", b"\n") for h in extra_headers)
+        else:
+            out.extend(extra_headers)
+        out.extend(p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.body)
         return b"".join(out)
 
     @property
     def has_holes(self) -> bool:
-        return any(isinstance(p, TextPart) for p in self.body)
+        return bool(self.holes)
+
+
+def list_unsubscribe_headers(unsubscribe_url: str, mailto: str | None = None) -> list[bytes]:
+    """List-Unsubscribe (https first, then an optional mailto) and the RFC 8058 one-click field.
+
+    Long values are folded only after the comma between the two URIs (RFC 2369 3.1): a URI
+    itself is never broken.
+    """
+    uris = [f"<{unsubscribe_url}>"] + ([f"<{mailto}>"] if mailto else [])
+    name = "List-Unsubscribe: "
+    joined = ", ".join(uris)
+    value = joined if len(name) + len(joined) <= FOLD_AT else ",\r\n ".join(uris)
+    return [
+        f"{name}{value}\r\n".encode("ascii"),
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+    ]
 
 
 def build_template(raw: bytes, decorations: Decorations) -> Template:
     """The template of `raw`: owned and control headers dropped, text parts opened for holes."""
-    block, body = split_entity(raw)
-    kept = [f.raw for f in header_fields(block) if _kept(f)]
-    if kept and not kept[-1].endswith(b"\n"):
-        kept[-1] += b"\r\n"
-    template = Template(kept, [body], decorations)
+    block, _ = split_entity(raw)
+    head_end = len(block)
+    template = Template([], [], decorations, nl=line_ending(block or raw))
+    splices: list[Splice] = [
+        Splice(start, start + len(f.raw), b"")
+        for start, f in _offsets(header_fields(block))
+        if not _kept(f)
+    ]
     if not (decorations.unsubscribe or decorations.pixel):
         template.notes.append("body not decorated (transactional or tracking off)")
-        return template
-    builder = _BodyBuilder(decorations, template.notes)
     try:
-        pieces = builder.entity(parse_headers(block), body)
+        tree = walk(raw)
+        splices += _Builder(raw, tree, decorations, template).splices()
     except MimeError as exc:
-        template.notes.append(f"rewrite_failed: {exc}")
-        return template
-    template.body = _merge(pieces)
-    if not template.has_holes:
-        template.notes.append("no text part could carry the unsubscribe link")
+        _failed(template, str(exc))
+        splices = [s for s in splices if s.end <= head_end]
+    except Exception as exc:  # a rewriting bug must not cost the message its delivery
+        _failed(template, f"unexpected {type(exc).__name__}: {exc}")
+        splices = [s for s in splices if s.end <= head_end]
+    splices.sort(key=lambda s: (s.start, s.end))
+    template.head = _spliced(raw, 0, head_end, [s for s in splices if s.start < head_end])
+    last = template.head[-1] if template.head else b"\n"
+    if isinstance(last, bytes) and not last.endswith(b"\n"):
+        template.head[-1] = last + template.nl
+    template.body = _spliced(raw, head_end, len(raw), [s for s in splices if s.start >= head_end])
+    if head_end == len(raw):
+        template.body.insert(0, template.nl)  # no blank line after the headers: add one
     return template
 
 
-def list_unsubscribe_headers(unsubscribe_url: str) -> list[bytes]:
-    return [
-        f"List-Unsubscribe: <{unsubscribe_url}>\r\n".encode("ascii"),
-        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
-    ]
+def _failed(template: Template, reason: str) -> None:
+    template.notes.append(f"rewrite_failed: {reason}")
+    template.holes = frozenset()
+    log.warning("rewrite failed, body left as sent: %s", reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """raw[start:end] is replaced by `piece`."""
+
+    start: int
+    end: int
+    piece: Piece
+
+
+def _offsets(fields: list[HeaderField]) -> list[tuple[int, HeaderField]]:
+    out = []
+    offset = 0
+    for f in fields:
+        out.append((offset, f))
+        offset += len(f.raw)
+    return out
 
 
 def _kept(field_: HeaderField) -> bool:
@@ -138,7 +163,13 @@ def _kept(field_: HeaderField) -> bool:
     return name not in OWNED_HEADERS and not name.startswith(CONTROL_HEADER_PREFIX)
 
 
-def _merge(pieces: list[Piece]) -> list[Piece]:
+def _spliced(raw: bytes, start: int, end: int, splices: list[Splice]) -> list[Piece]:
+    pieces: list[Piece] = []
+    cursor = start
+    for splice in splices:
+        pieces += [raw[cursor : splice.start], splice.piece]
+        cursor = splice.end
+    pieces.append(raw[cursor:end])
     merged: list[Piece] = []
     for piece in pieces:
         if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
@@ -148,162 +179,165 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
-class _BodyBuilder:
-    def __init__(self, decorations: Decorations, notes: list[str]) -> None:
+class _Builder:
+    def __init__(
+        self, raw: bytes, tree: Tree, decorations: Decorations, template: Template
+    ) -> None:
+        self.raw = raw
+        self.tree = tree
         self.decorations = decorations
-        self.notes = notes
-        self.footed: set[str] = set()  # the first text/plain and text/html get the footer
+        self.template = template
+        self.notes = template.notes
 
-    def entity(self, headers: Message, body: bytes) -> list[Piece]:
-        ctype = headers.get_content_type()
-        if ctype in UNTOUCHABLE_TYPES:
-            self.notes.append(f"{ctype} left untouched")
-            return [body]
-        if headers.get_content_maintype() == "multipart":
-            return self._multipart(headers, body)
-        if ctype in ("text/plain", "text/html"):
-            if headers.get_content_disposition() == "attachment":
-                return [body]
-            return [self._text(headers, body, ctype)]
-        return [body]
+    def splices(self) -> list[Splice]:
+        for sealed in self.tree.sealed:
+            self.notes.append(f"{sealed.ctype} left untouched")
+        plan = self._plan() if self.decorations.unsubscribe or self.decorations.pixel else {}
+        out: list[Splice] = []
+        holes: set[Hole] = set()
+        for leaf in self.tree.leaves:
+            edits = plan.get(leaf.body_start)
+            if edits:
+                spliced = self._changed(leaf, *edits)
+                out += spliced
+                holes.update(_holes_of(edits[1]))
+            else:
+                out += self._unchanged(leaf)
+        self._undowngradable()
+        if (self.decorations.unsubscribe or self.decorations.pixel) and not holes:
+            self.notes.append("no text part could carry the unsubscribe link")
+        self.template.holes = frozenset(holes)
+        return out
 
-    def _multipart(self, headers: Message, body: bytes) -> list[Piece]:
-        boundary = headers.get_boundary()
-        if boundary is None:
-            raise MimeError("multipart without boundary parameter")
-        parts = split_multipart(body, boundary)
-        pieces: list[Piece] = []
-        cursor = 0
-        for part in parts:
-            end = max(part.end, part.start)
-            pieces.append(body[cursor : part.start])
-            block, part_body = split_entity(body[part.start : end])
-            pieces.append(body[part.start : end - len(part_body)])
-            pieces.extend(self.entity(parse_headers(block), part_body))
-            cursor = end
-        pieces.append(body[cursor:])
-        return pieces
+    def _plan(self) -> dict[int, tuple[str, list[Edit]]]:
+        """For each leaf to change (by body offset): its text and its edits, sorted."""
+        texts: dict[int, tuple[Leaf, str, str]] = {}
+        for leaf in self.tree.leaves:
+            if leaf.decorable:
+                body = self.raw[leaf.body_start : leaf.body_end]
+                try:
+                    charset = self._charset(leaf)
+                    text = decode(body, leaf.cte, charset).text
+                except MimeError as exc:
+                    raise MimeError(f"{leaf.ctype}: {exc}") from exc
+                texts[leaf.body_start] = (leaf, text, charset)
+        edits: dict[int, list[Edit]] = {key: [] for key in texts}
+        unsubscribe = self.decorations.unsubscribe
+        for ctype in ("text/plain", "text/html"):
+            of_type = [(k, v) for k, v in texts.items() if v[0].ctype == ctype]
+            html = ctype == "text/html"
+            with_placeholder = False
+            for key, (_, text, _) in of_type:
+                found = placeholders(text, html) if unsubscribe else []
+                edits[key] += found
+                with_placeholder = with_placeholder or bool(found)
+            if not of_type:
+                continue
+            key, (_, text, _) = of_type[-1]
+            footer = unsubscribe and not with_placeholder
+            if html and (footer or self.decorations.pixel):
+                edits[key].append(html_footer(text, footer, self.decorations.pixel))
+            elif not html and footer:
+                edits[key].append(text_footer(text))
+        return {
+            key: (texts[key][2], sorted(found, key=lambda e: (e.start, e.end)))
+            for key, found in edits.items()
+            if found
+        }
 
-    def _text(self, headers: Message, body: bytes, ctype: str) -> Piece:
-        encoding = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
-        if encoding not in ("base64", "quoted-printable", "7bit", "8bit", "binary"):
-            self.notes.append(f"{ctype}: unknown transfer encoding {encoding!r}, left untouched")
-            return body
-        charset = headers.get_content_charset() or "us-ascii"
-        try:
-            decoded = _decode_transfer(body, encoding)
-            text = decoded.decode(charset)
-            if text.encode(charset) != decoded:
-                raise UnicodeError("charset does not round-trip")
-        except (LookupError, UnicodeError, binascii.Error, ValueError) as exc:
-            self.notes.append(f"{ctype}: cannot decode as {charset}/{encoding} ({exc}), untouched")
-            return body
-        is_html = ctype == "text/html"
-        segments = _with_placeholders(text)
-        wants_footer = ctype not in self.footed and PLACEHOLDER not in text
-        if wants_footer and self.decorations.unsubscribe:
-            self.footed.add(ctype)
-            segments = (
-                _html_footer(segments, text, self.decorations)
-                if is_html
-                else _text_footer(segments, text)
+    def _charset(self, leaf: Leaf) -> str:
+        declared = leaf.headers.get_content_charset()
+        if declared:
+            return declared
+        if leaf.ctype == "text/html":
+            # Byte-transparent first, to read the <meta> under the transfer encoding.
+            body = self.raw[leaf.body_start : leaf.body_end]
+            sniffed = sniff_charset(decode(body, leaf.cte, "latin-1").data)
+            if sniffed:
+                return sniffed
+        return "us-ascii"
+
+    def _changed(self, leaf: Leaf, charset: str, edits: list[Edit]) -> list[Splice]:
+        body = self.raw[leaf.body_start : leaf.body_end]
+        cte = leaf.cte
+        html = leaf.ctype == "text/html"
+        decoded = decode(body, cte, charset)
+        data, bedits, exact = byte_edits(decoded, edits, html)
+        what = _describe(edits)
+        if not exact:
+            self.notes.append(
+                f"{leaf.ctype} ({charset}): re-encoded whole, the charset's shifts differ at"
+                " an edit; text outside the edits unchanged"
             )
-        elif is_html and self.decorations.pixel and ctype not in self.footed:
-            self.footed.add(ctype)
-            segments = _html_footer(segments, text, self.decorations)
-        if len(segments) == 1:
-            return body
-        if encoding == "7bit" and not text.isascii():
-            encoding = "8bit"
-        self.notes.append(f"{ctype} ({charset}, {encoding}) personalised")
-        return TextPart(segments, charset, encoding, is_html)  # type: ignore[arg-type]
+        out: list[Splice] = []
+        if cte == "quoted-printable":
+            piece: Piece = qp_part(body, data, bedits, exact)
+        elif cte == "base64":
+            piece = base64_part(body, data, bedits, exact)
+        else:
+            piece = raw_part(body, data, bedits)
+            start, end, qp_field = self._cte_field(leaf, b"quoted-printable")
+            out.append(Splice(start, end, CteField(piece, self.raw[start:end], qp_field)))
+        self.notes.append(f"{leaf.ctype} ({charset}, {cte}) personalised: {what}")
+        out.append(Splice(leaf.body_start, leaf.body_end, piece))
+        return out
 
-
-def _decode_transfer(body: bytes, encoding: str) -> bytes:
-    if encoding == "base64":
-        return base64.b64decode(b"".join(body.split()), validate=True)
-    if encoding == "quoted-printable":
-        return binascii.a2b_qp(body)
-    return body
-
-
-def _with_placeholders(text: str) -> list[str | Hole]:
-    segments: list[str | Hole] = []
-    for i, chunk in enumerate(text.split(PLACEHOLDER)):
-        if i:
-            segments.append(Hole.UNSUBSCRIBE_URL)
-        segments.append(chunk)
-    return segments
-
-
-def _line_break(text: str) -> str:
-    return CRLF if "\r\n" in text else "\n"
-
-
-def _text_footer(segments: list[str | Hole], text: str) -> list[str | Hole]:
-    nl = _line_break(text)
-    lead = "" if text.endswith("\n") or not text else nl
-    return [*segments, f"{lead}{nl}To unsubscribe: ", Hole.UNSUBSCRIBE_URL, nl]
-
-
-def _html_footer(
-    segments: list[str | Hole], text: str, decorations: Decorations
-) -> list[str | Hole]:
-    insert_at = _last_body_close(text)
-    addition: list[str | Hole] = []
-    if decorations.unsubscribe and PLACEHOLDER not in text:
-        addition += [
-            '<div style="margin:16px 0;font:12px/1.5 Arial,sans-serif;color:#666666;'
-            'text-align:center"><a href="',
-            Hole.UNSUBSCRIBE_URL,
-            '" style="color:#666666;text-decoration:underline">Unsubscribe</a></div>',
+    def _unchanged(self, leaf: Leaf) -> list[Splice]:
+        """Nothing, unless the body is 8-bit: then a 7-bit form for hops without 8BITMIME."""
+        body = self.raw[leaf.body_start : leaf.body_end]
+        if leaf.cte not in ("8bit", "binary") or (body.isascii() and leaf.cte == "8bit"):
+            return []
+        text_type = leaf.headers.get_content_maintype() == "text"
+        nl = line_ending(body)
+        target = b"quoted-printable" if text_type else b"base64"
+        return [
+            self._cte_switch(leaf, target),
+            Splice(
+                leaf.body_start,
+                leaf.body_end,
+                Downgrade(body, lambda data: seven_bit(data, text_type, nl)),
+            ),
         ]
-    if decorations.pixel:
-        addition += [
-            '<img src="',
-            Hole.PIXEL_URL,
-            '" width="1" height="1" alt="" style="display:block;border:0;width:1px;height:1px">',
+
+    def _undowngradable(self) -> None:
+        where = [s.ctype for s in self.tree.sealed if not self.raw[s.start : s.end].isascii()]
+        where += [
+            leaf.ctype
+            for leaf in self.tree.leaves
+            if leaf.cte not in ("8bit", "binary", "quoted-printable", "base64")
+            and not self.raw[leaf.body_start : leaf.body_end].isascii()
         ]
-    if not addition:
-        return segments
-    # Cut the segment holding the insertion point. Offsets are in the original text, where
-    # every hole so far was a placeholder.
-    out: list[str | Hole] = []
-    offset = 0
-    for index, segment in enumerate(segments):
-        if isinstance(segment, Hole):
-            out.append(segment)
-            offset += len(PLACEHOLDER)
-            continue
-        if offset + len(segment) >= insert_at:
-            cut = max(insert_at - offset, 0)
-            return [*out, segment[:cut], *addition, segment[cut:], *segments[index + 1 :]]
-        out.append(segment)
-        offset += len(segment)
-    return [*out, *addition]
+        if where:
+            self.notes.append(
+                "8-bit data that cannot be downgraded for a hop without 8BITMIME: "
+                + ", ".join(where)
+            )
+
+    def _cte_field(self, leaf: Leaf, encoding: bytes) -> tuple[int, int, bytes]:
+        nl = line_ending(self.raw[leaf.header_start : leaf.body_start])
+        new = b"Content-Transfer-Encoding: " + encoding + nl
+        if leaf.cte_field is not None:
+            return leaf.cte_field[0], leaf.cte_field[1], new
+        block, _ = split_entity(self.raw[leaf.header_start : leaf.body_end])
+        at = leaf.header_start + len(block)
+        return at, at, new
+
+    def _cte_switch(self, leaf: Leaf, encoding: bytes) -> Splice:
+        start, end, new = self._cte_field(leaf, encoding)
+        return Splice(start, end, Switch(self.raw[start:end], new))
 
 
-class _BodyCloseFinder(html.parser.HTMLParser):
-    """Finds the last real `</body>`: not one inside a comment, script or conditional comment."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=False)
-        self.last: tuple[int, int] | None = None
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "body":
-            self.last = self.getpos()
+def _holes_of(edits: list[Edit]) -> set[Hole]:
+    return {item for e in edits for item in e.replacement if isinstance(item, Hole)}
 
 
-def _last_body_close(text: str) -> int:
-    finder = _BodyCloseFinder()
-    finder.feed(text)
-    finder.close()
-    if finder.last is None:
-        return len(text.rstrip())
-    line, column = finder.last
-    # HTMLParser counts lines from 1 by "\n" and columns in characters.
-    offset = 0
-    for _ in range(line - 1):
-        offset = text.index("\n", offset) + 1
-    return offset + column
+def _describe(edits: list[Edit]) -> str:
+    kinds = []
+    for edit in edits:
+        if edit.start != edit.end:
+            kinds.append("placeholder")
+        elif Hole.UNSUBSCRIBE_URL in edit.replacement:
+            kinds.append("footer" + (" and pixel" if Hole.PIXEL_URL in edit.replacement else ""))
+        else:
+            kinds.append("pixel")
+    return ", ".join(dict.fromkeys(kinds))

@@ -37,6 +37,9 @@ class Outcome:
 
 
 class Transport(Protocol):
+    # Whether the next hop takes 8-bit content (8BITMIME); copies are rendered to suit it.
+    eight_bit_ok: bool
+
     async def send(self, message: Outgoing) -> Outcome: ...
 
     async def close(self) -> None: ...
@@ -68,6 +71,7 @@ class SmtpTransport:
     ) -> None:
         self.downstream = downstream
         self._require_tls = require_tls
+        self.eight_bit_ok = True  # until an EHLO says otherwise
         self._timeout = timeout
         self._local_hostname = local_hostname
         self._idle: list[aiosmtplib.SMTP] = []
@@ -115,6 +119,7 @@ class SmtpTransport:
             start_tls=True if self._require_tls and not self.downstream.implicit_tls else None,
         )
         await client.connect()
+        self.eight_bit_ok = client.supports_extension("8bitmime")
         return client
 
     async def _transact(
@@ -122,7 +127,11 @@ class SmtpTransport:
     ) -> tuple[Outcome, bool | None]:
         """The outcome and whether the connection can be reused (None: it was lost)."""
         options = []
-        if not message.content.isascii() and client.supports_extension("8bitmime"):
+        if not message.content.isascii():
+            if not client.supports_extension("8bitmime"):
+                # Rendered before this server's EHLO was known; the retry goes out 7-bit.
+                reply = f"{self.describe()} lacks 8BITMIME; sending 7-bit next time"
+                return Outcome(Status.DEFERRED, reply), True
             options.append("BODY=8BITMIME")
         if not (message.mail_from.isascii() and message.recipient.isascii()):
             if not client.supports_extension("smtputf8"):
@@ -172,6 +181,7 @@ class OutboxTransport:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.eight_bit_ok = True
 
     def describe(self) -> str:
         return f"outbox:{self.directory}"

@@ -67,12 +67,19 @@ class CaptureServer:
         self.port: int = server.sockets[0].getsockname()[1]
 
     @classmethod
-    async def start(cls, port: int = 0, tls: ssl.SSLContext | None = None) -> CaptureServer:
+    async def start(
+        cls, port: int = 0, tls: ssl.SSLContext | None = None, eight_bit: bool = True
+    ) -> CaptureServer:
+        """`eight_bit=False`: an old MTA without 8BITMIME that refuses 8-bit data."""
         handler = CaptureHandler()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: SMTP(
-                handler, hostname="capture.test", tls_context=tls, require_starttls=bool(tls)
+                handler,
+                hostname="capture.test",
+                tls_context=tls,
+                require_starttls=bool(tls),
+                decode_data=not eight_bit,
             ),
             "127.0.0.1",
             port,

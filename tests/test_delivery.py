@@ -8,6 +8,7 @@ import email.policy
 import socket
 import sqlite3
 from dataclasses import replace
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,29 @@ async def test_starttls_is_used_when_the_mta_offers_it(tmp_path: Path) -> None:
     finally:
         await relay.stop()
         await server.stop()
+
+
+async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(tmp_path: Path) -> None:
+    server = await CaptureServer.start(eight_bit=False)
+    relay = await Relay.start(relay_settings(tmp_path / "data", server.port))
+    try:
+        message = EmailMessage()
+        message["From"] = "news@shop.example"
+        message["To"] = ALICE
+        message["Subject"] = "Sommer"
+        message.set_content("Grüße aus dem Laden, 20 % günstiger\n", cte="8bit")
+        message.add_alternative(
+            "<html><body><p>Grüße</p></body></html>", subtype="html", cte="8bit"
+        )
+        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
+        await wait_for(lambda: len(server.handler.messages) == 1, what="a 7-bit copy")
+    finally:
+        await relay.stop()
+        await server.stop()
+    content = server.handler.messages[0].content
+    assert content.isascii()
+    copy = email.message_from_bytes(content, policy=email.policy.default)
+    text = copy.get_body(("plain",))
+    assert text is not None
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "Grüße aus dem Laden" in text.get_content()

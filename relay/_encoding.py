@@ -1,0 +1,161 @@
+"""Content-Transfer-Encodings, decoded with enough bookkeeping to re-encode only what changed.
+
+Quoted-printable lines are independent after each hard line break, so a changed QP part keeps the
+sender's encoded lines everywhere except the few hard lines that hold an insertion. Base64 keeps
+the sender's lines before the first change; after it, lines are re-encoded, and long constant runs
+are encoded once per line phase and cached, so a recipient costs little more than their URLs.
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+import re
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from .mime import MimeError
+
+QP_LINE = 76  # RFC 2045 6.7 (5): encoded lines at most 76 characters
+B64_LINE = 76
+_NEEDS_QP = re.compile(rb"[^\t\x20-\x3c\x3e-\x7e]")
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*")
+
+
+def line_ending(data: bytes) -> bytes:
+    """The line break this text uses: CRLF unless its first break is a bare LF."""
+    lf = data.find(b"\n")
+    return b"\n" if lf >= 0 and data[lf - 1 : lf] != b"\r" else b"\r\n"
+
+
+# Quoted-printable -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QPLines:
+    """A QP body by physical line: where each starts, encoded and decoded, and if it is soft.
+
+    A soft line break may stand anywhere between encoded characters, so a run of physical lines
+    can be re-encoded on its own: ending it with a soft break when its last line had one keeps
+    the sender's lines on either side valid and unchanged.
+    """
+
+    encoded_starts: list[int]
+    decoded_starts: list[int]
+    soft: list[bool]
+    decoded: bytes
+    encoded_length: int
+
+    def line_of(self, decoded_offset: int) -> int:
+        """The line an insertion at `decoded_offset` lands in (the later one at a boundary)."""
+        return bisect_right(self.decoded_starts, decoded_offset) - 1
+
+
+def qp_lines(body: bytes) -> QPLines:
+    """The line table of a QP body, each line decoded by itself (in C, not a Python loop)."""
+    parts = body.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    decoded_lines = list(map(binascii.a2b_qp, lines))
+    encoded_starts = [0, *itertools.accumulate(map(len, lines))]
+    decoded_starts = [0, *itertools.accumulate(map(len, decoded_lines))]
+    # A final empty line (the last start above), so an insertion at the very end has a line.
+    soft = [line.rstrip(b"\r\n").rstrip(b" \t").endswith(b"=") for line in lines]
+    soft.append(False)
+    return QPLines(encoded_starts, decoded_starts, soft, b"".join(decoded_lines), len(body))
+
+
+def qp_encode(data: bytes, nl: bytes) -> bytes:
+    """Quoted-printable for text: hard breaks kept as `nl`, lines at most 76 characters."""
+    lines = data.split(b"\n")
+    out: list[bytes] = []
+    for index, line in enumerate(lines):
+        last = index == len(lines) - 1
+        if not last and line.endswith(b"\r"):
+            line = line[:-1]
+        out.append(_qp_line(line, nl))
+        if not last:
+            out.append(nl)
+    return b"".join(out)
+
+
+def _qp_line(line: bytes, nl: bytes) -> bytes:
+    if len(line) <= QP_LINE and not _NEEDS_QP.search(line) and not line.endswith((b" ", b"\t")):
+        return line
+    # One line, no breaks in it: binascii's soft breaks are bare LFs, and istext=False has it
+    # escape a stray CR rather than pass it on.
+    encoded = binascii.b2a_qp(line, quotetabs=False, istext=False, header=False)
+    return encoded if nl == b"\n" else encoded.replace(b"=\n", b"=\r\n")
+
+
+# Base64 -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Base64Body:
+    decoded: bytes
+    line_chars: int  # characters per encoded line, a multiple of 4
+    nl: bytes
+    regular_lines: int  # leading full lines of exactly line_chars, reusable as they are
+    line_starts: list[int]  # offset of each encoded line in the body
+    trailer: bytes  # what followed the last base64 character (usually a line break or nothing)
+
+
+def base64_body(body: bytes) -> Base64Body:
+    stripped = body.rstrip(b" \t\r\n")
+    trailer = body[len(stripped) :]
+    try:
+        decoded = binascii.a2b_base64(b"".join(stripped.split()), strict_mode=True)
+    except binascii.Error as exc:
+        raise MimeError(f"bad base64 ({exc})") from exc
+    lines = stripped.splitlines(keepends=True)
+    contents = [line.rstrip(b"\r\n") for line in lines]
+    first = len(contents[0]) if contents else 0
+    line_chars = first if first % 4 == 0 and 4 <= first <= B64_LINE else B64_LINE
+    regular = 0
+    for content, line in zip(contents[:-1], lines[:-1], strict=True):
+        if len(content) != line_chars or content.count(b"=") or not _plain_base64(content):
+            break
+        if line[len(content) :] not in (b"\r\n", b"\n"):
+            break
+        regular += 1
+    starts = []
+    offset = 0
+    for line in lines:
+        starts.append(offset)
+        offset += len(line)
+    return Base64Body(decoded, line_chars, line_ending(body), regular, starts, trailer)
+
+
+def _plain_base64(content: bytes) -> bool:
+    match = _BASE64_LINE.match(content)
+    return match is not None and match.end() == len(content)
+
+
+def base64_lines(data: bytes, line_chars: int, nl: bytes) -> bytes:
+    """`data` (a multiple of the bytes per line, or the last chunk) as lines, each ending in nl."""
+    encoded = binascii.b2a_base64(data, newline=False)
+    if len(encoded) <= line_chars:
+        return encoded + nl if encoded else b""
+    return nl.join(encoded[i : i + line_chars] for i in range(0, len(encoded), line_chars)) + nl
+
+
+@dataclass(slots=True)
+class CachedRun:
+    """A long constant run of bytes, encoded once for each phase it can start at."""
+
+    data: bytes
+    by_phase: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    def encoded(
+        self, skip: int, line_bytes: int, line_chars: int, nl: bytes
+    ) -> tuple[bytes, bytes]:
+        """(full lines of data[skip:], the bytes left over for the next line)."""
+        found = self.by_phase.get(skip)
+        if found is None:
+            rest = self.data[skip:]
+            full = len(rest) - len(rest) % line_bytes
+            found = (base64_lines(rest[:full], line_chars, nl), rest[full:])
+            self.by_phase[skip] = found
+        return found

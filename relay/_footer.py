@@ -1,0 +1,81 @@
+"""What the relay adds to a text part, as edits at positions of the decoded text."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._html import insertion_point
+from ._parts import Hole
+
+PLACEHOLDER = "%unsubscribe_url%"
+# HTML editors percent-encode a placeholder typed into a link's address.
+_HTML_PLACEHOLDER = re.compile(r"%unsubscribe_url%|%25unsubscribe_url%25")
+_TEXT_PLACEHOLDER = re.compile(re.escape(PLACEHOLDER))
+_SIGNATURE = re.compile(r"^-- \r?$", re.MULTILINE)
+
+# Inline-styled, ASCII only (safe in any charset), each piece on its own line so that no line
+# of the sender's grows and none of ours comes near 998 octets whatever the URL.
+_LINK_OPEN = (
+    '<div style="margin:0;padding:16px 8px;font-family:Arial,Helvetica,sans-serif;'
+    'font-size:12px;line-height:18px;color:#666666;text-align:center">'
+)
+_LINK = ('<a href="', '" style="color:#666666;text-decoration:underline">Unsubscribe</a>')
+_PIXEL = (
+    '<img src="',
+    '" width="1" height="1" alt="" style="display:block;width:1px;height:1px;border:0">',
+)
+
+Replacement = tuple[str | Hole, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """Replace text[start:end] (empty for an insertion) by constant text and holes."""
+
+    start: int
+    end: int
+    replacement: Replacement
+
+
+def placeholders(text: str, html: bool) -> list[Edit]:
+    pattern = _HTML_PLACEHOLDER if html else _TEXT_PLACEHOLDER
+    return [Edit(m.start(), m.end(), (Hole.UNSUBSCRIBE_URL,)) for m in pattern.finditer(text)]
+
+
+def newline_of(text: str) -> str:
+    lf = text.find("\n")
+    return "\n" if lf >= 0 and text[lf - 1 : lf] != "\r" else "\r\n"
+
+
+def html_footer(text: str, unsubscribe: bool, pixel: bool) -> Edit:
+    nl = newline_of(text)
+    added: list[str | Hole] = [nl]
+    if unsubscribe:
+        added += [_LINK_OPEN, nl, _LINK[0], Hole.UNSUBSCRIBE_URL, _LINK[1], nl, "</div>", nl]
+    if pixel:
+        added += [_PIXEL[0], Hole.PIXEL_URL, _PIXEL[1], nl]
+    at = insertion_point(text)
+    return Edit(at, at, tuple(added))
+
+
+def text_footer(text: str) -> Edit:
+    """At the end, as a signature block: after the sender's own, or behind a new `-- ` line.
+
+    Mail clients hide or grey what follows `-- ` and leave it out of replies, so a recipient who
+    replies or forwards does not pass their own unsubscribe link on. In format=flowed text the
+    separator is the one line ending in a space that never flows (RFC 3676 4.3); a blank line
+    before it ends any flowed paragraph the sender left open, and no line we add ends in a space.
+    """
+    nl = newline_of(text)
+    added: list[str | Hole] = []
+    if text and not text.endswith("\n"):
+        added.append(nl)
+    if _SIGNATURE.search(text):
+        added.append(nl)
+    else:
+        if text.strip("\r\n") and not text.endswith(("\n\n", "\n\r\n")):
+            added.append(nl)
+        added += ["-- ", nl]
+    added += ["Unsubscribe: ", Hole.UNSUBSCRIBE_URL, nl]
+    return Edit(len(text), len(text), tuple(added))

@@ -1,0 +1,231 @@
+"""Where a footer goes in an HTML part, found by tokenizing as a browser does.
+
+The tokenizer follows the WHATWG tokenization states that decide what is markup: comments
+(including the abrupt `<!-->` and `--!>` forms), bogus comments and declarations, raw text and
+RCDATA elements whose content is never markup (`</body>` inside a script or a title is text),
+quoted attribute values that may hold `>`, CDATA in SVG/MathML. It only reports where tags are;
+the document is never re-serialised.
+
+Outlook's conditional comments matter too: `<!--[if mso]>...<![endif]-->` is one comment, so
+nothing inside it counts, while `<!--[if !mso]><!-->...<!--<![endif]-->` and `<![if ...]>...
+<![endif]>` reveal their content to every client but the ones the condition excludes. A footer
+put inside such a region would be hidden from Outlook, so it goes after the region instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+_TAG_NAME = re.compile(r"[A-Za-z][^\t\n\f\r />]*")
+# Attributes up to (not including) the closing ">": a quote only opens a value after "=".
+_ATTRIBUTES = re.compile(
+    r"""(?:[\t\n\f\r /]+"""
+    r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*"""
+    r"""(?:[\t\n\f\r ]*=[\t\n\f\r ]*(?:"[^"]*(?:"|\Z)|'[^']*(?:'|\Z)|[^\t\n\f\r >]+))?)*"""
+)
+_COMMENT_END = re.compile(r"--!?>")
+_RAW_TEXT = frozenset(
+    {"script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea"}
+)
+_RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW_TEXT}
+_FOREIGN = frozenset({"svg", "math"})
+# Names whose tags change what follows (raw text, foreign content, plaintext) or are what we
+# look for (body, html): these always take the careful path below.
+_SPECIAL = "|".join(sorted({*_RAW_TEXT, *_FOREIGN, "plaintext", "body", "html"}))
+# A run of text and ordinary tags, matched in one go: most of a campaign's markup. It stops
+# before comments, declarations, special tags and anything unterminated, which the
+# tokenizer proper handles; possessive quantifiers keep it linear on any input.
+_ORDINARY_RUN = re.compile(
+    r"(?:[^<]++"
+    r"|<(?![A-Za-z!?/])"
+    rf"|</?+(?!(?i:{_SPECIAL})[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+"
+    r"""(?:[\t\n\f\r /]++"""
+    r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"']++))?+)*+>"""
+    r")*+"
+)
+_META_CHARSET = re.compile(
+    rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:+-]+)""", re.IGNORECASE
+)
+
+
+class Kind(Enum):
+    START = "start"
+    END = "end"
+    COMMENT = "comment"
+    DECLARATION = "declaration"  # doctype, bogus comment, <![...]>
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: Kind
+    start: int
+    end: int
+    name: str = ""  # lowercased tag name
+    content: str = ""  # what a comment or declaration holds
+
+
+@dataclass(slots=True)
+class Scan:
+    """The tokens, and where an unterminated construct (swallowing the rest) began, if any."""
+
+    tokens: list[Token]
+    open_from: int
+
+
+def tokenize(text: str) -> Scan:
+    tokens: list[Token] = []
+    open_from = _tokenize(text, tokens)
+    return Scan(tokens, open_from)
+
+
+def _tokenize(text: str, out: list[Token]) -> int:
+    """Tokens that matter for placement (ordinary tags are skipped, not recorded)."""
+    pos = 0
+    n = len(text)
+    foreign = 0
+    while True:
+        run = _ORDINARY_RUN.match(text, pos)
+        if run is not None:
+            pos = run.end()
+        lt = text.find("<", pos)
+        if lt < 0 or lt + 1 >= n:
+            return n
+        nxt = text[lt + 1]
+        if nxt == "!":
+            if text.startswith("<!--", lt):
+                token = _comment(text, lt)
+            elif foreign and text.startswith("<![CDATA[", lt):
+                close = text.find("]]>", lt + 9)
+                if close < 0:
+                    return lt
+                pos = close + 3
+                continue
+            else:
+                token = _bogus(text, lt, lt + 2, Kind.DECLARATION)
+        elif nxt == "?":
+            token = _bogus(text, lt, lt + 1, Kind.COMMENT)
+        elif nxt == "/":
+            if text.startswith(">", lt + 2):  # "</>" is dropped
+                pos = lt + 3
+                continue
+            name = _TAG_NAME.match(text, lt + 2)
+            if name:
+                token = _tag(text, lt, name, Kind.END)
+            else:
+                token = _bogus(text, lt, lt + 2, Kind.COMMENT)
+        elif nxt.isascii() and nxt.isalpha():
+            token = _tag(text, lt, _TAG_NAME.match(text, lt + 1), Kind.START)
+        else:
+            pos = lt + 1  # a "<" that is just text
+            continue
+        if token is None:
+            return lt
+        out.append(token)
+        pos = token.end
+        if token.kind is Kind.START:
+            if token.name in _FOREIGN:
+                foreign += 1
+            if token.name == "plaintext":
+                return n
+            if token.name in _RAW_TEXT and not foreign:
+                found = _RAW_TEXT_END[token.name].search(text, pos)
+                if found is None:
+                    return token.start  # the element swallows the rest of the document
+                pos = found.start()
+        elif token.kind is Kind.END and token.name in _FOREIGN and foreign:
+            foreign -= 1
+
+
+def _comment(text: str, lt: int) -> Token | None:
+    body = lt + 4
+    for abrupt in (">", "->"):  # "<!-->" and "<!--->" are complete, empty comments
+        if text.startswith(abrupt, body):
+            return Token(Kind.COMMENT, lt, body + len(abrupt))
+    found = _COMMENT_END.search(text, body)
+    if found is None:
+        return None
+    return Token(Kind.COMMENT, lt, found.end(), content=text[body : found.start()])
+
+
+def _bogus(text: str, lt: int, body: int, kind: Kind) -> Token | None:
+    gt = text.find(">", body)
+    if gt < 0:
+        return None
+    return Token(kind, lt, gt + 1, content=text[body:gt])
+
+
+def _tag(text: str, lt: int, name: re.Match[str] | None, kind: Kind) -> Token | None:
+    assert name is not None
+    attributes = _ATTRIBUTES.match(text, name.end())
+    end = attributes.end() if attributes else name.end()
+    if end >= len(text):
+        return None
+    return Token(kind, lt, end + 1, name=name.group().lower())
+
+
+def _opens_region(token: Token) -> bool:
+    content = token.content.strip()
+    if token.kind is Kind.COMMENT:  # <!--[if !mso]><!-->
+        return content.lower().startswith("[if") and content.endswith(("<!", "<!--"))
+    return token.kind is Kind.DECLARATION and content.lower().startswith("[if")  # <![if ...]>
+
+
+def _closes_region(token: Token) -> bool:
+    content = token.content.strip().lower()
+    if token.kind is Kind.COMMENT:  # <!--<![endif]-->
+        return content == "<![endif]"
+    return token.kind is Kind.DECLARATION and content == "[endif]"  # <![endif]>
+
+
+def _conditional_regions(tokens: Iterator[Token] | list[Token]) -> Iterator[tuple[Token, int]]:
+    """Each token with the position after the outermost revealed region it is in (-1: none)."""
+    pending: list[Token] = []
+    depth = 0
+    for token in tokens:
+        if _opens_region(token):
+            depth += 1
+        elif _closes_region(token) and depth:
+            depth -= 1
+            if depth == 0:
+                yield from ((held, token.end) for held in pending)
+                pending.clear()
+            continue
+        if depth:
+            pending.append(token)
+        else:
+            yield token, -1
+    yield from ((held, -1) for held in pending)  # a region never closed
+
+
+def insertion_point(text: str) -> int:
+    """Before the last real `</body>`; else before the last `</html>`; else at the end.
+
+    "The end" stops short of trailing whitespace and of any construct left open at the end of
+    the document (an unclosed comment or script would swallow the footer).
+    """
+    scan = tokenize(text)
+    body: tuple[Token, int] | None = None
+    html: tuple[Token, int] | None = None
+    for token, region_end in _conditional_regions(scan.tokens):
+        if token.kind is Kind.END and token.name == "body":
+            body = (token, region_end)
+        elif token.kind is Kind.END and token.name == "html":
+            html = (token, region_end)
+    chosen = body or html
+    if chosen is not None:
+        token, region_end = chosen
+        return region_end if region_end >= 0 else token.start
+    end = scan.open_from
+    while end and text[end - 1] in " \t\r\n\f":
+        end -= 1
+    return end
+
+
+def sniff_charset(data: bytes) -> str | None:
+    """The charset an HTML document declares in a <meta>, as browsers honour it."""
+    found = _META_CHARSET.search(data[:4096])
+    return found.group(1).decode("ascii").lower() if found else None

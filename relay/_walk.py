@@ -1,0 +1,115 @@
+"""The MIME tree of a message as byte ranges: its leaves, and the subtrees never to be opened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import Message
+
+from .mime import MimeError, header_fields, parse_headers, split_entity, split_multipart
+
+# Subtrees whose bytes are a signature or ciphertext, or a whole other message: any change
+# breaks a signature or alters what someone else wrote.
+UNTOUCHABLE_TYPES = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+    }
+)
+DECORATED_TYPES = frozenset({"text/plain", "text/html"})
+MAX_DEPTH = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A part with content: where its header block and body are in the message."""
+
+    headers: Message
+    header_start: int
+    body_start: int
+    body_end: int
+    cte_field: tuple[int, int] | None  # the Content-Transfer-Encoding field's bytes, if any
+    decorable: bool  # inline text/plain or text/html, not an attachment
+
+    @property
+    def ctype(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def cte(self) -> str:
+        return str(self.headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A subtree left exactly as it is."""
+
+    ctype: str
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class Tree:
+    leaves: list[Leaf]
+    sealed: list[Sealed]
+
+
+def walk(raw: bytes) -> Tree:
+    """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken."""
+    block, body = split_entity(raw)
+    tree = Tree([], [])
+    _entity(raw, tree, 0, len(raw) - len(body), len(raw), parse_headers(block), 0)
+    return tree
+
+
+def _entity(
+    raw: bytes, tree: Tree, start: int, body_start: int, end: int, headers: Message, depth: int
+) -> None:
+    if depth > MAX_DEPTH:
+        raise MimeError(f"MIME parts nested deeper than {MAX_DEPTH}")
+    ctype = headers.get_content_type()
+    if ctype in UNTOUCHABLE_TYPES or headers.get_content_maintype() == "message":
+        tree.sealed.append(Sealed(ctype, body_start, end))
+        return
+    if headers.get_content_maintype() == "multipart":
+        boundary = headers.get_boundary()
+        if boundary is None:
+            raise MimeError(f"{ctype} without a boundary parameter")
+        for part in split_multipart(raw[body_start:end], boundary):
+            part_start = body_start + part.start
+            part_end = body_start + max(part.end, part.start)
+            block, body = split_entity(raw[part_start:part_end])
+            child = parse_headers(block)
+            if ctype == "multipart/digest" and "content-type" not in child:
+                child.set_default_type("message/rfc822")  # RFC 2046 5.1.5
+            _entity(raw, tree, part_start, part_end - len(body), part_end, child, depth + 1)
+        return
+    tree.leaves.append(
+        Leaf(
+            headers,
+            start,
+            body_start,
+            end,
+            _cte_field(raw[start:body_start], start),
+            ctype in DECORATED_TYPES and not _attached(headers),
+        )
+    )
+
+
+def _attached(headers: Message) -> bool:
+    """An attachment, or a file shown inline: not the message's own text."""
+    return (
+        headers.get_content_disposition() == "attachment"
+        or headers.get_filename() is not None
+        or headers.get_param("name") is not None
+    )
+
+
+def _cte_field(block: bytes, offset: int) -> tuple[int, int] | None:
+    for field_ in header_fields(block):
+        if field_.lname == "content-transfer-encoding":
+            return offset, offset + len(field_.raw)
+        offset += len(field_.raw)
+    return None
