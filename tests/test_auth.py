@@ -238,3 +238,53 @@ def test_accounts_need_tls_in_the_config(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert "accounts: AUTH is only offered over TLS" in result.stderr
+
+
+def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cryptography import x509
+
+    from tests.test_config import ROOT
+    from tests.test_serve import free_port, wait_until_listening
+
+    def common_name() -> str:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.starttls(context=client_context())
+            der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        name = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        return name.removeprefix("CN=")
+
+    cert, key = self_signed_files(tmp_path, "first")
+    port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[storage]\ndir = "{tmp_path / "data"}"\n'
+        f'[smtp]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        f'[http]\nlisten = "127.0.0.1:{free_port()}"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        wait_until_listening(port, process)
+        assert common_name() == "first.test"
+        renewed_cert, renewed_key = self_signed_files(tmp_path, "renewed")
+        renewed_cert.replace(cert)
+        renewed_key.replace(key)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while common_name() != "renewed.test":
+            assert time.monotonic() < deadline, "certificate not reloaded"
+            time.sleep(0.05)
+        assert process.poll() is None  # SIGHUP reloads, it does not stop the relay
+    finally:
+        process.terminate()
+        process.wait()

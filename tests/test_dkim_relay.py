@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import replace
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
 from relay.app import Relay
 from relay.config import DkimKey, DkimSettings, Settings
+from relay.dkim import dns_record, load_private_key
+from tests import test_dkim
 from tests.conftest import relay_settings
 from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
 from tests.test_config import run_cli
+from tests.test_dkim import OpenDkim
 
+opendkim_fixture = test_dkim.opendkim  # makes the `opendkim` fixture available here
 dkim = pytest.importorskip("dkim", reason="dkimpy (test extra) verifies the signatures")
 
 RECIPIENTS = ["olga@example.org", "paul@example.org"]
@@ -29,9 +34,8 @@ def txt_of(zone_line: str) -> bytes:
     return "".join(part for part in inside.split('"')[1::2]).encode()
 
 
-async def test_copies_are_signed_over_the_list_headers(
-    tmp_path: Path, downstream: CaptureServer
-) -> None:
+async def relayed_copies(tmp_path: Path, downstream: CaptureServer) -> tuple[list[bytes], bytes]:
+    """Two personalised copies the relay signed, and the TXT record keygen printed."""
     config = tmp_path / "relay.toml"
     config.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
     made = keygen(config, "shop.example", "s2026")
@@ -48,20 +52,25 @@ async def test_copies_are_signed_over_the_list_headers(
     )
     relay = await Relay.start(settings)
     try:
-        result = await asubmit(
-            relay.addresses.smtp[1], newsletter(RECIPIENTS), "news@shop.example", RECIPIENTS
-        )
+        message = newsletter(RECIPIENTS, headers={"Date": formatdate(localtime=True)})
+        result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", RECIPIENTS)
         assert result.refused == {}
         await wait_for(lambda: len(downstream.handler.messages) == 2, what="two signed copies")
     finally:
         await relay.stop()
+    return [m.content for m in downstream.handler.messages], record
+
+
+async def test_copies_are_signed_over_the_list_headers(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    copies, record = await relayed_copies(tmp_path, downstream)
 
     def dns(name: bytes, timeout: int = 5) -> bytes:
         assert name == b"s2026._domainkey.shop.example."
         return record
 
-    for copy in downstream.handler.messages:
-        content = copy.content
+    for content in copies:
         assert content.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
         signature = content.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:")[0]
         tags = b"".join(signature.split())
@@ -74,6 +83,20 @@ async def test_copies_are_signed_over_the_list_headers(
             b"\r\n\r\n", b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n\r\n", 1
         )
         assert not dkim.verify(forged, dnsfunc=dns)
+
+
+async def test_copies_verify_with_opendkim(
+    tmp_path: Path, downstream: CaptureServer, opendkim_fixture: OpenDkim
+) -> None:
+    copies, _ = await relayed_copies(tmp_path, downstream)
+    key = load_private_key(tmp_path / "data" / "dkim" / "shop.example.s2026.pem")
+    record = dns_record("shop.example", "s2026", key)
+    forged = [
+        c.replace(b"\r\n\r\n", b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n\r\n", 1)
+        for c in copies
+    ]
+    checks = opendkim_fixture.verify([*copies, *forged], [record], tmp_path)
+    assert [v.passed for v in checks] == [True, True, False, False], checks
 
 
 def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
