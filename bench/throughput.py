@@ -107,14 +107,24 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_relay(workdir: Path, sink_port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+def tree_peak_rss_mb(pid: int) -> float:
+    """Peak RSS of the relay and its delivery processes, added up (an upper bound)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return peak_rss_mb(pid) + sum(peak_rss_mb(int(child)) for child in children)
+
+
+def start_relay(
+    workdir: Path, sink_port: int, workers: int, processes: int
+) -> tuple[subprocess.Popen[bytes], int]:
     smtp_port, http_port = free_port(), free_port()
     config = workdir / "relay.toml"
     config.write_text(
         f'[storage]\ndir = "{workdir / "data"}"\n'
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nmax_message_size = 5000000\n'
+        "max_connections_per_client = 200\n"
         f'[http]\nlisten = "127.0.0.1:{http_port}"\npublic_url = "https://mail.shop.example"\n'
         f'[delivery]\ndownstream = "smtp://127.0.0.1:{sink_port}"\nworkers = {workers}\n'
+        f"processes = {processes}\n"
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", str(config)],
@@ -127,16 +137,16 @@ def start_relay(workdir: Path, sink_port: int, workers: int) -> tuple[subprocess
 
 
 def measure_relay(
-    workdir: Path, sink_port: int, message_file: Path, count: int, workers: int
+    workdir: Path, sink_port: int, message_file: Path, count: int, workers: int, processes: int
 ) -> tuple[float, float]:
-    process, port = start_relay(workdir, sink_port, workers)
+    process, port = start_relay(workdir, sink_port, workers, processes)
     try:
         started = time.perf_counter()
         run_source(port, message_file, count)
         while not spool_empty(workdir / "data"):
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
-        return count / elapsed, peak_rss_mb(process.pid)
+        return count / elapsed, tree_peak_rss_mb(process.pid)
     finally:
         process.terminate()
         process.wait()
@@ -181,13 +191,13 @@ async def concurrent_big_submissions(port: int, clients: int, size: int) -> None
     await asyncio.gather(*(one() for _ in range(clients)))
 
 
-def measure_memory(workdir: Path, sink_port: int, workers: int) -> float:
-    process, port = start_relay(workdir, sink_port, workers)
+def measure_memory(workdir: Path, sink_port: int, workers: int, processes: int) -> float:
+    process, port = start_relay(workdir, sink_port, workers, processes)
     try:
         asyncio.run(concurrent_big_submissions(port, 100, 1_000_000))
         while not spool_empty(workdir / "data"):
             time.sleep(0.05)
-        return peak_rss_mb(process.pid)
+        return tree_peak_rss_mb(process.pid)
     finally:
         process.terminate()
         process.wait()
@@ -197,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="messages per run")
     parser.add_argument("--workers", type=int, default=8, help="optout-relay delivery workers")
+    parser.add_argument("--processes", type=int, default=2, help="optout-relay delivery processes")
     args = parser.parse_args()
     if not (shutil.which("smtp-source") and shutil.which("smtp-sink")):
         sys.exit("needs smtp-source and smtp-sink (Debian package postfix)")
@@ -218,14 +229,16 @@ def main() -> None:
                 baseline = measure_passthrough(sink_port, message_file, count, args.workers)
                 run_dir = workdir / f"relay-{size}"
                 run_dir.mkdir()
-                ours, rss = measure_relay(run_dir, sink_port, message_file, count, args.workers)
+                ours, rss = measure_relay(
+                    run_dir, sink_port, message_file, count, args.workers, args.processes
+                )
                 print(
                     f"{size // 1000:>6}KB {baseline:>10.0f} m/s {ours:>10.0f} m/s"
                     f" {ours / baseline:>6.2f} {rss:>12.0f} MB"
                 )
             memory_dir = workdir / "memory"
             memory_dir.mkdir()
-            peak = measure_memory(memory_dir, sink_port, args.workers)
+            peak = measure_memory(memory_dir, sink_port, args.workers, args.processes)
             print(f"100 clients x 1 MB at once: optout-relay peak RSS {peak:.0f} MB")
         finally:
             sink.terminate()

@@ -31,7 +31,7 @@ from .logs import LogFormat
 from .pipeline import Pipeline
 from .smtp import FrontDoor
 from .smtp_server import AuthPolicy, ConnectionLimits, RelaySMTP, reload_certificate, tls_context
-from .spool import Spool
+from .spool import WHOLE, Partition, Spool
 from .transport import OutboxTransport, SmtpTransport, Transport
 from .worker_process import DeliveryProcess
 
@@ -136,8 +136,10 @@ class DeliveryRuntime:
         stores: Stores | None = None,
         spool: Spool | None = None,
         urls: TrackingUrls | None = None,
+        partition: Partition = WHOLE,
     ) -> None:
         self.settings = settings
+        self._partition = partition
         self._stores = stores
         self._spool = spool
         self._urls = urls
@@ -172,6 +174,7 @@ class DeliveryRuntime:
                 ),
                 concurrency=settings.delivery.workers,
                 hostname=hostname,
+                partition=self._partition,
             )
             task = asyncio.create_task(self.worker.run(), name="delivery-worker")
             self._exit.push_async_callback(self._stop, self.worker, task)

@@ -77,6 +77,7 @@ class DeliverySettings:
     require_tls: bool = False
     max_queued_messages: int = 100_000
     separate_process: bool = True
+    processes: int = 1  # delivery processes, each owning a share of the spool
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +361,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "require_tls": _boolean,
             "max_queued_messages": _positive_int,
             "separate_process": _boolean,
+            "processes": _positive_int,
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),
@@ -400,6 +402,10 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("smtp.implicit_tls_listen", "needs smtp.tls_cert and smtp.tls_key")
     if settings.accounts and smtp.tls_cert is None:
         raise ConfigError("accounts", "AUTH is only offered over TLS: set smtp.tls_cert/tls_key")
+    if delivery.processes > 16:
+        raise ConfigError("delivery.processes", f"at most 16 (got {delivery.processes})")
+    if delivery.processes > 1 and not delivery.separate_process:
+        raise ConfigError("delivery.processes", "more than 1 needs separate_process = true")
     if delivery.require_tls and delivery.downstream is None:
         raise ConfigError("delivery.require_tls", "needs delivery.downstream")
     if delivery.retry_max_delay < delivery.retry_initial_delay:

@@ -8,7 +8,8 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ from tracking import Event, EventStore, EventType, TrackingUrls
 
 from .dsn import Failure, build_dsn, status_of
 from .pipeline import Pipeline, PreparedMessage
-from .spool import DSN, Delivery, Spool, SpooledMessage
+from .spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
 log = logging.getLogger("optout.delivery")
@@ -28,7 +29,8 @@ IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
 REPORT_EVERY = 60.0
 # Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory.
-LOADED_BYTES_BUDGET = 64 * 1024 * 1024
+LOADED_BYTES_BUDGET = 16 * 1024 * 1024
+REMEMBERED_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +62,10 @@ class DeliveryWorker:
         retry: RetryPolicy,
         concurrency: int,
         hostname: str,
+        partition: Partition = WHOLE,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._partition = partition
         self._spool = spool
         self._transport = transport
         self._pipeline = pipeline
@@ -77,6 +81,7 @@ class DeliveryWorker:
         self._stopping = False
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._loaded_bytes = 0
+        self._remembered: OrderedDict[str, None] = OrderedDict()
         # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
         self._unreachable_since: float | None = None
         self._failed_connects = 0
@@ -114,7 +119,7 @@ class DeliveryWorker:
         room = self._max_messages - len(self._in_flight)
         if room <= 0 or now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
             return
-        for queue_id, size in await self._spool.due(now, self._in_flight, room):
+        for queue_id, size in await self._spool.due(now, self._in_flight, room, self._partition):
             if self._loaded_bytes > LOADED_BYTES_BUDGET:
                 break
             self._loaded_bytes += size
@@ -130,7 +135,7 @@ class DeliveryWorker:
     async def _sleep(self) -> None:
         now = self._clock()
         timeout = IDLE_POLL
-        next_at = await self._spool.next_attempt_at()
+        next_at = await self._spool.next_attempt_at(self._partition)
         if next_at is not None and not self._in_flight:
             timeout = min(max(next_at - now, 0.01), IDLE_POLL)
         if now < self._paused_until:
@@ -163,9 +168,13 @@ class DeliveryWorker:
             prepared = self._pipeline.prepare(
                 queue_id, message.mail_from, message.content, message.account
             )
-            for decision in prepared.meta.decisions:
-                log.info("%s", decision, extra={"queue_id": queue_id})
-            await self._suppressions.remember(d.recipient for d in message.deliveries)
+            if prepared.meta.decisions:
+                log.info(
+                    "pipeline: %s",
+                    "; ".join(prepared.meta.decisions),
+                    extra={"queue_id": queue_id, "fields": {"decisions": prepared.meta.decisions}},
+                )
+            await self._remember(d.recipient for d in message.deliveries)
             await asyncio.gather(
                 *(self._deliver_one(message, prepared, d) for d in message.deliveries)
             )
@@ -174,6 +183,17 @@ class DeliveryWorker:
             log.exception("delivery pass failed", extra={"queue_id": queue_id})
             if message is not None:
                 await self._back_off(message)
+
+    async def _remember(self, recipients: Iterable[str]) -> None:
+        """Record hash -> address for token actions; skip those this process already did."""
+        new = [r for r in recipients if r not in self._remembered]
+        if not new:
+            return
+        await self._suppressions.remember(new)
+        for recipient in new:
+            self._remembered[recipient] = None
+        while len(self._remembered) > REMEMBERED_LIMIT:
+            self._remembered.popitem(last=False)
 
     async def _back_off(self, message: SpooledMessage) -> None:
         for delivery in message.deliveries:
@@ -302,13 +322,18 @@ class DeliveryWorker:
             await self._spool.defer(delivery, retry_at, outcome.reply)
         else:
             kind = EventType.DELIVERED if outcome.status is Status.DELIVERED else EventType.BOUNCED
-            if address_hash is not None:
-                await self._events.record(
-                    Event(kind, address_hash, campaign, message.queue_id, detail=detail)
-                )
             if outcome.status is Status.BOUNCED:
                 await self._notify_sender(message, delivery, outcome)
-            await self._spool.finish(delivery)
+            # Two databases, two writer threads: commit both at once. A crash between the
+            # two costs a resend or one event, never a message.
+            await asyncio.gather(
+                self._spool.finish(delivery),
+                self._events.record(
+                    Event(kind, address_hash, campaign, message.queue_id, detail=detail)
+                )
+                if address_hash is not None
+                else asyncio.sleep(0),
+            )
         self._log_attempt(message, delivery, outcome, started, attempt)
 
     async def _notify_sender(

@@ -70,6 +70,24 @@ MAIL = "mail"
 DSN = "dsn"
 
 
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Which messages one of several delivery processes owns: by the queue id's last hex
+    digit, so that no two processes ever send the same message."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def params(self) -> list[int]:
+        return [self.count, self.count, self.index]
+
+
+WHOLE = Partition()
+# Fixed SQL with placeholders only: (count = 1) or (last hex digit mod count = index).
+_IN_PARTITION = "(? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)"
+
+
 def new_queue_id() -> str:
     """A short, unique, Postfix-like queue id for logs and events."""
     return secrets.token_hex(6).upper()
@@ -169,7 +187,11 @@ class Spool:
         return queue_id
 
     async def due(
-        self, now: float, exclude: Iterable[str] = (), limit: int = 100
+        self,
+        now: float,
+        exclude: Iterable[str] = (),
+        limit: int = 100,
+        partition: Partition = WHOLE,
     ) -> list[tuple[str, int]]:
         """(queue id, size) of messages with a delivery due by `now`, oldest first."""
         excluded = set(exclude)
@@ -178,8 +200,10 @@ class Spool:
             rows = db.execute(
                 "SELECT d.queue_id, m.size, MIN(d.next_attempt_at) AS first FROM deliveries d"
                 " JOIN messages m USING (queue_id) WHERE d.next_attempt_at <= ?"
+                # partition: count = 1, or the last hex digit mod count = index
+                " AND (? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)"
                 " GROUP BY d.queue_id ORDER BY first LIMIT ?",
-                [now, limit + len(excluded)],
+                [now, *partition.params, limit + len(excluded)],
             ).fetchall()
             return [(row[0], int(row[1])) for row in rows if row[0] not in excluded][:limit]
 
@@ -211,9 +235,13 @@ class Spool:
 
         return await self._db.read(query)
 
-    async def next_attempt_at(self) -> float | None:
+    async def next_attempt_at(self, partition: Partition = WHOLE) -> float | None:
         def query(db: sqlite_utils.Database) -> float | None:
-            row = db.execute("SELECT MIN(next_attempt_at) FROM deliveries").fetchone()
+            row = db.execute(
+                "SELECT MIN(next_attempt_at) FROM deliveries d"
+                " WHERE (? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)",
+                partition.params,
+            ).fetchone()
             return None if row is None else row[0]
 
         return await self._db.read(query)

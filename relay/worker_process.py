@@ -1,6 +1,9 @@
-"""The delivery worker in a child process, so the second core rewrites and sends while the
-first receives. The parent wakes it through a pipe after each accepted message; the child
-stops when told to (SIGTERM/SIGINT) or when the pipe closes because the parent is gone.
+"""Delivery in child processes, so other cores rewrite and send while this one receives.
+
+Each child owns a share of the spool (a `Partition` by queue id), so no two send the same
+message. The parent wakes the children through pipes after each accepted message; a child
+stops when told to (SIGTERM/SIGINT) or when its pipe closes because the parent is gone, and
+the parent restarts a child that dies.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from .logs import LogFormat, setup_logging
+from .spool import Partition
 
 if TYPE_CHECKING:
+    from multiprocessing.context import SpawnContext
     from multiprocessing.process import BaseProcess
 
     from .config import Settings
@@ -27,19 +32,21 @@ RESTART_DELAY = 1.0
 STOP_TIMEOUT = 60.0
 
 
-def _child_main(settings: Settings, log_format: LogFormat, wakeups: Connection) -> None:
+def _child_main(
+    settings: Settings, log_format: LogFormat, wakeups: Connection, partition: Partition
+) -> None:
     setup_logging(log_format)
-    asyncio.run(_run_child(settings, wakeups))
+    asyncio.run(_run_child(settings, wakeups, partition))
 
 
-async def _run_child(settings: Settings, wakeups: Connection) -> None:
+async def _run_child(settings: Settings, wakeups: Connection, partition: Partition) -> None:
     from .app import DeliveryRuntime  # here: the child imports the wiring, not the reverse
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with DeliveryRuntime(settings) as runtime:
+    async with DeliveryRuntime(settings, partition=partition) as runtime:
 
         def woken() -> None:
             try:
@@ -63,45 +70,66 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _Child:
+    """One delivery process and the pipe that wakes it."""
+
+    def __init__(self, context: SpawnContext, partition: Partition) -> None:
+        self.partition = partition
+        self._context = context
+        self.process: BaseProcess | None = None
+        self._send: Connection | None = None
+
+    def spawn(self, settings: Settings, log_format: LogFormat) -> None:
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_child_main,
+            args=(settings, log_format, receive, self.partition),
+            name=f"optout-relay-delivery-{self.partition.index}",
+        )
+        process.start()
+        receive.close()
+        os.set_blocking(send.fileno(), False)
+        self._send, self.process = send, process
+
+    def wake(self) -> None:
+        # A full pipe already holds a wake-up; the child drains it all at once.
+        if self._send is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+                os.write(self._send.fileno(), b"\x01")
+
+    def close_pipe(self) -> None:
+        if self._send is not None:
+            self._send.close()
+            self._send = None
+
+
 class DeliveryProcess:
-    """Supervises the child: starts it, wakes it, restarts it if it dies, stops it."""
+    """Supervises the delivery children: starts, wakes, restarts and stops them."""
 
     def __init__(self, settings: Settings, log_format: LogFormat) -> None:
         self._settings = settings
         self._log_format = log_format
-        self._context = multiprocessing.get_context("spawn")
-        self._process: BaseProcess | None = None
-        self._send_fd = -1
+        context = multiprocessing.get_context("spawn")
+        count = settings.delivery.processes
+        self._children = [_Child(context, Partition(i, count)) for i in range(count)]
         self._stopping = False
-        self._watch: asyncio.Task[None] | None = None
+        self._watches: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._spawn()
-        self._watch = asyncio.create_task(self._supervise(), name="delivery-supervisor")
-
-    def _spawn(self) -> None:
-        receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=_child_main,
-            args=(self._settings, self._log_format, receive),
-            name="optout-relay-delivery",
-        )
-        process.start()
-        receive.close()
-        self._send = send
-        self._send_fd = send.fileno()
-        os.set_blocking(self._send_fd, False)
-        self._process = process
+        for child in self._children:
+            child.spawn(self._settings, self._log_format)
+            self._watches.append(
+                asyncio.create_task(self._supervise(child), name="delivery-supervisor")
+            )
 
     def notify(self) -> None:
-        # A full pipe already holds a wake-up; the child drains it all at once.
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-            os.write(self._send_fd, b"\x01")
+        for child in self._children:
+            child.wake()
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            process = self._process
+            process = child.process
             assert process is not None
             ended: asyncio.Future[None] = loop.create_future()
             loop.add_reader(process.sentinel, _resolve, ended)
@@ -111,25 +139,31 @@ class DeliveryProcess:
                 loop.remove_reader(process.sentinel)
             if self._stopping:
                 return
-            log.error("delivery process exited with %s; restarting", process.exitcode)
-            self._send.close()
+            log.error(
+                "delivery process %d exited with %s; restarting",
+                child.partition.index,
+                process.exitcode,
+            )
+            child.close_pipe()
             await asyncio.sleep(RESTART_DELAY)
             if not self._stopping:
-                self._spawn()
+                child.spawn(self._settings, self._log_format)
 
     async def stop(self) -> None:
-        """Ask the child to finish in-flight copies and wait for it."""
+        """Ask every child to finish its in-flight copies, and wait for them."""
         self._stopping = True
-        process = self._process
-        if process is not None and process.is_alive():
+        running = [c.process for c in self._children if c.process and c.process.is_alive()]
+        for process in running:
             process.terminate()
+        for process in running:
             await asyncio.to_thread(process.join, STOP_TIMEOUT)
             if process.is_alive():
                 log.error("delivery process did not stop in %.0f s; killing it", STOP_TIMEOUT)
                 process.kill()
                 await asyncio.to_thread(process.join)
-        self._send.close()
-        if self._watch is not None:
-            self._watch.cancel()
+        for child in self._children:
+            child.close_pipe()
+        for watch in self._watches:
+            watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+                await watch
