@@ -107,6 +107,11 @@ def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
     return signers
 
 
+def _has_signer(signers: dict[str, DkimSigner], domain: str) -> bool:
+    labels = domain.split(".")
+    return any(".".join(labels[i:]) in signers for i in range(len(labels) - 1))
+
+
 def describe_destination(settings: Settings) -> str:
     downstream = settings.delivery.downstream
     if downstream is None:
@@ -231,6 +236,14 @@ class Relay:
             log.info("DKIM: signing for %s", ", ".join(sorted(signers)))
         else:
             log.warning("DKIM: no [[dkim.keys]] configured; mail leaves unsigned")
+        for account in settings.accounts:
+            for domain in account.from_domains:
+                if not _has_signer(signers, domain):
+                    log.warning(
+                        "DKIM: no key for %s (account %s): its mail leaves unsigned",
+                        domain,
+                        account.username,
+                    )
 
         notify: Callable[[], None]
         destination: str

@@ -288,3 +288,14 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait()
+
+
+async def test_start_warns_about_account_domains_without_a_dkim_key(
+    tmp_path: Path, downstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="optout.serve"):
+        relay = await Relay.start(untrusted(tmp_path, downstream.port))
+        await relay.stop()
+    assert "DKIM: no key for shop.example (account mautic): its mail leaves unsigned" in (
+        caplog.text
+    )
