@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from suppression import GLOBAL, Reason, SuppressionStore
+from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from .dsn import Failure, build_dsn, status_of
-from .pipeline import Pipeline, PreparedMessage
+from .pipeline import Metadata, Pipeline, PreparedMessage
+from .smtp import sender_scopes
 from .spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
@@ -217,7 +218,7 @@ class DeliveryWorker:
                 return
             meta = prepared.meta
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
-            blocked = await self._blocked(address_hash, meta.scope, meta.transactional)
+            blocked = await self._blocked(address_hash, meta, message.mail_from)
             if blocked:
                 await self._events.record(
                     Event(
@@ -290,12 +291,16 @@ class DeliveryWorker:
             outcome.reached,
         )
 
-    async def _blocked(self, address_hash: str, scope: str, transactional: bool) -> str | None:
-        """Checked again at send time: an opt-out may have arrived while the mail waited."""
-        found = await self._suppressions.check_hash(address_hash, (GLOBAL, scope))
+    async def _blocked(self, address_hash: str, meta: Metadata, mail_from: str) -> str | None:
+        """Checked again at send time: an opt-out may have arrived while the mail waited.
+        Scopes: everything, the message's topic, the sender's domains (envelope and From)."""
+        scopes = [*sender_scopes(mail_from), meta.scope]
+        if meta.from_domain:
+            scopes.append(f"sender:{meta.from_domain}")
+        found = await self._suppressions.check_hash(address_hash, scopes)
         if found is None:
             return None
-        if transactional and found.reason not in TRANSACTIONAL_BLOCKERS:
+        if meta.transactional and found.reason not in TRANSACTIONAL_BLOCKERS:
             return None
         return found.scope
 

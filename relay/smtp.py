@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Mapping
 from email.utils import getaddresses
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from suppression import InvalidAddress, SuppressionStore
+from suppression import GLOBAL, InvalidAddress, SuppressionStore
 
 from .accounts import Account
 from .config import IPNetwork, SmtpSettings
@@ -19,6 +20,7 @@ from .mime import parse_headers, split_entity
 from .spool import Spool
 
 log = logging.getLogger("optout.smtp")
+_SENDER_DOMAIN = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -32,6 +34,12 @@ def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def sender_scopes(mail_from: str | None) -> tuple[str, ...]:
+    """What an opt-out can name and is known at RCPT: everything, or this sender's domain."""
+    domain = _domain(mail_from or "")
+    return (GLOBAL, f"sender:{domain}") if _SENDER_DOMAIN.fullmatch(domain) else (GLOBAL,)
 
 
 def _domain(address: str) -> str:
@@ -131,7 +139,7 @@ class FrontDoor:
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return "452 4.5.3 Too many recipients"
         try:
-            suppressed = await self._suppressions.check(address)
+            suppressed = await self._suppressions.check(address, sender_scopes(envelope.mail_from))
         except InvalidAddress:
             return "553 5.1.3 Bad recipient address syntax"
         except Exception:

@@ -194,3 +194,18 @@ async def test_a_full_spool_pushes_back_with_451(tmp_path: Path, closed_port: in
         assert again.error is None
     finally:
         await relay.stop()
+
+
+async def test_an_opt_out_from_one_sender_refuses_only_that_sender(
+    tmp_path: Path, closed_port: int
+) -> None:
+    relay = await start(relay_settings(tmp_path, closed_port))
+    try:
+        await relay.stores.suppressions.add(RCPT, scope="sender:shop.example")
+        port = relay.addresses.smtp[1]
+        refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+        assert refused.refused[RCPT][0] == 550
+        other = await asubmit(port, newsletter([RCPT]), "hello@bakery.example", [RCPT])
+        assert other.refused == {} and other.error is None
+    finally:
+        await relay.stop()
