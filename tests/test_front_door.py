@@ -209,3 +209,23 @@ async def test_an_opt_out_from_one_sender_refuses_only_that_sender(
         assert other.refused == {} and other.error is None
     finally:
         await relay.stop()
+
+
+async def test_a_line_over_998_octets_is_refused_and_nothing_is_kept(
+    tmp_path: Path, closed_port: int
+) -> None:
+    relay = await start(relay_settings(tmp_path, closed_port))
+    try:
+        content = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n.\r\n"
+        replies = await asyncio.to_thread(
+            converse,
+            relay.addresses.smtp[1],
+            b"MAIL FROM:<news@shop.example>",
+            f"RCPT TO:<{RCPT}>".encode(),
+            b"DATA\r\n" + content,
+        )
+        assert replies[-1][0] == 500
+        assert replies[-1][1].startswith(b"5.5.2")
+        assert await asyncio.to_thread(spooled_messages, tmp_path) == 0
+    finally:
+        await relay.stop()
