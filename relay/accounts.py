@@ -87,7 +87,10 @@ class _Failures:
 
 
 class AuthThrottle:
-    """Slows, then refuses, a client address that keeps failing AUTH (password guessing)."""
+    """Slows, then refuses, a client address that keeps failing AUTH (password guessing).
+
+    A success does not clear the count: logging in to one account must not buy more
+    guesses at another. The window forgets old failures instead."""
 
     def __init__(
         self,
@@ -129,6 +132,3 @@ class AuthThrottle:
         if len(self._failures) > 100_000:  # bound memory under a distributed attack
             oldest = min(self._failures, key=lambda c: self._failures[c].first)
             del self._failures[oldest]
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)

@@ -367,7 +367,10 @@ class Relay:
         for server in servers:
             server.close()
         # Replies not yet sent for messages being spooled must still be sent as 250 or 451.
-        await asyncio.wait_for(front_door.drain(), timeout=30)
+        try:
+            await asyncio.wait_for(front_door.drain(), timeout=30)
+        except TimeoutError:
+            log.error("messages still being spooled after 30 s; stopping anyway")
 
     @staticmethod
     async def _recount(spool: Spool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"config: {exc}", 2)
     except SuppressionError as exc:
         _fail(str(exc), 2)
+    except sqlite3.Error as exc:
+        _fail(f"the data in the storage dir cannot be used: {exc}", 1)
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
@@ -23,6 +24,7 @@ from .spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
 log = logging.getLogger("optout.delivery")
+T = TypeVar("T")
 
 # Only these keep a transactional message from someone who unsubscribed from marketing.
 TRANSACTIONAL_BLOCKERS = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
@@ -32,6 +34,10 @@ REPORT_EVERY = 60.0
 # Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory.
 LOADED_BYTES_BUDGET = 16 * 1024 * 1024
 REMEMBERED_LIMIT = 100_000
+# Rewriting and signing a message bigger than this runs in a thread.
+OFFLOAD_BYTES = 256 * 1024
+# A message that fails locally this many times is returned to its sender.
+LOCAL_FAILURE_LIMIT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,10 @@ class DeliveryWorker:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._loaded_bytes = 0
         self._remembered: OrderedDict[str, None] = OrderedDict()
+        # Messages whose last pass failed locally: not picked up again before this time.
+        self._cooldown: dict[str, float] = {}
+        # Copies sent whose outcome could not be written yet: recorded, never sent again.
+        self._unrecorded: dict[int, tuple[Outcome, str | None, str | None]] = {}
         # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
         self._unreachable_since: float | None = None
         self._failed_connects = 0
@@ -120,7 +130,9 @@ class DeliveryWorker:
         room = self._max_messages - len(self._in_flight)
         if room <= 0 or now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
             return
-        for queue_id, size in await self._spool.due(now, self._in_flight, room, self._partition):
+        self._cooldown = {q: until for q, until in self._cooldown.items() if until > now}
+        busy = self._in_flight.keys() | self._cooldown.keys()
+        for queue_id, size in await self._spool.due(now, busy, room, self._partition):
             if self._loaded_bytes > LOADED_BYTES_BUDGET:
                 break
             self._loaded_bytes += size
@@ -136,11 +148,12 @@ class DeliveryWorker:
     async def _sleep(self) -> None:
         now = self._clock()
         timeout = IDLE_POLL
-        next_at = await self._spool.next_attempt_at(self._partition)
-        if next_at is not None and not self._in_flight:
-            timeout = min(max(next_at - now, 0.01), IDLE_POLL)
         if now < self._paused_until:
-            timeout = min(timeout, self._paused_until - now)
+            timeout = self._paused_until - now  # nothing is sent before then anyway
+        else:
+            next_at = await self._spool.next_attempt_at(self._partition)
+            if next_at is not None and not self._in_flight and not self._cooldown:
+                timeout = min(max(next_at - now, 0.01), IDLE_POLL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.01))
 
@@ -166,8 +179,13 @@ class DeliveryWorker:
             if message.kind == DSN:
                 await asyncio.gather(*(self._send_report(message, d) for d in message.deliveries))
                 return
-            prepared = self._pipeline.prepare(
-                queue_id, message.mail_from, message.content, message.account
+            prepared = await self._offload_if_big(
+                message,
+                self._pipeline.prepare,
+                queue_id,
+                message.mail_from,
+                message.content,
+                message.account,
             )
             if prepared.meta.decisions:
                 log.info(
@@ -176,14 +194,30 @@ class DeliveryWorker:
                     extra={"queue_id": queue_id, "fields": {"decisions": prepared.meta.decisions}},
                 )
             await self._remember(d.recipient for d in message.deliveries)
-            await asyncio.gather(
-                *(self._deliver_one(message, prepared, d) for d in message.deliveries)
+            results = await asyncio.gather(
+                *(self._deliver_one(message, prepared, d) for d in message.deliveries),
+                return_exceptions=True,
             )
+            # Every copy has finished its attempt before any back-off decision is made.
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
         except Exception:
-            # The spool still holds everything not finished; back off so it is not a hot loop.
+            # The spool still holds everything not finished; keep the message out of the
+            # next passes for a while so a failing disk or a bad message is not a hot loop.
             log.exception("delivery pass failed", extra={"queue_id": queue_id})
+            attempts = max((d.attempts for d in message.deliveries), default=0) if message else 0
+            self._cooldown[queue_id] = self._clock() + self._retry.delay(attempts)
             if message is not None:
                 await self._back_off(message)
+
+    async def _offload_if_big(
+        self, message: SpooledMessage, work: Callable[..., T], *args: Any
+    ) -> T:
+        """CPU work on a big message runs in a thread, so the loop keeps serving others."""
+        if len(message.content) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(work, *args)
+        return work(*args)
 
     async def _remember(self, recipients: Iterable[str]) -> None:
         """Record hash -> address for token actions; skip those this process already did."""
@@ -197,10 +231,28 @@ class DeliveryWorker:
             self._remembered.popitem(last=False)
 
     async def _back_off(self, message: SpooledMessage) -> None:
-        for delivery in message.deliveries:
-            retry_at = self._clock() + self._retry.delay(delivery.attempts)
+        """After a local failure: retry later, or fail for good (with a DSN) once it has
+        failed too often or waited too long, so no accepted message waits forever."""
+        too_old = self._clock() - message.received_ts >= self._retry.max_age
+        try:
+            # Only what is still waiting: copies delivered in this pass are done.
+            current = await self._spool.load(message.queue_id, float("inf"))
+        except Exception:
+            log.exception("cannot read the spool", extra={"queue_id": message.queue_id})
+            return
+        waiting = () if current is None else current.deliveries
+        for delivery in waiting:
+            if delivery.id in self._unrecorded:
+                continue  # sent: its outcome is written on the next pass, never a bounce
             try:
-                await self._spool.defer(delivery, retry_at, "local error in delivery")
+                if too_old or delivery.attempts + 1 >= LOCAL_FAILURE_LIMIT:
+                    outcome = Outcome(
+                        Status.BOUNCED, "554 5.3.0 the relay could not process this message"
+                    )
+                    await self._record(message, None, delivery, None, outcome, self._clock())
+                else:
+                    retry_at = self._clock() + self._retry.delay(delivery.attempts)
+                    await self._spool.defer(delivery, retry_at, "local error in delivery")
             except Exception:
                 log.exception("cannot defer", extra={"queue_id": message.queue_id})
                 return
@@ -218,6 +270,15 @@ class DeliveryWorker:
                 return
             meta = prepared.meta
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
+            unrecorded = self._unrecorded.get(delivery.id)
+            if unrecorded is not None:
+                # Already sent; only writing its outcome failed. Never send it twice.
+                outcome, campaign, _ = unrecorded
+                await self._record(
+                    message, campaign, delivery, address_hash, outcome, self._clock()
+                )
+                del self._unrecorded[delivery.id]
+                return
             blocked = await self._blocked(address_hash, meta, message.mail_from)
             if blocked:
                 await self._events.record(
@@ -237,11 +298,12 @@ class DeliveryWorker:
                     extra={"queue_id": message.queue_id},
                 )
                 return
-            content = prepared.personalise(
+            content = await self._offload_if_big(
+                message,
+                functools.partial(prepared.personalise, eight_bit_ok=self._transport.eight_bit_ok),
                 delivery.recipient,
                 self._urls,
                 self._suppressions.hasher,
-                eight_bit_ok=self._transport.eight_bit_ok,
             )
             started = self._clock()
             outcome = await self._transport.send(
@@ -250,9 +312,12 @@ class DeliveryWorker:
             del content
             self._note_reachability(outcome)
             outcome = self._expire_if_too_old(message, outcome)
-            await self._record(
-                message, prepared.meta.campaign, delivery, address_hash, outcome, started
-            )
+            try:
+                await self._record(message, meta.campaign, delivery, address_hash, outcome, started)
+            except Exception:
+                if outcome.status is not Status.DEFERRED:
+                    self._unrecorded[delivery.id] = (outcome, meta.campaign, address_hash)
+                raise
 
     async def _send_report(self, message: SpooledMessage, delivery: Delivery) -> None:
         """Our own DSNs go out as they are: no decoration, no suppression, no DSN of a DSN."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from .accounts import Account, AuthThrottle, verify_password
+from .accounts import Account, AuthThrottle, hash_password, verify_password
 
 log = logging.getLogger("optout.smtp")
 
@@ -25,6 +26,7 @@ _REPLIES = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "503 Already authenticated": "503 5.5.1 Already authenticated",
 }
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 AUTH_LOCKED = "454 4.7.0 Too many failed authentications from your address, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 
@@ -100,6 +102,8 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._admitted is not None:
+            return  # STARTTLS: the same connection, now over TLS, is made again
         peer = transport.get_extra_info("peername")  # the session may not exist yet
         client = str(peer[0]) if isinstance(peer, tuple) else "?"
         if self._limits.admit(client):
@@ -151,13 +155,13 @@ class RelaySMTP(SMTP):
         credentials = parsed.auth_data.credentials
         username = credentials.login.decode("utf-8", "replace")
         account = self._auth.accounts.get(username)
-        valid = account is not None and await asyncio.to_thread(
-            verify_password, credentials.password, account.password_hash
-        )
+        # An unknown username costs the same scrypt check, so timing does not tell them apart.
+        stored = account.password_hash if account is not None else _DUMMY_HASH
+        matches = await asyncio.to_thread(verify_password, credentials.password, stored)
+        valid = account is not None and matches
         if not valid:
             throttle.failed(client)
             log.warning("AUTH failed for %r from %s", username, client)
             return AuthResult(success=False, handled=False)
-        throttle.succeeded(client)
         log.info("AUTH ok: %s from %s", username, client)
         return AuthResult(success=True, auth_data=username)

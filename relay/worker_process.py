@@ -145,9 +145,13 @@ class DeliveryProcess:
                 process.exitcode,
             )
             child.close_pipe()
-            await asyncio.sleep(RESTART_DELAY)
-            if not self._stopping:
-                child.spawn(self._settings, self._log_format)
+            while not self._stopping:
+                await asyncio.sleep(RESTART_DELAY)
+                try:
+                    child.spawn(self._settings, self._log_format)
+                    break
+                except OSError as exc:  # out of processes or descriptors: try again
+                    log.error("cannot start delivery process %d: %s", child.partition.index, exc)
 
     async def stop(self) -> None:
         """Ask every child to finish its in-flight copies, and wait for them."""

@@ -299,3 +299,32 @@ async def test_start_warns_about_account_domains_without_a_dkim_key(
     assert "DKIM: no key for shop.example (account mautic): its mail leaves unsigned" in (
         caplog.text
     )
+
+
+async def test_starttls_sessions_do_not_use_up_connection_slots(relay: Relay) -> None:
+    port = relay.addresses.smtp[1]
+
+    def sessions() -> list[int]:
+        for _ in range(5):  # each STARTTLS re-makes the connection inside aiosmtpd
+            with session(port):
+                pass
+        clients, codes = [], []
+        try:
+            for _ in range(3):  # the per-client limit
+                client = smtplib.SMTP(timeout=10)
+                codes.append(client.connect("127.0.0.1", port)[0])
+                clients.append(client)
+        finally:
+            for client in clients:
+                client.close()
+        return codes
+
+    assert await asyncio.to_thread(sessions) == [220, 220, 220]
+
+
+def test_a_success_does_not_buy_more_guesses() -> None:
+    throttle = AuthThrottle(slow_after=2, lock_after=3, window=60)
+    for moment in range(3):
+        throttle.failed("198.51.100.7", now=moment)
+    # logging in to one's own account in between changes nothing for the guesser
+    assert throttle.locked("198.51.100.7", now=4)

@@ -117,3 +117,14 @@ async def test_events_jsonl_has_the_documented_fields(
     assert event["campaign"] == "c-42"
     assert len(event["message_id"]) == 12
     assert event["at"].endswith("Z") and event["at"][:4].isdigit()
+
+
+def test_a_corrupt_database_is_one_line_and_exit_1(config: Path) -> None:
+    data = config.parent / "data"
+    data.mkdir(mode=0o700)
+    (data / "optout.db").write_bytes(b"this is not an SQLite database at all, " * 20)
+    result = cli(config, "suppress", "list")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("optout-relay: error: ")
+    assert "not a database" in result.stderr

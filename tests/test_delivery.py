@@ -246,3 +246,30 @@ async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(tmp_path: Pa
     assert text is not None
     assert text["Content-Transfer-Encoding"] == "quoted-printable"
     assert "Grüße aus dem Laden" in text.get_content()
+
+
+async def test_a_header_dkim_cannot_read_is_still_delivered(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    from relay.config import DkimKey, DkimSettings
+    from relay.dkim import generate_key
+
+    (tmp_path / "data" / "dkim").mkdir(parents=True)
+    generate_key("shop.example", "s1", tmp_path / "data" / "dkim")
+    settings = relay_settings(tmp_path / "data", downstream.port)
+    settings = replace(
+        settings,
+        dkim=DkimSettings((DkimKey("shop.example", "s1", Path("dkim/shop.example.s1.pem")),)),
+    )
+    relay = await Relay.start(settings)
+    try:
+        raw = (
+            b"From: news@shop.example\r\nTo: alice@example.org\r\nSubject: odd\r\n"
+            b"this header line has no colon\r\n\r\nHello\r\n"
+        )
+        result = await asubmit(relay.addresses.smtp[1], raw, "news@shop.example", [ALICE])
+        assert result.error is None
+        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the odd message")
+        await wait_for(lambda: _spool_empty(tmp_path / "data"), what="an empty spool")
+    finally:
+        await relay.stop()

@@ -82,3 +82,34 @@ async def test_full_disk_gets_451_then_recovers(
         await wait_for(lambda: len(downstream.handler.messages) == 1, what="delivery")
     finally:
         await relay.stop()
+
+
+async def test_sent_copies_are_not_sent_again_while_their_outcome_cannot_be_written(
+    small_disk: Path, downstream: CaptureServer
+) -> None:
+    downstream.handler.rcpt_replies[RCPT] = "451 4.3.0 Not yet"
+    relay = await Relay.start(relay_settings(small_disk / "data", downstream.port))
+    try:
+        accepted = await asubmit(
+            relay.addresses.smtp[1], newsletter([RCPT]), "news@shop.example", [RCPT]
+        )
+        assert accepted.error is None
+
+        async def deferred_once() -> bool:
+            return any(e.attempts for e in await relay.spool.entries())
+
+        await wait_for(deferred_once, what="a first deferral")
+        filler = await asyncio.to_thread(fill, small_disk)
+        del downstream.handler.rcpt_replies[RCPT]  # the MTA takes it; recording it fails
+        await wait_for(lambda: len(downstream.handler.messages) >= 1, what="the copy")
+        # An observation window, not a wait for readiness: resends would show up here
+        # (before the fix, hundreds of copies arrived within a second).
+        await asyncio.sleep(1.5)
+        copies_while_full = len(downstream.handler.messages)
+        filler.unlink()
+        await wait_for(lambda: relay.spool.waiting == 0, within=30, what="an empty spool")
+        # Not a storm of resends: the copy was sent once, its outcome written later.
+        assert copies_while_full == 1
+        assert len(downstream.handler.messages) == 1
+    finally:
+        await relay.stop()
