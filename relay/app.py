@@ -17,9 +17,10 @@ from types import TracebackType
 from aiohttp import web
 
 from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
-from suppression import AddressHasher, Database, SuppressionStore
+from suppression import AddressHasher, Database, SuppressionError, SuppressionStore
 from tracking import MIGRATIONS as EVENT_MIGRATIONS
 from tracking import EventStore, Signer, TrackingUrls, create_app
+from tracking.events import purge
 
 from .accounts import AuthThrottle
 from .config import Settings
@@ -41,6 +42,7 @@ STORE_FILE = "optout.db"
 SPOOL_FILE = "spool.db"
 OUTBOX_DIR = "outbox"
 RECOUNT_EVERY = 1.0
+PURGE_EVERY = 3600.0
 
 
 class Stores:
@@ -53,12 +55,21 @@ class Stores:
     async def __aenter__(self) -> Stores:
         data_dir = self.settings.storage.dir
         ensure_private_dir(data_dir)
-        hasher = AddressHasher(load_or_create_secret(data_dir / HASH_KEY_FILE).encode())
+        hasher = AddressHasher(
+            load_or_create_secret(data_dir / HASH_KEY_FILE).encode(),
+            policy=self.settings.suppression,
+        )
         self._db = await Database.open(
             data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
         )
         self.suppressions = SuppressionStore(self._db, hasher)
         self.events = EventStore(self._db)
+        try:
+            # A changed normalisation would silently stop old entries matching: refuse it.
+            await self.suppressions.verify_normalization()
+        except SuppressionError as exc:
+            await self._db.close()
+            raise ConfigError("suppression", str(exc)) from None
         return self
 
     async def __aexit__(
@@ -275,6 +286,9 @@ class Relay:
         except OSError as exc:
             raise ConfigError("http.listen", f"cannot listen on {http}: {exc.strerror}") from None
 
+        purger = asyncio.create_task(self._purge_hourly(stores), name="retention-purge")
+        self._exit.callback(purger.cancel)
+
         front_door = FrontDoor(
             spool=spool,
             suppressions=stores.suppressions,
@@ -371,6 +385,16 @@ class Relay:
             await asyncio.wait_for(front_door.drain(), timeout=30)
         except TimeoutError:
             log.error("messages still being spooled after 30 s; stopping anyway")
+
+    async def _purge_hourly(self, stores: Stores) -> None:
+        """Retention: events and contacts past their age, and lapsed suppressions, go."""
+        while True:
+            try:
+                report = await purge(stores.events, stores.suppressions, self.settings.retention)
+                log.info("retention purge: %s", report)
+            except Exception:
+                log.exception("retention purge failed; trying again in an hour")
+            await asyncio.sleep(PURGE_EVERY)
 
     @staticmethod
     async def _recount(spool: Spool) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from suppression import NormalizationPolicy
+from tracking.events import Retention
+
 from .accounts import Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
 
@@ -99,6 +102,29 @@ class DkimSettings:
     keys: tuple[DkimKey, ...] = ()
 
 
+def _policy_domains(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be an array of domains, not {_type_name(value)}")
+    domains = tuple(_string(v, key).lower().rstrip(".") for v in value)
+    for domain in domains:
+        if not _DOMAIN.match(domain):
+            raise ConfigError(key, f"{domain!r} is not a domain name")
+    return domains
+
+
+def _retention(value: Any, key: str) -> Retention:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a table, not {_type_name(value)}")
+    try:
+        return Retention.parse(value)
+    except ValueError as exc:
+        message = str(exc)
+        named, _, problem = message.partition(": ")
+        if named.startswith("retention.") and problem:
+            raise ConfigError(named, problem) from None
+        raise ConfigError(key, message) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -107,6 +133,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
+    suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
+    retention: Retention = field(default_factory=Retention)
     accounts: tuple[Account, ...] = ()
 
     def account(self, username: str) -> Account | None:
@@ -366,6 +394,14 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),
     "dkim": (DkimSettings, {"keys": _dkim_keys}),
+    "suppression": (
+        NormalizationPolicy,
+        {
+            "fold_local_part": _boolean,
+            "strip_subaddress": _boolean,
+            "ignore_dots_domains": _policy_domains,
+        },
+    ),
 }
 
 
@@ -375,6 +411,9 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
     for name, value in document.items():
         if name == "accounts":
             sections[name] = _accounts(value, name)
+            continue
+        if name == "retention":
+            sections[name] = _retention(value, name)
             continue
         if name not in _SCHEMA:
             raise ConfigError(name, "unknown section")

@@ -1,23 +1,74 @@
 """The suppression list: normalised, hash-keyed opt-outs in SQLite."""
 
-from .addresses import AddressHasher, normalize_address
-from .database import Database, Migration, utc_now
-from .errors import InvalidAddress, InvalidScope, SuppressionError
-from .store import GLOBAL, MIGRATIONS, Reason, Suppression, SuppressionStore, parse_scope
+from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
+from .audit import AuditRecord
+from .database import Database, Migration, format_time, utc_now, zeroing
+from .entries import Entry, Outcome
+from .errors import (
+    ImportFormatError,
+    InvalidAddress,
+    InvalidAge,
+    InvalidReason,
+    InvalidScope,
+    NormalizationChanged,
+    PermanentReason,
+    SuppressionError,
+)
+from .imports import BadRow, ImportOptions, ImportReport, import_file
+from .reasons import SOFT_REASONS, parse_reason
+from .retention import parse_age
+from .scopes import sender_scopes, topic_scope
+from .store import (
+    GLOBAL,
+    MIGRATIONS,
+    Reason,
+    SubjectRecord,
+    Suppression,
+    SuppressionStore,
+    parse_scope,
+)
+from .subject import DataHolder, ErasureReport, Subject, erase_subject, export_subject
 
 __all__ = [
     "GLOBAL",
     "MIGRATIONS",
+    "SOFT_REASONS",
     "AddressHasher",
+    "AuditRecord",
+    "BadRow",
+    "DataHolder",
     "Database",
+    "Entry",
+    "ErasureReport",
+    "ImportFormatError",
+    "ImportOptions",
+    "ImportReport",
     "InvalidAddress",
+    "InvalidAge",
+    "InvalidReason",
     "InvalidScope",
     "Migration",
+    "NormalizationChanged",
+    "NormalizationPolicy",
+    "Outcome",
+    "PermanentReason",
     "Reason",
+    "Subject",
+    "SubjectRecord",
     "Suppression",
     "SuppressionError",
     "SuppressionStore",
+    "digest_keys",
+    "erase_subject",
+    "export_subject",
+    "format_time",
+    "import_file",
     "normalize_address",
+    "parse_age",
+    "parse_reason",
     "parse_scope",
+    "sender_scopes",
+    "topic_scope",
     "utc_now",
+    "zeroing",
 ]

@@ -18,3 +18,49 @@ class InvalidScope(SuppressionError, ValueError):
             f"invalid scope {scope!r}: expected 'global', 'topic:NAME' or 'sender:DOMAIN'"
         )
         self.scope = scope
+
+
+class InvalidReason(SuppressionError, ValueError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid reason {reason!r}")
+        self.reason = reason
+
+
+class PermanentReason(SuppressionError, ValueError):
+    """An expiry was asked for a reason that must never lapse (a withdrawal of consent)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"a suppression for reason {reason!r} never expires;"
+            " only hard_bounce, manual and import may"
+        )
+        self.reason = reason
+
+
+class NormalizationChanged(SuppressionError):
+    """The configured normalisation differs from the one the stored keys were made with."""
+
+    def __init__(self, stored: str, configured: str) -> None:
+        super().__init__(
+            f"address normalisation changed from {stored!r} to {configured!r}: stored"
+            " suppressions would no longer match; restore the setting or start a new data dir"
+        )
+        self.stored = stored
+        self.configured = configured
+
+
+class ImportFormatError(SuppressionError):
+    """A file whose format cannot be recognised or that does not fit the format asked for."""
+
+    def __init__(self, source: str, why: str) -> None:
+        super().__init__(f"{source}: {why}")
+        self.source = source
+        self.why = why
+
+
+class InvalidAge(SuppressionError, ValueError):
+    def __init__(self, text: str) -> None:
+        super().__init__(
+            f"invalid age {text!r}: expected a number and a unit, e.g. 90d, 12h, 6w, 1y"
+        )
+        self.text = text

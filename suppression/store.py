@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import functools
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from datetime import datetime
+from typing import Any
 
 import sqlite_utils
 
-from .addresses import AddressHasher
-from .database import Database, Migration, utc_now
-from .errors import InvalidScope
+from . import audit
+from .addresses import MD5_PREFIX, SHA256_PREFIX, AddressHasher, digest_keys
+from .audit import AuditRecord
+from .database import Database, format_time, utc_now, zeroing
+from .entries import COLUMNS, Entry, Outcome, apply_entries
+from .errors import NormalizationChanged
+from .reasons import Reason, check_expiry
+from .schema import MIGRATIONS
+from .scopes import GLOBAL, parse_scope
 
-GLOBAL = "global"
-_SCOPE = re.compile(r"^(global|topic:[\w.\-]{1,64}|sender:[\w.\-]{1,255})$")
+__all__ = [
+    "GLOBAL",
+    "MIGRATIONS",
+    "Reason",
+    "SubjectRecord",
+    "Suppression",
+    "SuppressionStore",
+    "parse_scope",
+    "remember_contacts",
+]
 
-
-class Reason(StrEnum):
-    UNSUBSCRIBE = "unsubscribe"
-    COMPLAINT = "complaint"
-    HARD_BOUNCE = "hard_bounce"
-    MANUAL = "manual"
-    IMPORT = "import"
-
-
-def parse_scope(scope: str) -> str:
-    """Validate a scope: `global`, `topic:NAME` or `sender:DOMAIN`."""
-    if not _SCOPE.match(scope):
-        raise InvalidScope(scope)
-    return scope.lower()
+PAGE_SIZE = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,41 +43,137 @@ class Suppression:
     reason: str
     source: str
     created_at: str
+    expires_at: str | None = None
+    updated_at: str | None = None
+    added_by: int | None = None  # id of the audit record of its creation
+
+    @property
+    def key_kind(self) -> str:
+        """`hmac` for our keyed hash, `md5` or `sha256` for an entry of an imported hashed list."""
+        if self.address_hash.startswith(MD5_PREFIX):
+            return "md5"
+        if self.address_hash.startswith(SHA256_PREFIX):
+            return "sha256"
+        return "hmac"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "address_hash": self.address_hash,
+            "scope": self.scope,
+            "reason": self.reason,
+            "source": self.source,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "updated_at": self.updated_at,
+        }
 
 
-def _create_tables(db: sqlite_utils.Database) -> None:
-    db.table("suppressions").create(
-        {
-            "address_hash": str,
-            "scope": str,
-            "address": str,
-            "reason": str,
-            "source": str,
-            "created_at": str,
-        },
-        pk=("address_hash", "scope"),
-        not_null={"reason", "source", "created_at"},
-    )
-    db.table("suppressions").create_index(["address"])
-    # The one place that maps a hash back to an address; erasure deletes the row.
-    db.table("contacts").create(
-        {"address_hash": str, "address": str, "first_seen_at": str},
-        pk="address_hash",
-        not_null={"address", "first_seen_at"},
-    )
+@dataclass(frozen=True, slots=True)
+class SubjectRecord:
+    """Everything the suppression store holds about one address."""
+
+    address: str
+    address_hash: str
+    keys: tuple[str, ...]
+    suppressions: list[Suppression]
+    history: list[AuditRecord]
+    contact_first_seen_at: str | None = None
+    erased_at: str | None = None
 
 
-MIGRATIONS = (Migration("suppression/0001-suppressions-and-contacts", _create_tables),)
+_FIND = (
+    f"SELECT {COLUMNS} FROM suppressions WHERE address_hash IN ({{keys}})"  # noqa: S608
+    " AND scope IN ({scopes}) AND (expires_at IS NULL OR expires_at > ?)"
+)
+# Complaints and hard bounces first: the transactional-mail rule looks at the one returned.
+_PRECEDENCE = {Reason.COMPLAINT: 0, Reason.HARD_BOUNCE: 1}
 
-_COLUMNS = "address_hash, address, scope, reason, source, created_at"
+
+def find(
+    db: sqlite_utils.Database, keys: Sequence[str], scopes: Sequence[str], now: str
+) -> Suppression | None:
+    """The entry in force under any of `keys` in any of `scopes`: one primary-key probe set.
+
+    Rarely more than one row matches, so the choice is made here rather than with an ORDER
+    BY, which would cost a temporary B-tree on every check.
+    """
+    sql = _FIND.format(keys=", ".join("?" * len(keys)), scopes=", ".join("?" * len(scopes)))
+    rows = db.conn.execute(sql, [*keys, *scopes, now]).fetchall()
+    if not rows:
+        return None
+    best = min(rows, key=lambda row: (_PRECEDENCE.get(row[3], 2), row[5]))
+    return Suppression(*best)
+
+
+def _scopes(scopes: Iterable[str]) -> list[str]:
+    # Exactly the scopes named (callers include GLOBAL when it applies; an undo looks at its
+    # own scope only). Stored scopes are lower case (parse_scope): no miss on case.
+    return list(dict.fromkeys(scope.lower() for scope in scopes))
+
+
+def _expiry(reason: Reason, expires_at: datetime | None) -> str | None:
+    text = None if expires_at is None else format_time(expires_at)
+    check_expiry(reason, text)
+    return text
 
 
 class SuppressionStore:
-    """Async access to suppressions and contacts in one SQLite database."""
+    """Async access to suppressions, contacts and the audit log in one SQLite database."""
 
     def __init__(self, db: Database, hasher: AddressHasher) -> None:
         self._db = db
         self.hasher = hasher
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    async def verify_normalization(self) -> None:
+        """Pin the normalisation policy on first use; refuse a later change.
+
+        Keys are HMACs of the normalised address: under another policy the same address
+        gets another key and every stored suppression would silently stop matching.
+        """
+        configured = self.hasher.policy.describe()
+
+        def pin(db: sqlite_utils.Database) -> None:
+            row = db.execute(
+                "SELECT value FROM suppression_settings WHERE name = 'normalization'"
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO suppression_settings (name, value) VALUES ('normalization', ?)",
+                    [configured],
+                )
+            elif row[0] != configured:
+                raise NormalizationChanged(row[0], configured)
+
+        await self._db.write(pin)
+
+    async def suppress(
+        self,
+        address: str,
+        *,
+        scope: str = GLOBAL,
+        reason: Reason = Reason.MANUAL,
+        source: str = "cli",
+        actor: str | None = None,
+        expires_at: datetime | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """Suppress `address` in `scope`: added, strengthened, or unchanged (already as strong)."""
+        entry = Entry(
+            self.hasher.hash(address),
+            parse_scope(scope),
+            Reason(reason),
+            source,
+            self.hasher.normalize(address),
+            _expiry(Reason(reason), expires_at),
+            audit.dumps(detail),
+        )
+        [outcome] = await self.apply([entry], actor=actor)
+        return outcome
 
     async def add(
         self,
@@ -83,14 +182,21 @@ class SuppressionStore:
         scope: str = GLOBAL,
         reason: Reason = Reason.MANUAL,
         source: str = "cli",
+        actor: str | None = None,
+        expires_at: datetime | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Suppress `address` in `scope`; False when it already was (the first entry is kept)."""
-        scope = parse_scope(scope)
-        address_hash = self.hasher.hash(address)
-        normalized = self.hasher.normalize(address)
-        return await self._db.write(
-            lambda db: _insert(db, address_hash, normalized, scope, reason, source)
+        """Suppress `address`; False when it already was at least as strongly."""
+        outcome = await self.suppress(
+            address,
+            scope=scope,
+            reason=reason,
+            source=source,
+            actor=actor,
+            expires_at=expires_at,
+            detail=detail,
         )
+        return outcome is not Outcome.UNCHANGED
 
     async def add_hash(
         self,
@@ -99,62 +205,274 @@ class SuppressionStore:
         scope: str = GLOBAL,
         reason: Reason = Reason.UNSUBSCRIBE,
         source: str,
+        actor: str | None = None,
+        expires_at: datetime | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Suppress by keyed hash, as a signed token names a recipient."""
+        """Suppress by keyed hash, as a signed token names a recipient (audited like `add`)."""
         scope = parse_scope(scope)
+        expiry = _expiry(Reason(reason), expires_at)
 
         def insert(db: sqlite_utils.Database) -> bool:
             row = db.execute(
                 "SELECT address FROM contacts WHERE address_hash = ?", [address_hash]
             ).fetchone()
-            return _insert(db, address_hash, row[0] if row else None, scope, reason, source)
+            entry = Entry(
+                address_hash,
+                scope,
+                Reason(reason),
+                source,
+                row[0] if row else None,
+                expiry,
+                audit.dumps(detail),
+            )
+            [outcome] = apply_entries(db, [entry], actor=actor, now=utc_now())
+            return outcome is not Outcome.UNCHANGED
 
         return await self._db.write(insert)
 
-    async def remove(self, address: str, *, scope: str | None = None) -> int:
-        """Lift suppressions of `address` (in `scope`, or all); the number removed."""
-        address_hash = self.hasher.hash(address)
-        if scope is None:
-            sql, params = "DELETE FROM suppressions WHERE address_hash = ?", [address_hash]
-        else:
-            sql = "DELETE FROM suppressions WHERE address_hash = ? AND scope = ?"
-            params = [address_hash, parse_scope(scope)]
-        return await self._db.write(lambda db: db.execute(sql, params).rowcount)
+    async def apply(self, entries: Sequence[Entry], *, actor: str | None) -> list[Outcome]:
+        """Apply prepared entries in one transaction (imports call this once per batch)."""
+        return await self._db.write(
+            lambda db: apply_entries(db, entries, actor=actor, now=utc_now())
+        )
+
+    async def remove(
+        self,
+        address: str,
+        *,
+        scope: str | None = None,
+        source: str = "cli",
+        actor: str | None = None,
+    ) -> int:
+        """Lift suppressions of `address` (in `scope`, or all), hashed-list entries included."""
+        keys = self.hasher.lookup_keys(address)
+        wanted = None if scope is None else parse_scope(scope)
+
+        def delete(db: sqlite_utils.Database) -> int:
+            return _delete_entries(db, keys, wanted, source=source, actor=actor)
+
+        return await self._db.write(delete)
+
+    async def remove_hash(
+        self, address_hash: str, *, scope: str, source: str, actor: str | None = None
+    ) -> int:
+        """Lift the one entry under this keyed hash in `scope` (a recipient's undo); 0 or 1.
+
+        Hashed-list entries and other scopes are left alone: an undo takes back only what
+        the recipient's own click made.
+        """
+        wanted = parse_scope(scope)
+
+        def delete(db: sqlite_utils.Database) -> int:
+            return _delete_entries(db, [address_hash], wanted, source=source, actor=actor)
+
+        return await self._db.write(delete)
 
     async def check(self, address: str, scopes: Iterable[str] = (GLOBAL,)) -> Suppression | None:
-        """The suppression that stops mail to `address` in any of `scopes`, if there is one."""
-        return await self.check_hash(self.hasher.hash(address), scopes)
+        """The suppression that stops mail to `address` in any of `scopes`, if there is one.
+
+        Matches our keyed hash and the md5/sha256 keys of imported hashed lists, in one
+        indexed lookup.
+        """
+        keys = self.hasher.lookup_keys(address)
+        wanted = _scopes(scopes)
+        return await self._db.read(lambda db: find(db, keys, wanted, utc_now()))
 
     async def check_hash(
         self, address_hash: str, scopes: Iterable[str] = (GLOBAL,)
     ) -> Suppression | None:
-        wanted = list(dict.fromkeys(scopes))
-        marks = ", ".join("?" for _ in wanted)
-        sql = (
-            f"SELECT {_COLUMNS} FROM suppressions"  # noqa: S608 - placeholders only
-            f" WHERE address_hash = ? AND scope IN ({marks}) ORDER BY created_at LIMIT 1"
-        )
+        """As `check`, by keyed hash; hashed-list entries match through the known contact."""
+        wanted = _scopes(scopes)
 
         def lookup(db: sqlite_utils.Database) -> Suppression | None:
-            row = db.execute(sql, [address_hash, *wanted]).fetchone()
-            return Suppression(*row) if row else None
+            row = db.execute(
+                "SELECT address FROM contacts WHERE address_hash = ?", [address_hash]
+            ).fetchone()
+            keys = (address_hash, *digest_keys(row[0])) if row else (address_hash,)
+            return find(db, keys, wanted, utc_now())
 
         return await self._db.read(lookup)
 
+    async def entries(
+        self, *, scope: str | None = None, page_size: int = PAGE_SIZE
+    ) -> AsyncIterator[Suppression]:
+        """Every entry in creation order, a page per read so a large list never sits in memory.
+
+        One query streamed page by page from the reader thread (its only thread); it sorts
+        once, where an index on the order would slow every import by a third.
+        """
+        wanted = None if scope is None else parse_scope(scope)
+        cursor = await self._db.read(functools.partial(_open_listing, scope=wanted))
+        try:
+            while True:
+                page = await self._db.read(lambda _db: cursor.fetchmany(page_size))
+                for row in page:
+                    yield Suppression(*row)
+                if len(page) < page_size:
+                    return
+        finally:
+            await self._db.read(lambda _db: cursor.close())
+
     async def list(self, *, scope: str | None = None) -> list[Suppression]:
-        if scope is None:
-            sql, params = f"SELECT {_COLUMNS} FROM suppressions ORDER BY created_at", []  # noqa: S608
-        else:
-            sql = f"SELECT {_COLUMNS} FROM suppressions WHERE scope = ? ORDER BY created_at"  # noqa: S608
-            params = [parse_scope(scope)]
-        return await self._db.read(
-            lambda db: [Suppression(*row) for row in db.execute(sql, params).fetchall()]
-        )
+        return [entry async for entry in self.entries(scope=scope)]
+
+    async def count(self, *, scope: str | None = None) -> int:
+        wanted = None if scope is None else parse_scope(scope)
+
+        def query(db: sqlite_utils.Database) -> int:
+            if wanted is None:
+                return int(db.execute("SELECT COUNT(*) FROM suppressions").fetchone()[0])
+            return int(
+                db.execute(
+                    "SELECT COUNT(*) FROM suppressions WHERE scope = ?", [wanted]
+                ).fetchone()[0]
+            )
+
+        return await self._db.read(query)
 
     async def remember(self, addresses: Iterable[str]) -> None:
         """Record hash -> address for recipients we mail, so token actions can name them."""
         rows = [(self.hasher.hash(a), self.hasher.normalize(a), utc_now()) for a in addresses]
         await self._db.write(lambda db: remember_contacts(db, rows))
+
+    async def show(self, address: str) -> SubjectRecord:
+        """The entries in force or lapsed under any key of `address`, and their full history."""
+        normalized = self.hasher.normalize(address)
+        keys = self.hasher.lookup_keys(address)
+        return await self._db.read(lambda db: subject_record(db, normalized, keys))
+
+    async def purge_expired(self, now: datetime | None = None, *, batch: int = 10_000) -> int:
+        """Delete entries whose expiry has passed (audited as `expire`); the number deleted."""
+        cutoff = utc_now() if now is None else format_time(now)
+        total = 0
+        while True:
+            removed = await self._db.write(
+                functools.partial(_expire_batch, cutoff=cutoff, batch=batch)
+            )
+            total += removed
+            if removed < batch:
+                return total
+
+
+def subject_record(
+    db: sqlite_utils.Database, normalized: str, keys: Sequence[str]
+) -> SubjectRecord:
+    marks = ", ".join("?" for _ in keys)
+    entries = [
+        Suppression(*row)
+        for row in db.execute(
+            f"SELECT {COLUMNS} FROM suppressions WHERE address_hash IN ({marks})"  # noqa: S608
+            " ORDER BY added_by",
+            list(keys),
+        )
+    ]
+    contact = db.execute(
+        "SELECT first_seen_at FROM contacts WHERE address_hash = ?", [keys[0]]
+    ).fetchone()
+    erased = db.execute(
+        "SELECT erased_at FROM suppression_erasures WHERE address_hash = ?", [keys[0]]
+    ).fetchone()
+    return SubjectRecord(
+        address=normalized,
+        address_hash=keys[0],
+        keys=tuple(keys),
+        suppressions=entries,
+        history=audit.history(db, keys),
+        contact_first_seen_at=contact[0] if contact else None,
+        erased_at=erased[0] if erased else None,
+    )
+
+
+def _open_listing(db: sqlite_utils.Database, *, scope: str | None) -> sqlite3.Cursor:
+    where, params = ("WHERE scope = ?", [scope]) if scope is not None else ("", [])
+    return db.execute(
+        f"SELECT {COLUMNS} FROM suppressions {where}"  # noqa: S608
+        " ORDER BY added_by",
+        params,
+    )
+
+
+def _delete_entries(
+    db: sqlite_utils.Database,
+    keys: Sequence[str],
+    scope: str | None,
+    *,
+    source: str,
+    actor: str | None,
+) -> int:
+    """Delete the entries under `keys` (in `scope`, or all), each audited with what it was."""
+    marks = ", ".join("?" * len(keys))
+    rows = [
+        Suppression(*row)
+        for row in db.execute(
+            f"SELECT {COLUMNS} FROM suppressions WHERE address_hash IN ({marks})",  # noqa: S608
+            list(keys),
+        )
+        if scope is None or row[2] == scope
+    ]
+    now = utc_now()
+    with zeroing(db):
+        for entry in rows:
+            db.execute(
+                "DELETE FROM suppressions WHERE address_hash = ? AND scope = ?",
+                [entry.address_hash, entry.scope],
+            )
+            audit.record(
+                db,
+                "remove",
+                address_hash=entry.address_hash,
+                scope=entry.scope,
+                reason=entry.reason,
+                source=source,
+                actor=actor,
+                detail={"previous": _previous(entry)},
+                at=now,
+            )
+    return len(rows)
+
+
+def _previous(entry: Suppression) -> dict[str, Any]:
+    return {
+        "reason": entry.reason,
+        "source": entry.source,
+        "created_at": entry.created_at,
+        "expires_at": entry.expires_at,
+    }
+
+
+def _expire_batch(db: sqlite_utils.Database, *, cutoff: str, batch: int) -> int:
+    rows = [
+        Suppression(*row)
+        for row in db.execute(
+            f"SELECT {COLUMNS} FROM suppressions"  # noqa: S608
+            " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+            [cutoff, batch],
+        )
+    ]
+    now = utc_now()
+    with zeroing(db):
+        db.conn.executemany(
+            "DELETE FROM suppressions WHERE address_hash = ? AND scope = ?",
+            [(entry.address_hash, entry.scope) for entry in rows],
+        )
+    audit.record_rows(
+        db,
+        [
+            (
+                now,
+                "expire",
+                entry.address_hash,
+                entry.scope,
+                entry.reason,
+                "retention",
+                None,
+                audit.dumps({"previous": _previous(entry)}),
+            )
+            for entry in rows
+        ],
+    )
+    return len(rows)
 
 
 def remember_contacts(db: sqlite_utils.Database, rows: list[tuple[str, str, str]]) -> None:
@@ -162,20 +480,3 @@ def remember_contacts(db: sqlite_utils.Database, rows: list[tuple[str, str, str]
         "INSERT OR IGNORE INTO contacts (address_hash, address, first_seen_at) VALUES (?, ?, ?)",
         rows,
     )
-
-
-def _insert(
-    db: sqlite_utils.Database,
-    address_hash: str,
-    address: str | None,
-    scope: str,
-    reason: Reason,
-    source: str,
-) -> bool:
-    # An existing suppression is never replaced: its time and reason are the proof.
-    cursor = db.execute(
-        "INSERT OR IGNORE INTO suppressions (address_hash, address, scope, reason, source,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        [address_hash, address, scope, str(reason), source, utc_now()],
-    )
-    return bool(cursor.rowcount)

@@ -5,13 +5,25 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import sqlite_utils
 
-from suppression import Database, Migration, utc_now
+from suppression import (
+    Database,
+    DataHolder,
+    InvalidAge,
+    Migration,
+    Subject,
+    SuppressionStore,
+    format_time,
+    parse_age,
+    utc_now,
+    zeroing,
+)
 
 
 class EventType(StrEnum):
@@ -61,6 +73,7 @@ def _create_events(db: sqlite_utils.Database) -> None:
 MIGRATIONS = (Migration("tracking/0001-events", _create_events),)
 
 PAGE_SIZE = 1000
+PURGE_BATCH = 10_000
 
 
 class EventStore:
@@ -80,6 +93,172 @@ class EventStore:
             if len(rows) < PAGE_SIZE:
                 return
             after = rows[-1]["id"]
+
+    async def for_recipient(self, address_hash: str) -> list[dict[str, Any]]:
+        """Every event about one recipient, oldest first, as the public JSON objects."""
+        rows = await self._db.read(functools.partial(_recipient_rows, address_hash=address_hash))
+        return [_as_public(row) for row in rows]
+
+    async def erase_recipient(self, address_hash: str) -> int:
+        """Unlink a recipient's events (erasure): campaign counts stay, the person goes.
+
+        The hash is removed, and so is the detail, which may quote the address (a bounce
+        reply often does). The number of events unlinked.
+        """
+
+        def unlink(db: sqlite_utils.Database) -> int:
+            with zeroing(db):
+                return int(
+                    db.execute(
+                        "UPDATE events SET address_hash = NULL, detail = NULL"
+                        " WHERE address_hash = ?",
+                        [address_hash],
+                    ).rowcount
+                )
+
+        return await self._db.write(unlink)
+
+    def holder(self) -> DataHolder:
+        """This store's part in data-subject exports and erasures."""
+
+        async def export(subject: Subject) -> list[dict[str, Any]]:
+            return await self.for_recipient(subject.address_hash)
+
+        async def erase(subject: Subject) -> int:
+            return await self.erase_recipient(subject.address_hash)
+
+        return DataHolder("events", export, erase)
+
+    async def purge(self, kind: EventType | str, older_than: datetime) -> int:
+        """Delete events of `kind` from before `older_than`, a bounded batch per transaction."""
+        sql = (
+            "DELETE FROM events WHERE id IN (SELECT id FROM events"
+            " WHERE at < ? AND type = ? LIMIT ?)"
+        )
+        return await self._purge(sql, [format_time(older_than), str(kind), PURGE_BATCH])
+
+    async def purge_contacts(self, older_than: datetime) -> int:
+        """Forget addresses first seen before `older_than` with no event since then.
+
+        contacts belongs to the suppression package; the rule needs the events, so it lives
+        here. A suppression keeps its own copy of the address, so nothing stops matching.
+        """
+        cutoff = format_time(older_than)
+        sql = (
+            "DELETE FROM contacts WHERE address_hash IN (SELECT c.address_hash"
+            " FROM contacts c WHERE c.first_seen_at < ? AND NOT EXISTS (SELECT 1"
+            " FROM events e WHERE e.address_hash = c.address_hash AND e.at >= ?)"
+            " LIMIT ?)"
+        )
+        return await self._purge(sql, [cutoff, cutoff, PURGE_BATCH])
+
+    async def _purge(self, sql: str, params: list[object]) -> int:
+        """Repeat a bounded DELETE until a batch comes back short: short write transactions
+        that `serve` can interleave with its own writes."""
+
+        def delete(db: sqlite_utils.Database) -> int:
+            with zeroing(db):
+                return int(db.execute(sql, params).rowcount)
+
+        total = 0
+        while True:
+            removed = await self._db.write(delete)
+            total += removed
+            if removed < PURGE_BATCH:
+                return total
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each kind of event (and an unused contact address) is kept; None: for ever.
+
+    The field names are the keys of the `[retention]` config section, values like "180d".
+    """
+
+    open: timedelta | None = None
+    click: timedelta | None = None
+    unsubscribe: timedelta | None = None
+    delivered: timedelta | None = None
+    deferred: timedelta | None = None
+    bounced: timedelta | None = None
+    suppressed: timedelta | None = None
+    contacts: timedelta | None = None
+
+    @classmethod
+    def parse(cls, table: Mapping[str, object]) -> Retention:
+        """From `{"open": "180d", ...}`; ValueError naming the key for anything else."""
+        known = {f.name for f in fields(cls)}
+        ages: dict[str, timedelta] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ValueError(
+                    f"retention.{key}: unknown key (one of {', '.join(sorted(known))})"
+                )
+            if not isinstance(value, str):
+                raise ValueError(f'retention.{key}: must be a string such as "180d"')
+            try:
+                ages[key] = parse_age(value)
+            except InvalidAge as exc:
+                raise ValueError(f"retention.{key}: {exc}") from None
+        return cls(**ages)
+
+    def merged(self, other: Retention) -> Retention:
+        """`other`'s ages where it has one, else ours (command-line over config)."""
+        return Retention(
+            **{
+                f.name: getattr(other, f.name)
+                if getattr(other, f.name) is not None
+                else getattr(self, f.name)
+                for f in fields(self)
+            }
+        )
+
+    def event_ages(self) -> dict[EventType, timedelta]:
+        ages = {kind: getattr(self, kind.value, None) for kind in EventType}
+        return {kind: age for kind, age in ages.items() if age is not None}
+
+
+@dataclass(slots=True)
+class PurgeReport:
+    events: dict[str, int] = field(default_factory=dict)
+    contacts: int = 0
+    expired_suppressions: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.events.values()) + self.contacts + self.expired_suppressions
+
+
+async def purge(
+    events: EventStore,
+    suppressions: SuppressionStore,
+    retention: Retention,
+    now: datetime | None = None,
+) -> PurgeReport:
+    """Delete what the retention policy no longer allows to keep; `serve` runs this hourly.
+
+    Lapsed suppressions are always removed (they no longer stop mail, and still hold an
+    address); events and contacts by their configured ages.
+    """
+    moment = now or datetime.now(UTC)
+    report = PurgeReport()
+    for kind, age in retention.event_ages().items():
+        report.events[str(kind)] = await events.purge(kind, moment - age)
+    if retention.contacts is not None:
+        report.contacts = await events.purge_contacts(moment - retention.contacts)
+    report.expired_suppressions = await suppressions.purge_expired(moment)
+    return report
+
+
+def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dict[str, Any]]:
+    cursor = db.execute(
+        "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.message_id,"
+        " e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
+        " WHERE e.address_hash = ? ORDER BY e.id",
+        [address_hash],
+    )
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:

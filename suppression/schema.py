@@ -1,0 +1,107 @@
+"""The suppression tables, as one-time migrations (an applied migration is never edited)."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+from .addresses import DEFAULT_POLICY
+from .database import Migration
+
+
+def _create_tables(db: sqlite_utils.Database) -> None:
+    db.table("suppressions").create(
+        {
+            "address_hash": str,
+            "scope": str,
+            "address": str,
+            "reason": str,
+            "source": str,
+            "created_at": str,
+        },
+        pk=("address_hash", "scope"),
+        not_null={"reason", "source", "created_at"},
+    )
+    db.table("suppressions").create_index(["address"])
+    # The one place that maps a hash back to an address; erasure deletes the row.
+    db.table("contacts").create(
+        {"address_hash": str, "address": str, "first_seen_at": str},
+        pk="address_hash",
+        not_null={"address", "first_seen_at"},
+    )
+
+
+_KEYS_EXPIRY_AUDIT = [
+    # Every change, keyed by hash and never by plain address, so it outlives an erasure.
+    """CREATE TABLE suppression_audit (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        action TEXT NOT NULL,        -- add, strengthen, remove, expire, import, erase, ...
+        address_hash TEXT,           -- NULL for a whole-import summary
+        scope TEXT,
+        reason TEXT,
+        source TEXT,                 -- what: cli, one-click, page, import:FILE, erasure, ...
+        actor TEXT,                  -- who: an operator, when known
+        detail TEXT                  -- JSON
+    )""",
+    "CREATE INDEX suppression_audit_hash ON suppression_audit (address_hash)",
+    """CREATE TRIGGER suppression_audit_no_update BEFORE UPDATE ON suppression_audit
+        BEGIN SELECT RAISE(ABORT, 'the suppression audit log is append-only'); END""",
+    """CREATE TRIGGER suppression_audit_no_delete BEFORE DELETE ON suppression_audit
+        BEGIN SELECT RAISE(ABORT, 'the suppression audit log is append-only'); END""",
+    # Entries made before the audit log existed get their creation recorded as it was.
+    """INSERT INTO suppression_audit (at, action, address_hash, scope, reason, source, detail)
+        SELECT created_at, 'add', address_hash, scope, reason, source, '{"migrated":true}'
+        FROM suppressions ORDER BY created_at, rowid""",
+    # WITHOUT ROWID: the entry lives in the primary-key B-tree itself, so a check is one
+    # index probe and an import writes one random-keyed B-tree instead of two.
+    """CREATE TABLE suppressions_v2 (
+        address_hash TEXT NOT NULL,  -- HMAC key, or md5:/sha256: of an imported hashed list
+        scope TEXT NOT NULL,
+        address TEXT,                -- plain address while the person's data is kept
+        reason TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT,             -- soft reasons only; NULL is for ever
+        updated_at TEXT NOT NULL,
+        added_by INTEGER NOT NULL,   -- the audit record of its creation; creation order
+        PRIMARY KEY (address_hash, scope)
+    ) WITHOUT ROWID""",
+    """INSERT INTO suppressions_v2
+        SELECT s.address_hash, s.scope, s.address, s.reason, s.source, s.created_at, NULL,
+            s.created_at, a.id
+        FROM suppressions s JOIN suppression_audit a
+            ON a.address_hash = s.address_hash AND a.scope = s.scope""",
+    "DROP TABLE suppressions",
+    "ALTER TABLE suppressions_v2 RENAME TO suppressions",
+    """CREATE INDEX suppressions_expires_at ON suppressions (expires_at)
+        WHERE expires_at IS NOT NULL""",
+    # Keys whose person was erased: new entries for them never store a plain address again.
+    """CREATE TABLE suppression_erasures (
+        address_hash TEXT PRIMARY KEY,
+        erased_at TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE suppression_settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID""",
+]
+
+
+def _keys_expiry_audit(db: sqlite_utils.Database) -> None:
+    for statement in _KEYS_EXPIRY_AUDIT:
+        db.execute(statement)
+    # Keys made before normalisation was configurable were made with the default policy.
+    existing = db.execute(
+        "SELECT EXISTS (SELECT 1 FROM suppressions) OR EXISTS (SELECT 1 FROM contacts)"
+    ).fetchone()[0]
+    if existing:
+        db.execute(
+            "INSERT INTO suppression_settings (name, value) VALUES ('normalization', ?)",
+            [DEFAULT_POLICY.describe()],
+        )
+
+
+MIGRATIONS = (
+    Migration("suppression/0001-suppressions-and-contacts", _create_tables),
+    Migration("suppression/0002-keys-expiry-audit", _keys_expiry_audit),
+)
