@@ -24,7 +24,7 @@ from ._encoding import (
     qp_lines,
 )
 from ._footer import Edit
-from ._parts import Base64Part, Chunk, Dirty, Hole, QPPart, RawPart, Slot
+from ._parts import Base64Part, Chunk, Dirty, Hole, LinkHole, QPPart, RawPart, Slot
 from .mime import MimeError
 
 CACHE_RUN = 4096  # constant base64 runs at least this long are encoded once per phase
@@ -86,7 +86,7 @@ def byte_edits(
         pieces += [before, replaced]
         offset += len(before)
         chunks = tuple(
-            Slot(item, html, charset) if isinstance(item, Hole) else item.encode(charset)
+            Slot(item, html, charset) if isinstance(item, Hole | LinkHole) else item.encode(charset)
             for item in edit.replacement
         )
         out.append(ByteEdit(offset, offset + len(replaced), chunks))

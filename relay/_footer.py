@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
-from ._html import insertion_point
-from ._parts import Hole
+from tracking.clicks import is_redirectable
+
+from ._html import attribute_value, insertion_point, links
+from ._parts import Hole, HoleKey, LinkHole
 
 PLACEHOLDER = "%unsubscribe_url%"
 # HTML editors percent-encode a placeholder typed into a link's address.
@@ -26,7 +29,7 @@ _PIXEL = (
     '" width="1" height="1" alt="" style="display:block;width:1px;height:1px;border:0">',
 )
 
-Replacement = tuple[str | Hole, ...]
+Replacement = tuple[str | HoleKey, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,51 @@ class Edit:
     start: int
     end: int
     replacement: Replacement
+
+
+# Longer links stay as they are: a click URL carries its destination, and must stay usable.
+MAX_TRACKED_URL = 2048
+MAX_TRACKED_LINKS = 1000
+# Printable ASCII but the space: what a URL keeps as it is; the rest is percent-encoded.
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+_C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
+_TAB_OR_NEWLINE = re.compile(r"[\t\n\r]")
+_WEB = re.compile(r"https?://", re.IGNORECASE)
+
+
+def link_edits(text: str, tracked: list[str]) -> list[Edit]:
+    """Each trackable link's href becomes a click URL hole; its URL is appended to `tracked`.
+
+    Left alone: links marked data-optout-notrack, anything but absolute http(s) URLs
+    (mailto:, tel:, #anchors, relative), the unsubscribe placeholder, and overlong URLs.
+    """
+    edits = []
+    for link in links(text):
+        if link.notrack or len(tracked) >= MAX_TRACKED_LINKS:
+            continue
+        url = trackable_url(link.value)
+        if url is None:
+            continue
+        hole = LinkHole(len(tracked))
+        tracked.append(url)
+        # An unquoted value gets quotes, so nothing in the URL can end the attribute.
+        replacement: Replacement = (hole,) if link.quoted else ('"', hole, '"')
+        edits.append(Edit(link.start, link.end, replacement))
+    return edits
+
+
+def trackable_url(raw: str) -> str | None:
+    """The URL a browser would follow for this href value, if it is one to track."""
+    if _HTML_PLACEHOLDER.search(raw):
+        return None
+    # As the URL parser does: outer spaces and controls go, tabs and newlines anywhere.
+    url = _TAB_OR_NEWLINE.sub("", attribute_value(raw).strip(_C0_AND_SPACE))
+    if not _WEB.match(url):
+        return None
+    url = quote(url, safe=_URL_SAFE)  # non-ASCII as UTF-8 %-escapes, as browsers send it
+    if len(url) > MAX_TRACKED_URL or not is_redirectable(url):
+        return None
+    return url
 
 
 def placeholders(text: str, html: bool) -> list[Edit]:

@@ -14,10 +14,12 @@ put inside such a region would be hidden from Outlook, so it goes after the regi
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from html.entities import html5 as _ENTITIES
 
 _TAG_NAME = re.compile(r"[A-Za-z][^\t\n\f\r />]*")
 # Attributes up to (not including) the closing ">": a quote only opens a value after "=".
@@ -34,19 +36,35 @@ _RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for 
 _FOREIGN = frozenset({"svg", "math"})
 # Names whose tags change what follows (raw text, foreign content, plaintext) or are what we
 # look for (body, html): these always take the careful path below.
-_SPECIAL = "|".join(sorted({*_RAW_TEXT, *_FOREIGN, "plaintext", "body", "html"}))
-# A run of text and ordinary tags, matched in one go: most of a campaign's markup. It stops
-# before comments, declarations, special tags and anything unterminated, which the
-# tokenizer proper handles; possessive quantifiers keep it linear on any input.
-_ORDINARY_RUN = re.compile(
-    r"(?:[^<]++"
-    r"|<(?![A-Za-z!?/])"
-    rf"|</?+(?!(?i:{_SPECIAL})[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+"
-    r"""(?:[\t\n\f\r /]++"""
-    r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
-    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"']++))?+)*+>"""
-    r")*+"
+_SPECIAL = frozenset({*_RAW_TEXT, *_FOREIGN, "plaintext", "body", "html"})
+_LINK_TAGS = frozenset({"a", "area"})
+
+
+def _ordinary_run(special: frozenset[str]) -> re.Pattern[str]:
+    """A run of text and ordinary tags, matched in one go: most of a campaign's markup. It
+    stops before comments, declarations, special tags and anything unterminated, which the
+    tokenizer proper handles; possessive quantifiers keep it linear on any input."""
+    names = "|".join(sorted(special))
+    return re.compile(
+        r"(?:[^<]++"
+        r"|<(?![A-Za-z!?/])"
+        rf"|</?+(?!(?i:{names})[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+"
+        r"""(?:[\t\n\f\r /]++"""
+        r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
+        r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"']++))?+)*+>"""
+        r")*+"
+    )
+
+
+_ORDINARY_RUN = _ordinary_run(_SPECIAL)
+# The same, stopping at <a> and <area> too, for finding links.
+_ORDINARY_RUN_LINKS = _ordinary_run(_SPECIAL | _LINK_TAGS)
+# One attribute inside a tag: its name, then its value's span (quoted or not), if any.
+_ATTRIBUTE = re.compile(
+    r"""[\t\n\f\r /]*([^\t\n\f\r />][^\t\n\f\r /=>]*)"""
+    r"""(?:[\t\n\f\r ]*=[\t\n\f\r ]*(?:"([^"]*)"|'([^']*)'|([^\t\n\f\r >]+)))?"""
 )
+_CHARREF = re.compile(r"&(?:#[0-9]+;?|#[xX][0-9A-Fa-f]+;?|[A-Za-z][A-Za-z0-9]*;?)")
 _META_CHARSET = re.compile(
     rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:+-]+)""", re.IGNORECASE
 )
@@ -76,19 +94,20 @@ class Scan:
     open_from: int
 
 
-def tokenize(text: str) -> Scan:
+def tokenize(text: str, *, links: bool = False) -> Scan:
+    """`links`: record <a> and <area> start tags too (for click tracking)."""
     tokens: list[Token] = []
-    open_from = _tokenize(text, tokens)
+    open_from = _tokenize(text, tokens, _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN)
     return Scan(tokens, open_from)
 
 
-def _tokenize(text: str, out: list[Token]) -> int:
+def _tokenize(text: str, out: list[Token], ordinary: re.Pattern[str]) -> int:
     """Tokens that matter for placement (ordinary tags are skipped, not recorded)."""
     pos = 0
     n = len(text)
     foreign = 0
     while True:
-        run = _ORDINARY_RUN.match(text, pos)
+        run = ordinary.match(text, pos)
         if run is not None:
             pos = run.end()
         lt = text.find("<", pos)
@@ -223,6 +242,75 @@ def insertion_point(text: str) -> int:
     while end and text[end - 1] in " \t\r\n\f":
         end -= 1
     return end
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """The href of an <a> or <area> start tag: its value's span in the text, as written."""
+
+    start: int  # inside the quotes, if any
+    end: int
+    quoted: bool
+    value: str  # character references not yet resolved
+    notrack: bool  # the tag has a data-optout-notrack attribute
+
+
+def links(text: str) -> list[Link]:
+    """Every link a browser would see, in document order: not those in comments (Outlook's
+    `<!--[if mso]>` blocks included), scripts, titles or other raw text."""
+    found = []
+    for token in tokenize(text, links=True).tokens:
+        if token.kind is Kind.START and token.name in _LINK_TAGS:
+            link = _link(text, token)
+            if link is not None:
+                found.append(link)
+    return found
+
+
+def _link(text: str, token: Token) -> Link | None:
+    pos = token.start + 1 + len(token.name)
+    end = token.end - 1  # the ">"
+    seen: set[str] = set()
+    href: tuple[int, int, bool] | None = None
+    notrack = False
+    while pos < end:
+        attribute = _ATTRIBUTE.match(text, pos, end)
+        if attribute is None:
+            break
+        pos = attribute.end()
+        name = attribute.group(1).lower()
+        if name in seen:
+            continue  # a repeated attribute is ignored by browsers: the first one counts
+        seen.add(name)
+        if name == "data-optout-notrack":
+            notrack = True
+        elif name == "href":
+            group = next((g for g in (2, 3, 4) if attribute.group(g) is not None), None)
+            if group is not None:
+                href = (attribute.start(group), attribute.end(group), group != 4)
+    if href is None:
+        return None
+    start, stop, quoted = href
+    return Link(start, stop, quoted, text[start:stop], notrack)
+
+
+def attribute_value(raw: str) -> str:
+    """An attribute value as a browser reads it: character references resolved, except a
+    named one without its ";" followed by "=" or a letter or digit, which in an attribute
+    is left as written (`?a=1&copy=2` keeps its `&copy`)."""
+    if "&" not in raw:
+        return raw
+
+    def resolve(found: re.Match[str]) -> str:
+        ref = found.group()
+        name = ref[1:]
+        if name.startswith("#"):
+            return html.unescape(ref)
+        if name in _ENTITIES and (name.endswith(";") or raw[found.end() : found.end() + 1] != "="):
+            return html.unescape(ref)
+        return ref  # unknown, or a legacy name run into what follows: browsers keep it
+
+    return _CHARREF.sub(resolve, raw)
 
 
 def sniff_charset(data: bytes) -> str | None:

@@ -23,18 +23,28 @@ LINE_LIMIT = 998  # RFC 5322 2.1.1, without the CRLF
 class Hole(StrEnum):
     UNSUBSCRIBE_URL = "unsubscribe_url"
     PIXEL_URL = "pixel_url"
-    CLICK_URL = "click_url"  # reserved for click tracking; no template has one yet
+    CLICK_URL = "click_url"  # in `Template.holes` when links are tracked (see LinkHole)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkHole:
+    """The click-tracking URL of the message's link number `index` (`Template.links`)."""
+
+    index: int
+
+
+HoleKey = Hole | LinkHole
 
 
 @dataclass(frozen=True, slots=True)
 class Slot:
     """Where a hole's value goes, and how it is written there."""
 
-    hole: Hole
+    hole: HoleKey
     html: bool  # escaped as an HTML attribute value
     charset: str
 
-    def value(self, values: Mapping[Hole, str]) -> bytes:
+    def value(self, values: Mapping[HoleKey, str]) -> bytes:
         value = values[self.hole]
         if self.html:
             return html.escape(value, quote=True).encode(self.charset, "xmlcharrefreplace")
@@ -44,12 +54,12 @@ class Slot:
 Chunk = bytes | Slot
 
 
-def join(chunks: Sequence[Chunk], values: Mapping[Hole, str]) -> bytes:
+def join(chunks: Sequence[Chunk], values: Mapping[HoleKey, str]) -> bytes:
     return b"".join(c if isinstance(c, bytes) else c.value(values) for c in chunks)
 
 
 class Renderable(Protocol):
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes: ...
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +69,7 @@ class Switch:
     normal: bytes
     downgraded: bytes
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         return self.normal if eight_bit_ok else self.downgraded
 
 
@@ -70,7 +80,7 @@ class Downgrade:
     original: bytes
     encode: Callable[[bytes], bytes]
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         return self.original if eight_bit_ok else self.seven_bit
 
     @cached_property
@@ -92,7 +102,7 @@ class RawPart:
     eight_bit: bool
     hole_lines: list[tuple[int, tuple[Slot, ...]]]  # (constant width, slots) of lines with holes
 
-    def as_qp(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bool:
+    def as_qp(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bool:
         if self.eight_bit and not eight_bit_ok:
             return True
         return any(
@@ -100,7 +110,7 @@ class RawPart:
             for width, slots in self.hole_lines
         )
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         data = join(self.chunks, values)
         return qp_encode(data, self.nl) if self.as_qp(values, eight_bit_ok) else data
 
@@ -114,7 +124,7 @@ class CteField:
     normal: bytes  # the sender's field (empty when it had none)
     qp: bytes
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         return self.qp if self.part.as_qp(values, eight_bit_ok) else self.normal
 
 
@@ -134,7 +144,7 @@ class QPPart:
     chunks: list[bytes | Dirty]
     nl: bytes
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         return b"".join(
             c if isinstance(c, bytes) else qp_encode(join(c.chunks, values), self.nl) + c.tail
             for c in self.chunks
@@ -155,7 +165,7 @@ class Base64Part:
     def __post_init__(self) -> None:
         self.line_bytes = self.line_chars // 4 * 3
 
-    def render(self, values: Mapping[Hole, str], eight_bit_ok: bool) -> bytes:
+    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes:
         size, chars, nl = self.line_bytes, self.line_chars, self.nl
         out = [self.prefix]
         pending = b""

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -19,7 +20,7 @@ from aiohttp import web
 from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
 from suppression import AddressHasher, Database, SuppressionError, SuppressionStore
 from tracking import MIGRATIONS as EVENT_MIGRATIONS
-from tracking import EventStore, Signer, TrackingUrls, create_app
+from tracking import EventStore, RateLimit, Signer, TrackingUrls, create_app
 from tracking.events import purge
 
 from .accounts import AuthThrottle
@@ -123,6 +124,25 @@ def _has_signer(signers: dict[str, DkimSigner], domain: str) -> bool:
     return any(".".join(labels[i:]) in signers for i in range(len(labels) - 1))
 
 
+def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.Application:
+    tracking = settings.tracking
+    return create_app(
+        stores.suppressions,
+        stores.events,
+        urls,
+        template_dir=tracking.templates,
+        brand=tracking.brand,
+        store_ip=tracking.store_ip,
+        store_user_agent=tracking.store_user_agent,
+        durable_events=tracking.durable_events,
+        rate_limit=RateLimit(per_minute=tracking.rate_per_minute, burst=tracking.rate_burst),
+        trusted_proxies=settings.http.trusted_proxies,
+        metrics_from=settings.http.metrics_from,
+        undo_window=timedelta(seconds=tracking.undo_window),
+        machine_seconds=tracking.machine_seconds,
+    )
+
+
 def describe_destination(settings: Settings) -> str:
     downstream = settings.delivery.downstream
     if downstream is None:
@@ -179,6 +199,7 @@ class DeliveryRuntime:
                 pipeline=Pipeline(
                     signers=load_dkim_signers(settings),
                     accounts={a.username: a for a in settings.accounts},
+                    clicks=settings.tracking.clicks,
                 ),
                 suppressions=stores.suppressions,
                 events=stores.events,
@@ -274,9 +295,7 @@ class Relay:
             notify = runtime.worker.notify
             destination = runtime.transport.describe()
 
-        runner = web.AppRunner(
-            create_app(stores.suppressions, stores.events, urls), access_log=None
-        )
+        runner = web.AppRunner(tracking_app(settings, stores, urls), access_log=None)
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
         http = settings.http.listen

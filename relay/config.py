@@ -63,10 +63,29 @@ class SmtpSettings:
     idle_timeout: float = 300.0
 
 
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     listen: Listen = Listen("127.0.0.1", 8080)
     public_url: str | None = None  # default: http:// and the listen address
+    trusted_proxies: tuple[str, ...] = LOOPBACK_NETWORKS  # whose X-Forwarded-For is believed
+    metrics_from: tuple[str, ...] = LOOPBACK_NETWORKS  # who may read /metrics
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingSettings:
+    clicks: bool = False
+    store_ip: bool = False  # then only the /24 (IPv4) or /48 (IPv6) network
+    store_user_agent: bool = False
+    durable_events: bool = False
+    templates: Path | None = None
+    brand: str | None = None
+    undo_window: float = 3600.0
+    machine_seconds: float = 10.0
+    rate_per_minute: float = 60.0
+    rate_burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +151,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
     retention: Retention = field(default_factory=Retention)
@@ -212,6 +232,17 @@ def _networks(value: Any, key: str) -> tuple[IPNetwork, ...]:
         except ValueError as exc:
             raise ConfigError(key, f"{item!r} is not a network: {exc}") from None
     return tuple(networks)
+
+
+def _network_strings(value: Any, key: str) -> tuple[str, ...]:
+    return tuple(str(network) for network in _networks(value, key))
+
+
+def _template_dir(value: Any, key: str) -> Path:
+    path = Path(_string(value, key)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(key, f"{path} is not a directory")
+    return path
 
 
 def _public_url(value: Any, key: str) -> str:
@@ -376,7 +407,30 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "idle_timeout": _positive_number,
         },
     ),
-    "http": (HttpSettings, {"listen": _listen, "public_url": _public_url}),
+    "http": (
+        HttpSettings,
+        {
+            "listen": _listen,
+            "public_url": _public_url,
+            "trusted_proxies": _network_strings,
+            "metrics_from": _network_strings,
+        },
+    ),
+    "tracking": (
+        TrackingSettings,
+        {
+            "clicks": _boolean,
+            "store_ip": _boolean,
+            "store_user_agent": _boolean,
+            "durable_events": _boolean,
+            "templates": _template_dir,
+            "brand": _string,
+            "undo_window": _positive_number,
+            "machine_seconds": _positive_number,
+            "rate_per_minute": _positive_number,
+            "rate_burst": _positive_int,
+        },
+    ),
     "delivery": (
         DeliverySettings,
         {

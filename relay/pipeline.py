@@ -7,6 +7,7 @@ per-recipient work (tokens, URLs) happens at delivery time in `PreparedMessage.p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
@@ -17,9 +18,19 @@ from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope
 from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
-from .dkim import DkimSigner, signing_domains
+from .dkim import DkimError, DkimSigner, signing_domains
 from .mime import parse_headers, split_entity
-from .rewrite import Decorations, Hole, Template, build_template, list_unsubscribe_headers
+from .rewrite import (
+    Decorations,
+    Hole,
+    HoleKey,
+    LinkHole,
+    Template,
+    build_template,
+    list_unsubscribe_headers,
+)
+
+log = logging.getLogger("optout.delivery")
 
 UNTOUCHABLE_TOP_LEVEL = frozenset(
     {
@@ -40,6 +51,7 @@ class Metadata:
     campaign: str | None = None
     scope: str = GLOBAL
     track_opens: bool = True
+    track_clicks: bool = False
     transactional: bool = False
     rewrite_body: bool = True
     from_domain: str | None = None
@@ -189,6 +201,10 @@ class PreparedMessage:
 
     meta: Metadata
     template: Template
+    # The per-message halves of the click URLs, signed once for all recipients.
+    _link_tokens: tuple[TrackingUrls, tuple[str, ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def personalise(
         self,
@@ -204,7 +220,15 @@ class PreparedMessage:
         """
         copy = self._render(recipient, urls, hasher, eight_bit_ok)
         signer = self.meta.signer
-        return copy if signer is None else signer.sign(copy) + copy
+        if signer is None:
+            return copy
+        try:
+            return signer.sign(copy) + copy
+        except DkimError as exc:
+            # Headers DKIM cannot sign (e.g. a line without a colon): better unsigned than
+            # stuck; the log says why.
+            log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
+            return copy
 
     def _render(
         self, recipient: str, urls: TrackingUrls, hasher: AddressHasher, eight_bit_ok: bool
@@ -215,12 +239,30 @@ class PreparedMessage:
             hasher.hash(recipient), self.meta.scope, self.meta.campaign, self.meta.queue_id
         )
         unsubscribe_url = urls.unsubscribe_url(ref)
-        values = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
+        values: dict[HoleKey, str] = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
         if self.meta.track_opens and self.meta.rewrite_body:
             values[Hole.PIXEL_URL] = urls.pixel_url(ref)
+        if self.template.links:
+            prefix = urls.click_prefix(ref)
+            for index, token in enumerate(self._links_signed(urls)):
+                values[LinkHole(index)] = prefix + token
         return self.template.render(
             values, list_unsubscribe_headers(unsubscribe_url), eight_bit_ok=eight_bit_ok
         )
+
+    def _links_signed(self, urls: TrackingUrls) -> tuple[str, ...]:
+        cached = self._link_tokens
+        if cached is None or cached[0] is not urls:
+            tokens = tuple(urls.link_token(self.meta.queue_id, u) for u in self.template.links)
+            cached = self._link_tokens = (urls, tokens)
+        return cached[1]
+
+
+def _signing_domains(block: bytes) -> list[str]:
+    try:
+        return signing_domains(block)
+    except DkimError:
+        return []  # headers DKIM cannot read: no signature of the sender's to speak of
 
 
 class Pipeline:
@@ -229,29 +271,37 @@ class Pipeline:
         steps: tuple[Step, ...] = DEFAULT_STEPS,
         signers: Mapping[str, DkimSigner] | None = None,
         accounts: Mapping[str, Account] | None = None,
+        *,
+        clicks: bool = False,
     ) -> None:
+        """`clicks`: rewrite the HTML links of tracked messages to signed click URLs."""
         self.steps = (*steps, ChooseDkimKey(signers or {}))
         self.accounts = dict(accounts or {})
+        self.clicks = clicks
 
     def prepare(
         self, queue_id: str, mail_from: str, raw: bytes, account: str | None = None
     ) -> PreparedMessage:
-        meta = Metadata(queue_id, mail_from)
+        meta = Metadata(queue_id, mail_from, track_clicks=self.clicks)
         meta.account = self.accounts.get(account) if account else None
         block = split_entity(raw)[0]
         headers = parse_headers(block)
         for step in self.steps:
             step.process(headers, meta)
-        if meta.from_domain and meta.from_domain in signing_domains(block):
+        if meta.from_domain and meta.from_domain in _signing_domains(block):
             # The sender's signature cannot survive the rewrite; ours replaces its purpose.
             meta.decide(
                 "dkim",
                 f"warning: the sender's own d={meta.from_domain} signature"
                 " will not verify after the rewrite",
             )
+        # Whatever turns open tracking off (X-Optout-Track, transactional, the account's
+        # choice) turns click tracking off too: it is the same consent.
+        meta.track_clicks = meta.track_clicks and meta.track_opens and meta.rewrite_body
         decorations = Decorations(
             unsubscribe=not meta.transactional and meta.rewrite_body,
             pixel=meta.track_opens and meta.rewrite_body,
+            clicks=meta.track_clicks,
         )
         template = build_template(raw, decorations)
         for note in template.notes:

@@ -24,9 +24,9 @@ from ._compile import (
     seven_bit,
 )
 from ._encoding import line_ending
-from ._footer import PLACEHOLDER, Edit, html_footer, placeholders, text_footer
+from ._footer import PLACEHOLDER, Edit, html_footer, link_edits, placeholders, text_footer
 from ._html import sniff_charset
-from ._parts import CteField, Downgrade, Hole, Piece, Switch
+from ._parts import CteField, Downgrade, Hole, HoleKey, LinkHole, Piece, Switch
 from ._walk import Leaf, Tree, walk
 from .mime import HeaderField, MimeError, header_fields, split_entity
 
@@ -34,6 +34,8 @@ __all__ = [
     "PLACEHOLDER",
     "Decorations",
     "Hole",
+    "HoleKey",
+    "LinkHole",
     "Template",
     "build_template",
     "list_unsubscribe_headers",
@@ -53,6 +55,7 @@ class Decorations:
 
     unsubscribe: bool = True
     pixel: bool = True
+    clicks: bool = False  # HTML links become click-tracking URLs (LinkHole per link)
 
 
 @dataclass(slots=True)
@@ -63,10 +66,11 @@ class Template:
     nl: bytes = b"\r\n"  # the message's own line break, for the headers added at render
     notes: list[str] = field(default_factory=list)  # every decision, for logs and events
     holes: frozenset[Hole] = frozenset()
+    links: tuple[str, ...] = ()  # LinkHole(i) is the click URL for links[i]
 
     def render(
         self,
-        values: Mapping[Hole, str],
+        values: Mapping[HoleKey, str],
         extra_headers: Sequence[bytes] = (),
         *,
         eight_bit_ok: bool = True,
@@ -137,6 +141,7 @@ def build_template(raw: bytes, decorations: Decorations) -> Template:
 def _failed(template: Template, reason: str) -> None:
     template.notes.append(f"rewrite_failed: {reason}")
     template.holes = frozenset()
+    template.links = ()
     log.warning("rewrite failed, body left as sent: %s", reason)
 
 
@@ -188,11 +193,14 @@ class _Builder:
         self.decorations = decorations
         self.template = template
         self.notes = template.notes
+        self.links: list[str] = []
 
     def splices(self) -> list[Splice]:
         for sealed in self.tree.sealed:
             self.notes.append(f"{sealed.ctype} left untouched")
-        plan = self._plan() if self.decorations.unsubscribe or self.decorations.pixel else {}
+        decorations = self.decorations
+        wanted = decorations.unsubscribe or decorations.pixel or decorations.clicks
+        plan = self._plan() if wanted else {}
         out: list[Splice] = []
         holes: set[Hole] = set()
         for leaf in self.tree.leaves:
@@ -204,9 +212,10 @@ class _Builder:
             else:
                 out += self._unchanged(leaf)
         self._undowngradable()
-        if (self.decorations.unsubscribe or self.decorations.pixel) and not holes:
+        if (decorations.unsubscribe or decorations.pixel) and not holes - {Hole.CLICK_URL}:
             self.notes.append("no text part could carry the unsubscribe link")
         self.template.holes = frozenset(holes)
+        self.template.links = tuple(self.links)
         return out
 
     def _plan(self) -> dict[int, tuple[str, list[Edit]]]:
@@ -223,6 +232,10 @@ class _Builder:
                 texts[leaf.body_start] = (leaf, text, charset)
         edits: dict[int, list[Edit]] = {key: [] for key in texts}
         unsubscribe = self.decorations.unsubscribe
+        if self.decorations.clicks:
+            for key, (leaf, text, _) in texts.items():
+                if leaf.ctype == "text/html":
+                    edits[key] += link_edits(text, self.links)
         for ctype in ("text/plain", "text/html"):
             of_type = [(k, v) for k, v in texts.items() if v[0].ctype == ctype]
             html = ctype == "text/html"
@@ -328,16 +341,24 @@ class _Builder:
 
 
 def _holes_of(edits: list[Edit]) -> set[Hole]:
-    return {item for e in edits for item in e.replacement if isinstance(item, Hole)}
+    holes = {item for e in edits for item in e.replacement if isinstance(item, Hole)}
+    if any(isinstance(item, LinkHole) for e in edits for item in e.replacement):
+        holes.add(Hole.CLICK_URL)
+    return holes
 
 
 def _describe(edits: list[Edit]) -> str:
     kinds = []
+    tracked = 0
     for edit in edits:
-        if edit.start != edit.end:
+        if any(isinstance(item, LinkHole) for item in edit.replacement):
+            tracked += 1
+        elif edit.start != edit.end:
             kinds.append("placeholder")
         elif Hole.UNSUBSCRIBE_URL in edit.replacement:
             kinds.append("footer" + (" and pixel" if Hole.PIXEL_URL in edit.replacement else ""))
         else:
             kinds.append("pixel")
+    if tracked:
+        kinds.append(f"{tracked} link{'s' if tracked > 1 else ''} tracked")
     return ", ".join(dict.fromkeys(kinds))

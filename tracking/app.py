@@ -1,142 +1,146 @@
-"""The recipient-facing HTTP endpoint: open pixel and RFC 8058 one-click unsubscribe."""
+"""The recipient-facing HTTP endpoint: pixel, clicks, unsubscribe pages and RFC 8058 one-click,
+plus /healthz and /metrics for the operator."""
 
 from __future__ import annotations
 
-import logging
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
 
-import jinja2
 from aiohttp import web
 
-from suppression import Reason, SuppressionStore
+from suppression import SuppressionStore
 
-from .errors import BadToken
-from .events import Event, EventStore, EventType
-from .tokens import OPEN_PATH, PIXEL_SUFFIX, UNSUBSCRIBE_PATH, RecipientRef, TrackingUrls
-from .verdict import is_machine
+from .clicks import click
+from .events import EventStore
+from .metrics import Metrics
+from .network import LOOPBACK, networks
+from .opens import PIXEL_GIF, pixel, resolve_fetch
+from .pages import environment
+from .ratelimit import RateLimit, RateLimiter
+from .recorder import EventRecorder
+from .state import TRACKING, Options, Tracking, client_of
+from .tokens import CLICK_PATH, OPEN_PATH, PIXEL_SUFFIX, UNSUBSCRIBE_PATH, TrackingUrls
+from .unsubscribe import confirmation_page, unsubscribe
+from .verdict import DEFAULT_FAST_SECONDS, Judge
 
-log = logging.getLogger("optout.http")
+__all__ = ["MAX_REQUEST_BODY", "PIXEL_GIF", "SECURITY_HEADERS", "create_app"]
 
-SUPPRESSIONS = web.AppKey("suppressions", SuppressionStore)
-EVENTS = web.AppKey("events", EventStore)
-URLS = web.AppKey("urls", TrackingUrls)
-TEMPLATES = web.AppKey("templates", jinja2.Environment)
-
-# The smallest transparent GIF: 1x1, one palette entry.
-PIXEL_GIF = (
-    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00"
-    b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
-)
-MAX_REQUEST_BODY = 64 * 1024
+# A one-click POST is 26 bytes; the page's form a few dozen. Anything large is not ours.
+MAX_REQUEST_BODY = 16 * 1024
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self';"
-        " frame-ancestors 'none'; base-uri 'none'"
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:;"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
-NO_STORE = "no-store, no-cache, must-revalidate, max-age=0"
+_METHODS = frozenset({"GET", "HEAD", "POST"})
 
 
 def create_app(
-    suppressions: SuppressionStore, events: EventStore, urls: TrackingUrls
+    suppressions: SuppressionStore,
+    events: EventStore,
+    urls: TrackingUrls,
+    *,
+    template_dir: Path | None = None,
+    brand: str | None = None,
+    store_ip: bool = False,
+    store_user_agent: bool = False,
+    durable_events: bool = False,
+    rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
+    trusted_proxies: Sequence[str] = LOOPBACK,
+    metrics_from: Sequence[str] = LOOPBACK,
+    undo_window: timedelta = timedelta(hours=1),
+    machine_seconds: float = DEFAULT_FAST_SECONDS,
+    machine_agents: Mapping[str, str] | None = None,
+    machine_networks: Mapping[str, Sequence[str]] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
+    """The app. Every keyword has a safe default:
+
+    - `template_dir`: the operator's templates; a file there replaces ours of the same name.
+    - `brand`: the sender's name, shown on the pages.
+    - `store_ip` / `store_user_agent`: keep the client's /24 (IPv4) or /48 (IPv6) network /
+      its User-Agent in open and click events (and the IP network in unsubscribe proofs).
+    - `durable_events`: answer a pixel or click only once its event is committed.
+    - `rate_limit`: on the state-changing POSTs, per client address (a genuine one-click:
+      per recipient, so a mail provider's shared addresses never have an opt-out refused).
+    - `trusted_proxies`: peers whose X-Forwarded-For is believed (a local reverse proxy).
+    - `metrics_from`: client networks that may read /metrics.
+    - `undo_window`: how long the done page's undo works after an opt-out.
+    - `machine_*`: when an open or click counts as a machine's, beyond the built-in lists.
+    """
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
-    app.on_response_prepare.append(add_security_headers)
-    app[SUPPRESSIONS] = suppressions
-    app[EVENTS] = events
-    app[URLS] = urls
-    app[TEMPLATES] = jinja2.Environment(
-        loader=jinja2.PackageLoader("tracking", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
+    metrics = Metrics()
+    app[TRACKING] = Tracking(
+        suppressions=suppressions,
+        events=events,
+        urls=urls,
+        templates=environment(template_dir),
+        options=Options(
+            brand=brand,
+            store_ip=store_ip,
+            store_user_agent=store_user_agent,
+            durable_events=durable_events,
+            undo_window=undo_window,
+            trusted_proxies=networks(trusted_proxies),
+            metrics_from=networks(metrics_from),
+            clock=clock,
+        ),
+        metrics=metrics,
+        judge=Judge(fast_seconds=machine_seconds, agents=machine_agents, networks=machine_networks),
+        limiter=RateLimiter(rate_limit),
+        recorder=EventRecorder(events, metrics),
     )
-    app.router.add_get(OPEN_PATH + "{token}" + PIXEL_SUFFIX, pixel)
-    app.router.add_get(UNSUBSCRIBE_PATH + "{token}", unsubscribe_page)
-    app.router.add_post(UNSUBSCRIBE_PATH + "{token}", unsubscribe)
-    app.router.add_get("/healthz", healthz)
+    app[TRACKING].recorder.resolve = functools.partial(resolve_fetch, app[TRACKING])
+    app.on_startup.append(_start_recorder)
+    app.on_cleanup.append(_stop_recorder)
+    app.on_response_prepare.append(_on_response)
+
+    router = app.router
+    router.add_get(OPEN_PATH + "{token}" + PIXEL_SUFFIX, pixel, name="pixel")
+    router.add_get(CLICK_PATH + "{recipient}/{link}", click, name="click")
+    unsubscribe_route = router.add_resource(UNSUBSCRIBE_PATH + "{token}", name="unsubscribe")
+    unsubscribe_route.add_route("GET", confirmation_page)
+    unsubscribe_route.add_route("HEAD", confirmation_page)
+    unsubscribe_route.add_route("POST", unsubscribe)
+    router.add_get("/healthz", healthz, name="healthz")
+    router.add_get("/metrics", metrics_page, name="metrics")
     return app
 
 
-async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+async def _start_recorder(app: web.Application) -> None:
+    app[TRACKING].recorder.start()
+
+
+async def _stop_recorder(app: web.Application) -> None:
+    await app[TRACKING].recorder.close()
+
+
+async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Security headers on every answer, and the request counted by route (never by path)."""
     response.headers.update(SECURITY_HEADERS)
+    route = request.match_info.route.name or "other"
+    method = request.method if request.method in _METHODS else "OTHER"
+    request.app[TRACKING].metrics.request(route, method, response.status)
 
 
 async def healthz(request: web.Request) -> web.Response:
+    if not request.app[TRACKING].recorder.healthy:
+        return web.Response(status=503, text="event writes failing\n")
     return web.Response(text="ok\n")
 
 
-async def pixel(request: web.Request) -> web.Response:
-    """Always the image, so no client shows a broken picture; an open only for a valid token."""
-    try:
-        ref = request.app[URLS].read_open(request.match_info["token"])
-    except BadToken:
-        pass
-    else:
-        machine = is_machine(request.headers.get("User-Agent"))
-        await request.app[EVENTS].record(
-            Event(EventType.OPEN, ref.address_hash, ref.campaign, ref.message_id, machine)
-        )
-    return web.Response(
-        body=PIXEL_GIF,
-        content_type="image/gif",
-        headers={"Cache-Control": NO_STORE, "Pragma": "no-cache"},
-    )
-
-
-def _page(
-    request: web.Request, template: str, status: int = 200, **context: object
-) -> web.Response:
-    html = request.app[TEMPLATES].get_template(template).render(**context)
-    return web.Response(
-        text=html,
-        status=status,
-        content_type="text/html",
-        charset="utf-8",
-        headers={"Cache-Control": NO_STORE},
-    )
-
-
-def _read_token(request: web.Request) -> RecipientRef | None:
-    try:
-        return request.app[URLS].read_unsubscribe(request.match_info["token"])
-    except BadToken:
-        return None
-
-
-async def unsubscribe_page(request: web.Request) -> web.Response:
-    """GET and HEAD: a confirmation page. Never changes state: scanners and prefetchers GET."""
-    ref = _read_token(request)
-    if ref is None:
-        return _page(request, "invalid.html", status=404)
-    return _page(request, "confirm.html", scope=ref.scope)
-
-
-async def unsubscribe(request: web.Request) -> web.Response:
-    """POST: RFC 8058 one-click (no cookie, auth or CSRF token) or the page's confirm button."""
-    ref = _read_token(request)
-    if ref is None:
-        return _page(request, "invalid.html", status=404)
-    form = await request.post()
-    if form.get("List-Unsubscribe") == "One-Click":
-        method = "one-click"
-    elif "confirm" in form:
-        method = "page"
-    else:
-        return _page(request, "bad-request.html", status=400)
-    added = await request.app[SUPPRESSIONS].add_hash(
-        ref.address_hash, scope=ref.scope, reason=Reason.UNSUBSCRIBE, source=method
-    )
-    if added:
-        await request.app[EVENTS].record(
-            Event(
-                EventType.UNSUBSCRIBE,
-                ref.address_hash,
-                ref.campaign,
-                ref.message_id,
-                detail={"method": method, "scope": ref.scope},
-            )
-        )
-        log.info("unsubscribe recorded", extra={"queue_id": ref.message_id, "method": method})
-    return _page(request, "done.html", scope=ref.scope)
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus text format, to the configured networks only: the counts are the
+    operator's business, and this listener faces the internet."""
+    tracking = request.app[TRACKING]
+    if client_of(request, tracking) not in tracking.options.metrics_from:
+        raise web.HTTPNotFound()
+    metrics = tracking.metrics
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})

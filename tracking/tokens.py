@@ -8,10 +8,11 @@ from typing import Any
 from suppression import GLOBAL
 
 from .errors import BadToken
-from .signing import Namespace, Signer
+from .signing import Namespace, Signer, Verified
 
 UNSUBSCRIBE_PATH = "/u/"
 OPEN_PATH = "/o/"
+CLICK_PATH = "/c/"
 PIXEL_SUFFIX = ".gif"
 
 
@@ -40,12 +41,37 @@ class RecipientRef:
         return cls(*payload)
 
 
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A genuine token read: the recipient, when the copy was personalised, which key."""
+
+    ref: RecipientRef
+    signed_at: int  # Unix time the copy was made, i.e. about when it was delivered
+    key_id: str
+
+    @classmethod
+    def of(cls, verified: Verified) -> Reading:
+        return cls(RecipientRef.from_payload(verified.payload), verified.signed_at, verified.key_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    """A genuine click URL: the recipient's reading and the one URL signed for the message."""
+
+    reading: Reading
+    url: str
+
+
 class TrackingUrls:
     """Builds and reads the URLs placed in mail, all under the public base URL."""
 
     def __init__(self, public_url: str, signer: Signer) -> None:
         self.public_url = public_url.rstrip("/")
         self._signer = signer
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return self._signer.key_ids
 
     def unsubscribe_url(self, ref: RecipientRef) -> str:
         token = self._signer.sign(Namespace.UNSUBSCRIBE, ref.payload())
@@ -55,8 +81,44 @@ class TrackingUrls:
         token = self._signer.sign(Namespace.OPEN, ref.payload())
         return f"{self.public_url}{OPEN_PATH}{token}{PIXEL_SUFFIX}"
 
+    def link_token(self, message_id: str, url: str) -> str:
+        """The per-message half of a click URL: signs exactly one destination (once per link)."""
+        return self._signer.sign(Namespace.LINK, [message_id, url])
+
+    def click_prefix(self, ref: RecipientRef) -> str:
+        """The per-recipient half of every click URL of a copy; a link token follows it."""
+        token = self._signer.sign(Namespace.CLICK, ref.payload())
+        return f"{self.public_url}{CLICK_PATH}{token}/"
+
+    def click_url(self, ref: RecipientRef, url: str) -> str:
+        """One click URL on its own (the pipeline joins prefix and link tokens itself)."""
+        assert ref.message_id is not None
+        return self.click_prefix(ref) + self.link_token(ref.message_id, url)
+
     def read_unsubscribe(self, token: str) -> RecipientRef:
-        return RecipientRef.from_payload(self._signer.verify(Namespace.UNSUBSCRIBE, token))
+        return self.check_unsubscribe(token).ref
 
     def read_open(self, token: str) -> RecipientRef:
-        return RecipientRef.from_payload(self._signer.verify(Namespace.OPEN, token))
+        return self.check_open(token).ref
+
+    def check_unsubscribe(self, token: str) -> Reading:
+        return Reading.of(self._signer.open(Namespace.UNSUBSCRIBE, token))
+
+    def check_open(self, token: str) -> Reading:
+        return Reading.of(self._signer.open(Namespace.OPEN, token))
+
+    def check_click(self, recipient_token: str, link_token: str) -> Click:
+        """Both halves genuine and of the same message; else BadToken (no redirect at all)."""
+        reading = Reading.of(self._signer.open(Namespace.CLICK, recipient_token))
+        link = self._signer.open(Namespace.LINK, link_token).payload
+        if (
+            not isinstance(link, list)
+            or len(link) != 2
+            or not isinstance(link[0], str)
+            or not isinstance(link[1], str)
+        ):
+            raise BadToken("malformed link")
+        message_id, url = link
+        if reading.ref.message_id is None or message_id != reading.ref.message_id:
+            raise BadToken("link of another message")
+        return Click(reading, url)

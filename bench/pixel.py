@@ -1,0 +1,203 @@
+"""The open pixel under load: the real tracking app (token check, verdict, an open event for
+every request, written to SQLite in batches) against a bare aiohttp handler that returns the
+same GIF, side by side on this machine with `wrk` (Debian package `wrk`).
+
+Each server runs in its own process on a free loopback port; wrk fetches 5,000 distinct
+recipients' pixel URLs in turn, and the two servers take turns for several rounds so that
+other load on the machine hits both alike. Afterwards the app is stopped cleanly and the open
+rows in its SQLite file are counted against the requests wrk saw answered.
+
+Run from the repository root:
+
+    python bench/pixel.py                          # 3 rounds of 10 s each, 64 connections
+    python bench/pixel.py --seconds 5 --rounds 2 --durable
+
+`--durable` answers each pixel only after its open is committed (create_app(durable_events=
+True)); by default opens are committed within one batch round after the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiohttp import web
+
+from tracking import PIXEL_GIF, RecipientRef, Signer, TrackingUrls
+
+KEYS = ("bench-pixel-key-0123456789abcdef",)
+PUBLIC = "https://mail.shop.example"
+AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Thunderbird/128.0"
+RECIPIENTS = 5000
+
+
+# --- the two servers (run as child processes) ----------------------------------------------
+
+
+async def bare_gif(request: web.Request) -> web.Response:
+    return web.Response(
+        body=PIXEL_GIF, content_type="image/gif", headers={"Cache-Control": "no-store"}
+    )
+
+
+async def serve(kind: str, data: Path | None, durable: bool) -> None:
+    if kind == "bare":
+        app = web.Application()
+        app.router.add_get("/o/{token}.gif", bare_gif)
+        stores = None
+    else:
+        from relay.app import Stores
+        from relay.config import Settings, SigningSettings, StorageSettings
+        from tracking import create_app
+
+        assert data is not None
+        settings = Settings(storage=StorageSettings(data), signing=SigningSettings(KEYS))
+        stores = await Stores(settings).__aenter__()
+        app = create_app(
+            stores.suppressions,
+            stores.events,
+            TrackingUrls(PUBLIC, Signer(KEYS)),
+            durable_events=durable,
+            clock=lambda: 4e9,  # opened long after delivery: the verdict runs in full
+        )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(port, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()  # the app writes the opens it still holds
+    if stores is not None:
+        await stores.__aexit__(None, None, None)
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+def lua_script(directory: Path) -> Path:
+    urls = TrackingUrls(PUBLIC, Signer(KEYS))
+    paths = [
+        urls.pixel_url(RecipientRef(f"bench-{i:06d}", "global", "bench", f"Q{i}")).removeprefix(
+            PUBLIC
+        )
+        for i in range(RECIPIENTS)
+    ]
+    script = directory / "pixels.lua"
+    entries = ",\n".join(f'  "{p}"' for p in paths)
+    script.write_text(
+        f"local paths = {{\n{entries}\n}}\n"
+        "local i = 0\n"
+        f'wrk.headers["User-Agent"] = "{AGENT}"\n'
+        "request = function()\n"
+        "  i = i + 1\n"
+        '  return wrk.format("GET", paths[(i % #paths) + 1])\n'
+        "end\n"
+    )
+    return script
+
+
+def start(kind: str, data: Path, durable: bool) -> tuple[subprocess.Popen[str], int]:
+    command = [sys.executable, __file__, "--serve", kind, "--data", str(data)]
+    if durable:
+        command.append("--durable")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    port = int(process.stdout.readline())  # printed once the server listens
+    return process, port
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[float, int, int]:
+    """(requests per second, requests answered, non-2xx answers) for one wrk run."""
+    output = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    answered = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return rate, answered, int(bad.group(1)) if bad else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--durable", action="store_true")
+    parser.add_argument("--serve", choices=["bare", "app"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.data, args.durable))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-pixel-") as tmp:
+        directory = Path(tmp)
+        script = lua_script(directory)
+        data = directory / "data"
+        bare, bare_port = start("bare", directory, False)
+        app, app_port = start("app", data, args.durable)
+        rates: dict[str, list[float]] = {"bare": [], "app": []}
+        answered = 0
+        try:
+            for kind, port in (("bare", bare_port), ("app", app_port)):  # warm up
+                _, count, _ = run_wrk(port, script, 2, args.connections)
+                if kind == "app":
+                    answered += count
+            for round_ in range(args.rounds):
+                for kind, port in (("bare", bare_port), ("app", app_port)):
+                    rate, count, bad = run_wrk(port, script, args.seconds, args.connections)
+                    if bad:
+                        raise SystemExit(f"{kind}: {bad} answers were not 2xx")
+                    rates[kind].append(rate)
+                    if kind == "app":
+                        answered += count
+                    print(f"round {round_ + 1}: {kind:4} {rate:10.0f} requests/s", flush=True)
+        finally:
+            stop(bare)
+            stop(app)
+        with sqlite3.connect(data / "optout.db") as db:
+            rows = db.execute("SELECT COUNT(*) FROM events WHERE type = 'open'").fetchone()[0]
+    bare_rate = statistics.median(rates["bare"])
+    app_rate = statistics.median(rates["app"])
+    mode = "durable (answered after commit)" if args.durable else "batched (committed after)"
+    print(f"\nbare aiohttp handler: {bare_rate:10.0f} requests/s (median of {args.rounds})")
+    print(f"tracking app pixel:   {app_rate:10.0f} requests/s, opens {mode}")
+    print(f"ratio app/bare:       {app_rate / bare_rate:10.2f}  (target >= 0.80)")
+    # wrk counts the answers it read before its deadline; the server may answer (and record)
+    # a few more that were in flight, never fewer.
+    print(f"open rows in SQLite:  {rows:10d} for {answered} pixel requests wrk saw answered")
+    if rows < answered:
+        raise SystemExit("an answered open is missing from the database")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Click redirects: only ever to the exact URL signed for the message, never anywhere else.
+
+A click URL is `/c/RECIPIENT/LINK`: RECIPIENT is the recipient's signed reference (one per
+copy), LINK a signed [message id, URL] (one per link of a message, made once). Both must be
+genuine and name the same message. Anything else is answered with a page, never a redirect:
+no one can use this endpoint to send people to an address the relay did not sign.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .errors import BadToken
+from .events import EventType
+from .opens import Fetch, beacon_event, judge
+from .pages import NO_STORE, guarded, page
+from .state import TRACKING
+
+log = logging.getLogger("optout.http")
+
+MAX_STORED_URL = 500
+# What a Location header may carry: printable ASCII, no spaces (the rewriter encodes the rest).
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+
+
+def is_redirectable(url: str) -> bool:
+    """An absolute http(s) URL with a host, and nothing that could bend a header."""
+    if not _PRINTABLE.fullmatch(url):
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+@guarded("click")
+async def click(request: web.Request) -> web.Response:
+    tracking = request.app[TRACKING]
+    try:
+        found = tracking.urls.check_click(
+            request.match_info["recipient"], request.match_info["link"]
+        )
+    except BadToken:
+        tracking.metrics.bad_tokens.labels("click").inc()
+        return page(request, "invalid.html", status=404, kind="link")
+    if not is_redirectable(found.url):  # signed, yet not safe to send a browser to
+        tracking.metrics.bad_tokens.labels("click").inc()
+        return page(request, "invalid.html", status=404, kind="link")
+    fetch = Fetch.of(request, request.match_info["recipient"])
+    verdict, address = judge(tracking, found.reading, fetch)
+    tracking.metrics.click(verdict.machine, verdict.reason)
+    event = beacon_event(
+        tracking,
+        EventType.CLICK,
+        found.reading,
+        verdict,
+        fetch,
+        address,
+        url=found.url[:MAX_STORED_URL],
+    )
+    try:
+        if tracking.options.durable_events:
+            await tracking.recorder.add_and_wait(event)
+        else:
+            tracking.recorder.add(event)
+    except Exception:  # the reader still gets where the link goes
+        tracking.metrics.errors.labels("click").inc()
+        log.exception("click not recorded")
+    return web.Response(status=302, headers={"Location": found.url, "Cache-Control": NO_STORE})

@@ -1,0 +1,160 @@
+"""Open and click events, batched into one database write per round.
+
+A pixel request only appends what it saw to a list and answers. One background task takes
+whatever has gathered, works out the events (token check and verdict: `resolve`, in one
+tight loop, off the request's path) and writes them in one transaction
+(`EventStore.record(*batch)`, one `Database.write`, one fsync), then the next. No timer:
+under light load a batch is one event written at once; under heavy load the batch is
+whatever arrived while the previous commit was being made, so the cost of a commit is
+shared by many opens and the request path never waits for the disk.
+
+Durability: an event is on disk one commit after it was answered (a few milliseconds; more
+while the database is slow, up to MAX_PENDING events, past which they are counted as
+dropped). A crash or power cut can lose the events answered in that window; a clean stop
+writes them all (`close`). With `add_and_wait` a request is answered only after its event
+is committed: nothing answered is ever lost, at the price of waiting for the next commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .events import Event, EventStore
+from .metrics import Metrics
+
+log = logging.getLogger("optout.http")
+
+MAX_BATCH = 5000
+RESOLVE_CHUNK = 500  # items resolved between two turns of the event loop (~10 ms)
+MAX_PENDING = 100_000  # held while the database is slow; beyond that, counted and lost
+
+# What a request hands over: an event, or the raw facts `resolve` turns into one (or None).
+Pending = Any
+Resolver = Callable[[Pending], Event | None]
+
+
+def _no_resolver(item: Pending) -> Event | None:
+    raise TypeError(f"cannot record {type(item).__name__}")
+
+
+class EventRecorder:
+    def __init__(
+        self,
+        events: EventStore,
+        metrics: Metrics,
+        *,
+        resolve: Resolver = _no_resolver,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self._events = events
+        self._metrics = metrics
+        self.resolve = resolve  # set by the app: it needs the app's parts
+        self._max_pending = max_pending
+        self._pending: list[Pending] = []
+        self._pending_done: asyncio.Future[None] | None = None  # for waiters on `_pending`
+        self._inflight: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.healthy = True  # False while the last write failed (shown by /healthz)
+        metrics.watch_buffer(lambda: len(self._pending))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tracking-event-writer")
+
+    def add(self, event: Pending) -> bool:
+        """Queue an event, committed within one write round; False if it had to be dropped."""
+        if len(self._pending) >= self._max_pending or self._closing:
+            self._metrics.events_dropped.inc()
+            return False
+        self._pending.append(event)
+        self._wake.set()
+        return True
+
+    async def add_and_wait(self, event: Pending) -> None:
+        """Queue an event and return once it is committed (raises if the write failed)."""
+        if self.add(event):
+            await asyncio.shield(self._future_for_pending())
+
+    async def flush(self) -> None:
+        """Return once everything queued before the call is committed (or has failed)."""
+        waiting = [self._inflight] if self._inflight is not None else []
+        if self._pending:
+            waiting.append(self._future_for_pending())
+        for future in waiting:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+
+    async def close(self) -> None:
+        """Write what is queued, then stop (events offered after this are dropped)."""
+        self._closing = True
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _future_for_pending(self) -> asyncio.Future[None]:
+        if self._pending_done is None:
+            self._pending_done = asyncio.get_running_loop().create_future()
+        return self._pending_done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self._write_one_batch()
+
+    async def _write_one_batch(self) -> None:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        done = self._pending_done if not self._pending else None
+        if done is None:
+            done = asyncio.get_running_loop().create_future()
+        else:
+            self._pending_done = None
+        self._inflight = done
+        try:
+            events = await self._resolved(batch)
+            if events:
+                await self._events.record(*events)
+        except Exception as exc:
+            # The events are lost; the pixels were answered. Say so, loudly and countably.
+            self.healthy = False
+            self._metrics.errors.labels("event-write").inc()
+            self._metrics.events_dropped.inc(len(batch))
+            log.error("cannot record %d open/click events: %s", len(batch), exc)
+            if not done.done():
+                done.set_exception(exc)
+                done.exception()  # marked retrieved: waiters may all be gone
+        else:
+            self.healthy = True
+            self._metrics.events_written.inc(len(events))
+            if not done.done():
+                done.set_result(None)
+        finally:
+            if self._inflight is done:
+                self._inflight = None
+
+    async def _resolved(self, batch: list[Pending]) -> list[Event]:
+        events = []
+        for index, item in enumerate(batch):
+            if index and not index % RESOLVE_CHUNK:
+                await asyncio.sleep(0)  # let requests in between: no long stall of the loop
+            if isinstance(item, Event):
+                events.append(item)
+                continue
+            try:
+                event = self.resolve(item)
+            except Exception:
+                self._metrics.errors.labels("event-resolve").inc()
+                log.exception("cannot make an event of %s", type(item).__name__)
+                continue
+            if event is not None:
+                events.append(event)
+        return events

@@ -1,0 +1,60 @@
+"""What the tracking app's handlers share: its options and its parts, under one app key
+(one lookup per request on the hot path)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import jinja2
+from aiohttp import web
+
+from suppression import SuppressionStore
+
+from .events import EventStore
+from .metrics import Metrics
+from .network import IPAddress, Ranges, client_address
+from .ratelimit import RateLimiter
+from .recorder import EventRecorder
+from .tokens import TrackingUrls
+from .verdict import Judge
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    brand: str | None
+    store_ip: bool
+    store_user_agent: bool
+    durable_events: bool
+    undo_window: timedelta
+    trusted_proxies: Ranges
+    metrics_from: Ranges
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(slots=True)
+class Tracking:
+    suppressions: SuppressionStore
+    events: EventStore
+    urls: TrackingUrls
+    templates: jinja2.Environment
+    options: Options
+    metrics: Metrics
+    judge: Judge
+    limiter: RateLimiter
+    recorder: EventRecorder
+    pages: dict[tuple[object, ...], str] = field(default_factory=dict)  # rendered, by context
+
+
+TRACKING = web.AppKey("optout.tracking", Tracking)
+
+
+def client_of(request: web.Request, tracking: Tracking) -> IPAddress | None:
+    """The client's address (behind a trusted proxy, the one it forwarded for)."""
+    return client_address(
+        request.remote,
+        request.headers.get("X-Forwarded-For"),
+        tracking.options.trusted_proxies,
+    )
