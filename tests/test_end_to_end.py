@@ -7,6 +7,7 @@ import email
 import email.policy
 import re
 from email.message import Message
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -113,3 +114,49 @@ async def test_two_recipients_get_their_own_copies_and_one_click_stops_the_next(
     unsubscribe = next(e for e in events if e["type"] == "unsubscribe")
     assert unsubscribe["campaign"] == "spring-2026"
     assert unsubscribe["detail"]["method"] == "one-click"
+
+
+async def test_tracked_clicks_redirect_only_to_the_signed_url(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    from dataclasses import replace
+
+    from tests.conftest import relay_settings
+
+    settings = relay_settings(tmp_path / "data", downstream.port)
+    settings = replace(settings, tracking=replace(settings.tracking, clicks=True))
+    relay = await Relay.start(settings)
+    try:
+        message = newsletter([ALICE])
+        html = message.get_body(("html",))
+        assert html is not None
+        html.set_content(
+            '<html><body><a href="https://shop.example/spring?x=1&amp;y=2">Shop</a>'
+            '<a href="mailto:help@shop.example">Help</a></body></html>',
+            subtype="html",
+        )
+        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
+        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
+        body = body_of(parse(downstream.handler.messages[0].content), "html")
+        [click] = re.findall(r'href="(https://mail\.shop\.example/c/[^"]+)"', body)
+        assert 'href="mailto:help@shop.example"' in body
+        async with aiohttp.ClientSession() as http:
+            async with http.get(local_url(relay, click), allow_redirects=False) as response:
+                assert response.status in (302, 303, 307)
+                assert response.headers["Location"] == "https://shop.example/spring?x=1&y=2"
+            forged = click[:-3] + ("AAA" if not click.endswith("AAA") else "BBB")
+            async with http.get(local_url(relay, forged), allow_redirects=False) as response:
+                assert response.status == 404
+                assert "Location" not in response.headers
+    finally:
+        await relay.stop()
+    clicks = [e for e in await _events(tmp_path) if e["type"] == "click"]
+    assert len(clicks) == 1
+
+
+async def _events(tmp_path: Path) -> list[dict[str, object]]:
+    from relay.app import Stores
+    from tests.conftest import relay_settings
+
+    async with Stores(relay_settings(tmp_path / "data", None)) as stores:
+        return [e async for e in stores.events.export()]
