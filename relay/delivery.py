@@ -193,6 +193,19 @@ class DeliveryWorker:
                     "; ".join(prepared.meta.decisions),
                     extra={"queue_id": queue_id, "fields": {"decisions": prepared.meta.decisions}},
                 )
+            if prepared.meta.warnings and not any(d.attempts for d in message.deliveries):
+                await self._events.record(
+                    *(
+                        Event(
+                            EventType.WARNING,
+                            None,
+                            prepared.meta.campaign,
+                            queue_id,
+                            detail={"warning": warning},
+                        )
+                        for warning in prepared.meta.warnings
+                    )
+                )
             await self._remember(d.recipient for d in message.deliveries)
             results = await asyncio.gather(
                 *(self._deliver_one(message, prepared, d) for d in message.deliveries),

@@ -58,6 +58,7 @@ class Metadata:
     signer: DkimSigner | None = None
     account: Account | None = None
     decisions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # recorded as warning events
 
     def decide(self, step: str, decision: str) -> None:
         self.decisions.append(f"{step}: {decision}")
@@ -290,11 +291,12 @@ class Pipeline:
             step.process(headers, meta)
         if meta.from_domain and meta.from_domain in _signing_domains(block):
             # The sender's signature cannot survive the rewrite; ours replaces its purpose.
-            meta.decide(
-                "dkim",
-                f"warning: the sender's own d={meta.from_domain} signature"
-                " will not verify after the rewrite",
+            warning = (
+                f"the sender's own d={meta.from_domain} DKIM signature"
+                " will not verify after the rewrite"
             )
+            meta.warnings.append(warning)
+            meta.decide("dkim", f"warning: {warning}")
         # Whatever turns open tracking off (X-Optout-Track, transactional, the account's
         # choice) turns click tracking off too: it is the same consent.
         meta.track_clicks = meta.track_clicks and meta.track_opens and meta.rewrite_body

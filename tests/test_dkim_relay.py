@@ -112,3 +112,23 @@ def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
         .splitlines()[-1]
         .startswith("optout-relay: error: config: dkim.keys[0]: ")
     )
+
+
+async def test_a_sender_signature_the_rewrite_breaks_is_a_warning_event(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
+    relay = await Relay.start(relay_settings(tmp_path / "data", downstream.port))
+    try:
+        message = newsletter(["rita@example.org"])
+        message["DKIM-Signature"] = (
+            "v=1; a=rsa-sha256; c=relaxed/relaxed; d=shop.example; s=old; h=from:subject;"
+            " bh=AAAA; b=BBBB"
+        )
+        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", ["rita@example.org"])
+        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
+        warnings = [e async for e in relay.stores.events.export() if e["type"] == "warning"]
+    finally:
+        await relay.stop()
+    assert len(warnings) == 1
+    assert "d=shop.example" in warnings[0]["detail"]["warning"]
+    assert warnings[0]["recipient"] is None

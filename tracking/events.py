@@ -34,6 +34,7 @@ class EventType(StrEnum):
     DEFERRED = "deferred"
     BOUNCED = "bounced"
     SUPPRESSED = "suppressed"
+    WARNING = "warning"  # about a message, e.g. a sender signature the rewrite breaks
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}
