@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SESSIONS = 8
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: held all at once while asking."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,7 +128,7 @@ def tree_peak_rss_mb(pid: int) -> float:
 def start_relay(
     workdir: Path, sink_port: int, workers: int, processes: int
 ) -> tuple[subprocess.Popen[bytes], int]:
-    smtp_port, http_port = free_port(), free_port()
+    smtp_port, http_port = free_ports(2)
     config = workdir / "relay.toml"
     config.write_text(
         f'[storage]\ndir = "{workdir / "data"}"\n'

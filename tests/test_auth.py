@@ -250,7 +250,7 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
     from cryptography import x509
 
     from tests.test_config import ROOT
-    from tests.test_serve import free_port, wait_until_listening
+    from tests.test_serve import free_ports, wait_until_listening
 
     def common_name() -> str:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -260,12 +260,12 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
         return name.removeprefix("CN=")
 
     cert, key = self_signed_files(tmp_path, "first")
-    port = free_port()
+    port, http_port = free_ports(2)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[storage]\ndir = "{tmp_path / "data"}"\n'
         f'[smtp]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
-        f'[http]\nlisten = "127.0.0.1:{free_port()}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", str(config)],

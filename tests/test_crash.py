@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.helpers import CaptureServer, wait_for
 from tests.test_config import ROOT
-from tests.test_serve import free_port, wait_until_listening
+from tests.test_serve import free_ports, wait_until_listening
 
 MESSAGES = 1500
 CLIENTS = 4
@@ -75,19 +75,25 @@ class LoadGenerator:
 
 
 def start_relay(config: Path, cwd: Path, smtp_port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-        cwd=cwd,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    wait_until_listening(smtp_port, process)
+    log = cwd / "relay.log"
+    with open(log, "ab") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            cwd=cwd,
+            stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        wait_until_listening(smtp_port, process)
+    except AssertionError as exc:
+        lines = log.read_text(errors="replace").splitlines()[-5:]
+        raise AssertionError(f"{exc}; the relay said: {' | '.join(lines)}") from None
     return process
 
 
 async def test_sigkill_at_random_moments_loses_nothing_accepted(tmp_path: Path) -> None:
     downstream = await CaptureServer.start()
-    smtp_port, http_port = free_port(), free_port()
+    smtp_port, http_port = free_ports(2)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[storage]\ndir = "{tmp_path / "data"}"\n'
@@ -97,7 +103,11 @@ async def test_sigkill_at_random_moments_loses_nothing_accepted(tmp_path: Path) 
         f"workers = {WORKERS}\nretry_initial_delay = 0.2\nretry_max_delay = 1.0\n"
     )
     load = LoadGenerator(smtp_port)
-    relay = await asyncio.to_thread(start_relay, config, tmp_path, smtp_port)
+    try:
+        relay = await asyncio.to_thread(start_relay, config, tmp_path, smtp_port)
+    except BaseException:
+        await downstream.stop()
+        raise
     clients = [asyncio.create_task(asyncio.to_thread(load.run)) for _ in range(CLIENTS)]
     rng = random.Random(20261129)
     try:

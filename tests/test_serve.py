@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,10 +20,18 @@ from tests.helpers import newsletter, submit
 from tests.test_config import ROOT
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all held at once while asking, so the OS
+    cannot hand out the same one twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], within: float = 20) -> None:
@@ -50,7 +59,7 @@ def poll(condition: object, within: float = 20) -> None:
 def served(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
-    smtp_port, http_port = free_port(), free_port()
+    smtp_port, http_port = free_ports(2)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
