@@ -30,7 +30,7 @@ from .dkim import DkimError, DkimSigner, load_signer
 from .errors import ConfigError
 from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
 from .logs import LogFormat
-from .pipeline import Pipeline
+from .pipeline import Pipeline, signer_for
 from .smtp import FrontDoor
 from .smtp_server import AuthPolicy, ConnectionLimits, RelaySMTP, reload_certificate, tls_context
 from .spool import WHOLE, Partition, Spool
@@ -119,11 +119,6 @@ def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
     return signers
 
 
-def _has_signer(signers: dict[str, DkimSigner], domain: str) -> bool:
-    labels = domain.split(".")
-    return any(".".join(labels[i:]) in signers for i in range(len(labels) - 1))
-
-
 def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.Application:
     tracking = settings.tracking
     return create_app(
@@ -141,13 +136,6 @@ def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.
         undo_window=timedelta(seconds=tracking.undo_window),
         machine_seconds=tracking.machine_seconds,
     )
-
-
-def describe_destination(settings: Settings) -> str:
-    downstream = settings.delivery.downstream
-    if downstream is None:
-        return f"outbox:{settings.storage.dir / OUTBOX_DIR}"
-    return f"{downstream.host}:{downstream.port}"
 
 
 def build_transport(settings: Settings, hostname: str) -> Transport:
@@ -270,7 +258,7 @@ class Relay:
             log.warning("DKIM: no [[dkim.keys]] configured; mail leaves unsigned")
         for account in settings.accounts:
             for domain in account.from_domains:
-                if not _has_signer(signers, domain):
+                if signer_for(signers, domain) is None:
                     log.warning(
                         "DKIM: no key for %s (account %s): its mail leaves unsigned",
                         domain,
@@ -287,7 +275,7 @@ class Relay:
             # Deliveries now leave the spool in the other process: recount for back-pressure.
             refresher = asyncio.create_task(self._recount(spool), name="spool-recount")
             self._exit.callback(refresher.cancel)
-            destination = describe_destination(settings)
+            destination = build_transport(settings, hostname).describe()
         else:
             runtime = await self._exit.enter_async_context(
                 DeliveryRuntime(settings, stores=stores, spool=spool, urls=urls)

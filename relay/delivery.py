@@ -18,8 +18,7 @@ from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from .dsn import Failure, build_dsn, status_of
-from .pipeline import Metadata, Pipeline, PreparedMessage
-from .smtp import sender_scopes
+from .pipeline import Pipeline, PreparedMessage
 from .spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
@@ -292,7 +291,9 @@ class DeliveryWorker:
                 )
                 del self._unrecorded[delivery.id]
                 return
-            blocked = await self._blocked(address_hash, meta, message.mail_from)
+            blocked = await self._blocked(
+                address_hash, prepared.scopes_to_check, meta.transactional
+            )
             if blocked:
                 await self._events.record(
                     Event(
@@ -313,7 +314,11 @@ class DeliveryWorker:
                 return
             content = await self._offload_if_big(
                 message,
-                functools.partial(prepared.personalise, eight_bit_ok=self._transport.eight_bit_ok),
+                functools.partial(
+                    prepared.personalise,
+                    eight_bit_ok=self._transport.eight_bit_ok,
+                    address_hash=address_hash,
+                ),
                 delivery.recipient,
                 self._urls,
                 self._suppressions.hasher,
@@ -369,16 +374,14 @@ class DeliveryWorker:
             outcome.reached,
         )
 
-    async def _blocked(self, address_hash: str, meta: Metadata, mail_from: str) -> str | None:
-        """Checked again at send time: an opt-out may have arrived while the mail waited.
-        Scopes: everything, the message's topic, the sender's domains (envelope and From)."""
-        scopes = [*sender_scopes(mail_from), meta.scope]
-        if meta.from_domain:
-            scopes.append(f"sender:{meta.from_domain}")
+    async def _blocked(
+        self, address_hash: str, scopes: tuple[str, ...], transactional: bool
+    ) -> str | None:
+        """Checked again at send time: an opt-out may have arrived while the mail waited."""
         found = await self._suppressions.check_hash(address_hash, scopes)
         if found is None:
             return None
-        if meta.transactional and found.reason not in TRANSACTIONAL_BLOCKERS:
+        if transactional and found.reason not in TRANSACTIONAL_BLOCKERS:
             return None
         return found.scope
 

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
+from email.utils import getaddresses
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=compat32)
 
@@ -49,6 +50,20 @@ def header_fields(block: bytes) -> list[HeaderField]:
         name, colon, _ = line.partition(b":")
         fields.append(HeaderField(name.strip().decode("latin-1") if colon else "", line))
     return fields
+
+
+def address_domain(address: str) -> str:
+    """The domain of `address` (angle brackets allowed), lowercased, without a final dot."""
+    return address.strip("<>").rpartition("@")[2].lower().rstrip(".")
+
+
+def from_domains(headers: Message) -> set[str]:
+    """The domains of the From header's addresses (an unparseable From has none)."""
+    return {
+        address_domain(address)
+        for _, address in getaddresses(headers.get_all("From") or [])
+        if "@" in address
+    }
 
 
 def parse_headers(block: bytes) -> Message:

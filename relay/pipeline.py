@@ -7,19 +7,19 @@ per-recipient work (tokens, URLs) happens at delivery time in `PreparedMessage.p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from email.utils import getaddresses
 from typing import Protocol
 
-from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope
+from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope, sender_scopes
 from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
-from .mime import parse_headers, split_entity
+from .mime import from_domains, parse_headers, split_entity
 from .rewrite import (
     Decorations,
     Hole,
@@ -155,10 +155,7 @@ class ReadFromDomain:
     name = "from"
 
     def process(self, headers: Message, meta: Metadata) -> None:
-        addresses = getaddresses(headers.get_all("From") or [])
-        domains = {
-            addr.rpartition("@")[2].lower().rstrip(".") for _, addr in addresses if "@" in addr
-        }
+        domains = from_domains(headers)
         if len(domains) == 1:
             meta.from_domain = domains.pop()
         else:
@@ -174,15 +171,21 @@ class ChooseDkimKey:
         self.signers = signers
 
     def process(self, headers: Message, meta: Metadata) -> None:
-        domain = meta.from_domain
-        while domain:
-            if domain in self.signers:
-                meta.signer = self.signers[domain]
-                selectors = ",".join(meta.signer.selectors)
-                meta.decide(self.name, f"signing as d={domain} s={selectors}")
-                return
-            domain = domain.partition(".")[2] if domain.count(".") > 1 else ""
-        meta.decide(self.name, f"no DKIM key for {meta.from_domain or 'this sender'}: unsigned")
+        meta.signer = signer_for(self.signers, meta.from_domain)
+        if meta.signer is None:
+            meta.decide(self.name, f"no DKIM key for {meta.from_domain or 'this sender'}: unsigned")
+        else:
+            selectors = ",".join(meta.signer.selectors)
+            meta.decide(self.name, f"signing as d={meta.signer.domain} s={selectors}")
+
+
+def signer_for(signers: Mapping[str, DkimSigner], domain: str | None) -> DkimSigner | None:
+    """The key of `domain` or of its nearest parent (not the bare top-level domain)."""
+    while domain:
+        if domain in signers:
+            return signers[domain]
+        domain = domain.partition(".")[2] if domain.count(".") > 1 else ""
+    return None
 
 
 DEFAULT_STEPS: tuple[Step, ...] = (
@@ -202,6 +205,9 @@ class PreparedMessage:
 
     meta: Metadata
     template: Template
+    # What an opt-out must name to stop this message: everything, its topic, its sender
+    # (envelope domain, account, From domain). Worked out once, checked per recipient.
+    scopes_to_check: tuple[str, ...] = ()
     # The per-message halves of the click URLs, signed once for all recipients.
     _link_tokens: tuple[TrackingUrls, tuple[str, ...]] | None = field(
         default=None, repr=False, compare=False
@@ -214,12 +220,15 @@ class PreparedMessage:
         hasher: AddressHasher,
         *,
         eight_bit_ok: bool = True,
+        address_hash: str | None = None,
     ) -> bytes:
         """The recipient's copy, DKIM-signed last so the signature covers every change.
 
         `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
+        `address_hash`: the recipient's keyed hash, when the caller has it already.
         """
-        copy = self._render(recipient, urls, hasher, eight_bit_ok)
+        key = address_hash if address_hash is not None else hasher.hash(recipient)
+        copy = self._render(key, urls, eight_bit_ok)
         signer = self.meta.signer
         if signer is None:
             return copy
@@ -231,14 +240,10 @@ class PreparedMessage:
             log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
             return copy
 
-    def _render(
-        self, recipient: str, urls: TrackingUrls, hasher: AddressHasher, eight_bit_ok: bool
-    ) -> bytes:
+    def _render(self, address_hash: str, urls: TrackingUrls, eight_bit_ok: bool) -> bytes:
         if self.meta.transactional:
             return self.template.render({}, eight_bit_ok=eight_bit_ok)
-        ref = RecipientRef(
-            hasher.hash(recipient), self.meta.scope, self.meta.campaign, self.meta.queue_id
-        )
+        ref = RecipientRef(address_hash, self.meta.scope, self.meta.campaign, self.meta.queue_id)
         unsubscribe_url = urls.unsubscribe_url(ref)
         values: dict[HoleKey, str] = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
         if self.meta.track_opens and self.meta.rewrite_body:
@@ -308,4 +313,8 @@ class Pipeline:
         template = build_template(raw, decorations)
         for note in template.notes:
             meta.decide("rewrite", note)
-        return PreparedMessage(meta, template)
+        scopes = [*sender_scopes(mail_from, account), meta.scope]
+        if meta.from_domain:
+            with contextlib.suppress(InvalidScope):
+                scopes.append(parse_scope(f"sender:{meta.from_domain}"))
+        return PreparedMessage(meta, template, tuple(dict.fromkeys(scopes)))

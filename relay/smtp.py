@@ -5,22 +5,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 from collections.abc import Callable, Mapping
-from email.utils import getaddresses
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from suppression import GLOBAL, InvalidAddress, SuppressionStore
+from suppression import InvalidAddress, SuppressionStore, sender_scopes
 
 from .accounts import Account
 from .config import IPNetwork, SmtpSettings
-from .mime import parse_headers, split_entity
+from .mime import address_domain, from_domains, parse_headers, split_entity
 from .spool import Spool
 
 log = logging.getLogger("optout.smtp")
-_SENDER_DOMAIN = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -36,24 +33,11 @@ def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     return address
 
 
-def sender_scopes(mail_from: str | None) -> tuple[str, ...]:
-    """What an opt-out can name and is known at RCPT: everything, or this sender's domain."""
-    domain = _domain(mail_from or "")
-    return (GLOBAL, f"sender:{domain}") if _SENDER_DOMAIN.fullmatch(domain) else (GLOBAL,)
-
-
-def _domain(address: str) -> str:
-    return address.strip("<>").rpartition("@")[2].lower().rstrip(".")
-
-
-def from_domains(content: bytes) -> set[str]:
-    """The domains of the From header's addresses (an unparseable From has none)."""
-    headers = parse_headers(split_entity(content)[0])
-    return {
-        _domain(address)
-        for _, address in getaddresses(headers.get_all("From") or [])
-        if "@" in address
-    }
+def _username(session: Session) -> str | None:
+    """The account a session logged in as (RelaySMTP puts the username in auth_data)."""
+    if session.authenticated and isinstance(session.auth_data, str):
+        return session.auth_data
+    return None
 
 
 def _client(session: Session) -> str:
@@ -85,9 +69,8 @@ class FrontDoor:
         self._idle.set()
 
     def _account(self, session: Session) -> Account | None:
-        if not session.authenticated or not isinstance(session.auth_data, str):
-            return None
-        return self._accounts.get(session.auth_data)
+        username = _username(session)
+        return None if username is None else self._accounts.get(username)
 
     def is_trusted(self, session: Session) -> bool:
         address = peer_ip(session)
@@ -109,7 +92,11 @@ class FrontDoor:
             )
             return "530 5.7.0 Authentication required"
         account = self._account(session)
-        if account is not None and address != "<>" and not account.may_send_as(_domain(address)):
+        if (
+            account is not None
+            and address != "<>"
+            and not account.may_send_as(address_domain(address))
+        ):
             log.info(
                 "NOQUEUE: reject: MAIL from %s: 550 5.7.1 %s may not send as <%s>",
                 _client(session),
@@ -139,7 +126,9 @@ class FrontDoor:
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return "452 4.5.3 Too many recipients"
         try:
-            suppressed = await self._suppressions.check(address, sender_scopes(envelope.mail_from))
+            suppressed = await self._suppressions.check(
+                address, sender_scopes(envelope.mail_from, _username(session))
+            )
         except InvalidAddress:
             return "553 5.1.3 Bad recipient address syntax"
         except Exception:
@@ -164,7 +153,8 @@ class FrontDoor:
         assert isinstance(content, bytes)
         account = self._account(session)
         if account is not None:
-            foreign = [d for d in from_domains(content) if not account.may_send_as(d)]
+            headers = parse_headers(split_entity(content)[0])
+            foreign = [d for d in from_domains(headers) if not account.may_send_as(d)]
             if foreign:
                 log.info(
                     "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s",
