@@ -61,3 +61,11 @@ async def relay(settings: Settings) -> AsyncIterator[Relay]:
 
 def with_smtp(settings: Settings, **changes: object) -> Settings:
     return replace(settings, smtp=replace(settings.smtp, **changes))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A config file that keeps the data under tmp_path, everything else by default."""
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
+    return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,7 @@ import pytest
 from relay.app import Relay
 from tests.conftest import relay_settings
 from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
-from tests.test_config import run_cli
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "relay.toml"
-    path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
-    return path
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, "--config", str(config), cwd=config.parent)
+from tests.test_config import cli
 
 
 def test_add_check_list_remove(config: Path) -> None:

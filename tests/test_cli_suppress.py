@@ -7,27 +7,13 @@ import csv
 import hashlib
 import json
 import stat
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 from relay.app import Stores
 from relay.config import Settings, StorageSettings
-from tests.test_config import run_cli
+from tests.test_config import cli
 from tracking.events import Event, EventType
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "relay.toml"
-    path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
-    return path
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, "--config", str(config), cwd=config.parent)
 
 
 def test_import_skips_bad_rows_by_line_and_exits_1(config: Path) -> None:

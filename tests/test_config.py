@@ -30,6 +30,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A command against the config file `config`, run where it lies."""
+    return run_cli(*args, "--config", str(config), cwd=config.parent)
+
+
 def test_embedded_defaults_match_the_contract() -> None:
     settings = Settings()
     assert settings.smtp.listen == Listen("127.0.0.1", 2525)
