@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 from .accounts import Account, AuthThrottle, hash_password, verify_password
+from .smtp_data import read_data
 
 log = logging.getLogger("optout.smtp")
 
@@ -77,6 +78,11 @@ def reload_certificate(context: ssl.SSLContext, cert: Path, key: Path) -> None:
 class RelaySMTP(SMTP):
     """One SMTP session. `implicit_tls`: the listener wrapped the socket in TLS already."""
 
+    # aiosmtpd sizes its StreamReader's buffer from this, and uses it for nothing else we
+    # keep: DATA is read by `read_data`, which applies RFC 5321's line limit itself. A
+    # bigger buffer lets a message arrive in a few large reads instead of ~1 KB ones.
+    line_length_limit = 64 * 1024
+
     def __init__(
         self,
         handler: Any,
@@ -129,6 +135,35 @@ class RelaySMTP(SMTP):
             await super().push(_REPLIES.get(status, status))
         else:
             await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA command with a reader that holds a message once, not per line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data = await read_data(self._reader, self.data_size_limit)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError) as lost:
+            log.info("connection lost during DATA from %s", self._client_ip())
+            self._writer.close()
+            if isinstance(lost, asyncio.CancelledError):
+                raise
+            return
+        if data.problem is not None:
+            await self.push(data.problem.value)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = data.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     # ---- AUTH: aiosmtpd parses PLAIN and LOGIN; the password check runs in a thread ----
 

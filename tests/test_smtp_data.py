@@ -1,0 +1,185 @@
+"""DATA as the relay reads it: whole chunks into one buffer, with aiosmtpd's verdicts.
+
+The reader is fed through a real asyncio StreamReader in the odd pieces a network gives,
+and the whole relay is driven over a socket for what a client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.app import Relay
+from relay.smtp_data import MAX_LINE, DataProblem, read_data
+from tests.conftest import relay_settings
+
+
+async def read_in_pieces(
+    wire: bytes, pieces: int = 1, size_limit: int | None = None, buffer_limit: int = 64 * 1024
+) -> tuple[bytes, DataProblem | None, bytes]:
+    """What read_data makes of `wire`, fed in `pieces`; and what it left in the stream."""
+    reader = asyncio.StreamReader(limit=buffer_limit)
+    step = max(1, -(-len(wire) // pieces))
+
+    async def feed() -> None:
+        for start in range(0, len(wire), step):
+            reader.feed_data(wire[start : start + step])
+            await asyncio.sleep(0)  # let the reader see each piece on its own
+        reader.feed_eof()
+
+    feeding = asyncio.create_task(feed())
+    result = await read_data(reader, size_limit)
+    await feeding
+    return result.content, result.problem, await reader.read()
+
+
+def unstuffed_by_lines(wire: bytes) -> bytes:
+    """The reference: aiosmtpd's own line-by-line reading of RFC 5321 §4.5.2."""
+    lines = []
+    for line in wire.split(b"\r\n")[:-1]:
+        if line == b".":
+            break
+        lines.append(line[1:] if line.startswith(b".") else line)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+async def test_dots_are_unstuffed_and_the_next_command_is_left_in_the_stream(
+    pieces: int,
+) -> None:
+    wire = b"Subject: dots\r\n\r\n..leading dot\r\nmiddle. dot.\r\n...\r\nend.\r\n.\r\nQUIT\r\n"
+    content, problem, rest = await read_in_pieces(wire, pieces)
+    assert problem is None
+    assert content == b"Subject: dots\r\n\r\n.leading dot\r\nmiddle. dot.\r\n..\r\nend.\r\n"
+    assert rest == b"QUIT\r\n"
+
+
+async def test_an_empty_message_ends_at_the_first_dot() -> None:
+    content, problem, rest = await read_in_pieces(b".\r\nMAIL FROM:<a@b>\r\n")
+    assert (content, problem, rest) == (b"", None, b"MAIL FROM:<a@b>\r\n")
+
+
+async def test_a_message_bigger_than_the_stream_buffer_arrives_whole() -> None:
+    body = b"".join(b"line %06d of a long campaign\r\n" % i for i in range(20_000))
+    wire = b"Subject: big\r\n\r\n" + body + b".\r\n"
+    content, problem, _ = await read_in_pieces(wire, pieces=97, buffer_limit=4096)
+    assert problem is None
+    assert content == b"Subject: big\r\n\r\n" + body
+
+
+async def test_too_much_data_is_read_to_the_end_then_refused() -> None:
+    wire = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 2000 + b".\r\nNOOP\r\n"
+    content, problem, rest = await read_in_pieces(wire, pieces=50, size_limit=1000)
+    assert (content, problem, rest) == (b"", DataProblem.TOO_MUCH, b"NOOP\r\n")
+
+
+async def test_exactly_the_size_limit_is_accepted() -> None:
+    message = b"Subject: fits\r\n\r\n" + b"y" * 80 + b"\r\n"
+    content, problem, _ = await read_in_pieces(message + b".\r\n", size_limit=len(message))
+    assert (content, problem) == (message, None)
+    _, problem, _ = await read_in_pieces(message + b".\r\n", size_limit=len(message) - 1)
+    assert problem is DataProblem.TOO_MUCH
+
+
+async def test_line_length_limit_is_aiosmtpds() -> None:
+    longest = b"a" * (MAX_LINE - 2) + b"\r\n"  # 999 octets and CRLF: allowed
+    content, problem, _ = await read_in_pieces(b"S: x\r\n\r\n" + longest + b".\r\n", pieces=7)
+    assert problem is None and content.endswith(longest)
+    too_long = b"a" * (MAX_LINE - 1) + b"\r\n"
+    _, problem, rest = await read_in_pieces(b"S: x\r\n\r\n" + too_long + b".\r\nRSET\r\n")
+    assert problem is DataProblem.TOO_LONG
+    assert rest == b"RSET\r\n"
+
+
+async def test_a_client_that_leaves_mid_message_raises() -> None:
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_in_pieces(b"Subject: cut\r\n\r\nhalf a mess", pieces=2)
+
+
+lines = st.lists(
+    st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines, st.integers(min_value=1, max_value=40))
+async def test_any_message_reads_as_line_by_line_reading_does(
+    message_lines: list[bytes], pieces: int
+) -> None:
+    # Dot-stuff as a client must (RFC 5321 §4.5.2), then read it back.
+    stuffed = b"".join(
+        (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in message_lines
+    )
+    wire = stuffed + b".\r\n"
+    content, problem, rest = await read_in_pieces(wire, pieces)
+    assert problem is None and rest == b""
+    assert content == unstuffed_by_lines(wire) == b"".join(line + b"\r\n" for line in message_lines)
+
+
+def pipelined_session(port: int, message: bytes) -> list[bytes]:
+    """Two messages with every command of each sent in one write (RFC 2920)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        replies = [stream.readline()]
+
+        def reply() -> bytes:
+            while True:
+                line = stream.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        sock.sendall(b"EHLO client.test\r\n")
+        replies.append(reply())
+        for _ in range(2):
+            sock.sendall(b"MAIL FROM:<news@shop.example>\r\nRCPT TO:<erin@example.org>\r\nDATA\r\n")
+            replies.extend([reply(), reply(), reply()])
+            sock.sendall(message + b".\r\n")
+        sock.sendall(b"QUIT\r\n")
+        replies.extend([reply(), reply(), reply()])
+        return replies
+
+
+async def test_pipelined_messages_are_each_spooled_whole(tmp_path: Path) -> None:
+    relay = await Relay.start(relay_settings(tmp_path, None))
+    try:
+        message = b"From: news@shop.example\r\nSubject: one\r\n\r\n..dot\r\n" + b"z" * 900 + b"\r\n"
+        replies = await asyncio.to_thread(pipelined_session, relay.addresses.smtp[1], message)
+        codes = [r[:3] for r in replies]
+        # Each message's 250 is read with the next batch of pipelined replies.
+        assert b" ".join(codes) == b"220 250 250 250 354 250 250 250 354 250 221"
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            stored = [row[0] for row in db.execute("SELECT content FROM messages")]
+        assert stored == [message.replace(b"..dot", b".dot")] * 2
+    finally:
+        await relay.stop()
+
+
+async def test_too_much_data_gets_552_and_the_session_goes_on(tmp_path: Path) -> None:
+    limit = 10_000
+    base = relay_settings(tmp_path, None)
+    relay = await Relay.start(replace(base, smtp=replace(base.smtp, max_message_size=limit)))
+    try:
+
+        def session() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", relay.addresses.smtp[1], timeout=10) as client:
+                client.ehlo("client.test")
+                client.docmd("MAIL FROM:<news@shop.example>")
+                client.docmd("RCPT TO:<erin@example.org>")
+                client.docmd("DATA")
+                client.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (limit // 1000 + 1))
+                client.send(b".\r\n")
+                return client.getreply(), client.noop()
+
+        too_big, after = await asyncio.to_thread(session)
+        assert too_big[0] == 552 and too_big[1].startswith(b"5.3.4")
+        assert after[0] == 250
+    finally:
+        await relay.stop()
