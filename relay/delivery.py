@@ -126,8 +126,12 @@ class DeliveryWorker:
 
     async def _start_due(self) -> None:
         now = self._clock()
+        # Refill once half the loaded messages are done, not after each one: a due-query
+        # scans the waiting deliveries, and a backlog makes that cost grow with it.
+        if len(self._in_flight) > self._max_messages // 2:
+            return
         room = self._max_messages - len(self._in_flight)
-        if room <= 0 or now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
+        if now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
             return
         self._cooldown = {q: until for q, until in self._cooldown.items() if until > now}
         busy = self._in_flight.keys() | self._cooldown.keys()
@@ -149,9 +153,9 @@ class DeliveryWorker:
         timeout = IDLE_POLL
         if now < self._paused_until:
             timeout = self._paused_until - now  # nothing is sent before then anyway
-        else:
+        elif not self._in_flight and not self._cooldown:
             next_at = await self._spool.next_attempt_at(self._partition)
-            if next_at is not None and not self._in_flight and not self._cooldown:
+            if next_at is not None:
                 timeout = min(max(next_at - now, 0.01), IDLE_POLL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.01))
