@@ -26,6 +26,17 @@ class HeaderField:
         return self.name.lower()
 
 
+def crlf_line_breaks(message: bytes) -> bytes:
+    """`message` with every line break (CRLF, lone LF, lone CR) as CRLF, as SMTP carries it.
+
+    The relay's SMTP client sends this form and the DKIM signer signs it: one definition,
+    so a signature always covers the bytes that leave."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+        return message
+    return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
 def split_entity(data: bytes) -> tuple[bytes, bytes]:
     """(header block, body) of an entity; the blank line belongs to neither."""
     if data.startswith((b"\r\n", b"\n")):

@@ -158,11 +158,11 @@ class RelaySMTP(SMTP):
             return
         if data.problem is not None:
             await self.push(data.problem.value)
-            self._set_post_data_state()
+            self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
             return
         self.envelope.content = self.envelope.original_content = data.content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self.envelope = self._create_envelope()
         await self.push("250 OK" if status is MISSING else status)
 
     # ---- AUTH: aiosmtpd parses PLAIN and LOGIN; the password check runs in a thread ----

@@ -10,9 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-import aiosmtplib
-
 from .config import Downstream
+from .smtp_client import ConnectionLost, SmtpClientError, SmtpConnection
 
 
 class Status(StrEnum):
@@ -47,13 +46,14 @@ class Transport(Protocol):
     def describe(self) -> str: ...
 
 
-def _reply(code: int, text: str) -> str:
-    return f"{code} {' '.join(text.split())}"
-
-
 def _status_for(code: int) -> Status:
     if 200 <= code < 300:
         return Status.DELIVERED
+    return Status.BOUNCED if 500 <= code < 600 else Status.DEFERRED
+
+
+def _refused(code: int) -> Status:
+    """A refusal before the data was sent is never a delivery, whatever its code."""
     return Status.BOUNCED if 500 <= code < 600 else Status.DEFERRED
 
 
@@ -74,7 +74,7 @@ class SmtpTransport:
         self.eight_bit_ok = True  # until an EHLO says otherwise
         self._timeout = timeout
         self._local_hostname = local_hostname
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[SmtpConnection] = []
         self._slots = asyncio.Semaphore(pool_size)
 
     def describe(self) -> str:
@@ -85,14 +85,15 @@ class SmtpTransport:
             reused = bool(self._idle)
             try:
                 client = self._idle.pop() if reused else await self._connect()
-            except (aiosmtplib.SMTPException, OSError) as exc:
+            except (SmtpClientError, OSError, TimeoutError) as exc:
                 return self._unreachable(exc)
             outcome, keep = await self._transact(client, message)
             if keep is None and reused:
                 # The server dropped an idle connection: that says nothing about this message.
+                client.close()
                 try:
                     client = await self._connect()
-                except (aiosmtplib.SMTPException, OSError) as exc:
+                except (SmtpClientError, OSError, TimeoutError) as exc:
                     return self._unreachable(exc)
                 outcome, keep = await self._transact(client, message)
             if keep:
@@ -106,74 +107,64 @@ class SmtpTransport:
             Status.DEFERRED, f"connect to {self.describe()} failed: {exc}", reached=False
         )
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(
-            hostname=self.downstream.host,
-            port=self.downstream.port,
-            timeout=self._timeout,
-            use_tls=self.downstream.implicit_tls,
+    async def _connect(self) -> SmtpConnection:
+        connection = await SmtpConnection.open(
+            self.downstream.host,
+            self.downstream.port,
             local_hostname=self._local_hostname,
-            # Opportunistic STARTTLS, as MTAs do it (Postfix: smtp_tls_security_level = may):
-            # encrypt whenever offered, even with the self-signed certificate a local MTA has.
-            validate_certs=False,
-            start_tls=True if self._require_tls and not self.downstream.implicit_tls else None,
+            reply_timeout=self._timeout,
+            implicit_tls=self.downstream.implicit_tls,
+            require_tls=self._require_tls,
         )
-        await client.connect()
-        self.eight_bit_ok = client.supports_extension("8bitmime")
-        return client
+        self.eight_bit_ok = connection.supports("8bitmime")
+        return connection
 
     async def _transact(
-        self, client: aiosmtplib.SMTP, message: Outgoing
+        self, connection: SmtpConnection, message: Outgoing
     ) -> tuple[Outcome, bool | None]:
         """The outcome and whether the connection can be reused (None: it was lost)."""
         options = []
         if not message.content.isascii():
-            if not client.supports_extension("8bitmime"):
+            if not connection.supports("8bitmime"):
                 # Rendered before this server's EHLO was known; the retry goes out 7-bit.
-                reply = f"{self.describe()} lacks 8BITMIME; sending 7-bit next time"
-                return Outcome(Status.DEFERRED, reply), True
+                why = f"{self.describe()} lacks 8BITMIME; sending 7-bit next time"
+                return Outcome(Status.DEFERRED, why), True
             options.append("BODY=8BITMIME")
         if not (message.mail_from.isascii() and message.recipient.isascii()):
-            if not client.supports_extension("smtputf8"):
-                reply = f"553 5.6.7 {self.describe()} does not offer SMTPUTF8 for this address"
-                return Outcome(Status.BOUNCED, reply), True
+            if not connection.supports("smtputf8"):
+                why = f"553 5.6.7 {self.describe()} does not offer SMTPUTF8 for this address"
+                return Outcome(Status.BOUNCED, why), True
             options.append("SMTPUTF8")
         try:
-            _, reply = await client.sendmail(
-                message.mail_from, [message.recipient], message.content, mail_options=options
+            reply, stage = await connection.send(
+                message.mail_from, message.recipient, message.content, options
             )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0]
-            return Outcome(_status_for(refused.code), _reply(refused.code, refused.message)), (
-                await self._reset(client)
-            )
-        except aiosmtplib.SMTPServerDisconnected as exc:
+        except ConnectionLost as exc:
             return Outcome(Status.DEFERRED, f"lost connection to {self.describe()}: {exc}"), None
-        except aiosmtplib.SMTPResponseException as exc:
-            return Outcome(_status_for(exc.code), _reply(exc.code, exc.message)), (
-                await self._reset(client)
-            )
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return Outcome(Status.DEFERRED, f"conversation with {self.describe()} failed: {exc}"), (
-                False
-            )
-        return Outcome(Status.DELIVERED, f"250 {' '.join(reply.split())}"), True
+        except (SmtpClientError, OSError, TimeoutError, ValueError) as exc:
+            failure = str(exc) or type(exc).__name__
+            reply_text = f"conversation with {self.describe()} failed: {failure}"
+            return Outcome(Status.DEFERRED, reply_text), False
+        if stage == "sent":
+            return Outcome(_status_for(reply.code), str(reply)), True
+        return Outcome(_refused(reply.code), str(reply)), await self._reset(connection)
 
     @staticmethod
-    async def _reset(client: aiosmtplib.SMTP) -> bool:
+    async def _reset(connection: SmtpConnection) -> bool:
+        """After a refusal: whether the connection is still fit for the next message."""
         try:
-            await client.rset()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            await connection.reset()
+        except (SmtpClientError, OSError, TimeoutError):
             return False
         return True
 
     async def close(self) -> None:
         while self._idle:
-            client = self._idle.pop()
+            connection = self._idle.pop()
             try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
+                await connection.quit()
+            except (SmtpClientError, OSError, TimeoutError):
+                connection.close()
 
 
 class OutboxTransport:

@@ -32,6 +32,21 @@ class CaptureHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # Offered as MTAs do (aiosmtpd reads pipelined commands in turn but does not say so).
+    pipelining: bool = True
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -68,10 +83,14 @@ class CaptureServer:
 
     @classmethod
     async def start(
-        cls, port: int = 0, tls: ssl.SSLContext | None = None, eight_bit: bool = True
+        cls,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+        eight_bit: bool = True,
+        pipelining: bool = True,
     ) -> CaptureServer:
         """`eight_bit=False`: an old MTA without 8BITMIME that refuses 8-bit data."""
-        handler = CaptureHandler()
+        handler = CaptureHandler(pipelining=pipelining)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: SMTP(

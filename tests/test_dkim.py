@@ -143,7 +143,7 @@ def dkimpy_verifies(dkimpy: Any, keys: Keys, message: bytes, index: int = 0) -> 
 
 
 def wire(message: bytes) -> bytes:
-    """`message` as the relay's SMTP client (aiosmtplib) sends it: every CR, LF or CRLF line break
+    """`message` as the relay's SMTP client sends it: every CR, LF or CRLF line break
     as CRLF, ending in CRLF. What a receiver verifies."""
     message = re.sub(rb"\r\n|\n|\r(?!\n)", CRLF, message)
     return message if message.endswith(CRLF) else message + CRLF
@@ -488,9 +488,9 @@ def test_whitespace_changes_relaxed_allows_still_verify(
     ],
 )
 def test_message_is_signed_as_smtp_carries_it(name: str, raw: bytes, signer: DkimSigner) -> None:
-    """aiosmtplib sends every CR, LF or CRLF as CRLF and ends the data with CRLF: the signature
-    is over that, so it holds at the receiver (dkimpy would sign "tail  \t" without its CRLF and
-    a bare CR as text, and fail there)."""
+    """The relay's SMTP client sends every CR, LF or CRLF as CRLF and ends the data with CRLF:
+    the signature is over that, so it holds at the receiver (dkimpy would sign "tail  \t"
+    without its CRLF and a bare CR as text, and fail there)."""
     assert wire(raw) != raw
     assert signer.sign(raw, timestamp=7) == signer.sign(wire(raw), timestamp=7)
 

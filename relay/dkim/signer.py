@@ -4,10 +4,10 @@ Ed25519-SHA256 (RFC 8463).
 The signatures are the ones dkimpy makes for the same message, key, header list and timestamp
 (same tags in the same order, same `b=` and `bh=`), made with OpenSSL's RSA through `cryptography`
 instead of dkimpy's pure-Python arithmetic. A message is signed as SMTP carries it: the relay's
-client (aiosmtplib) sends every CR, LF or CRLF line break as CRLF and ends the data with CRLF, so
-the signature is computed over that form. This is where dkimpy, which signs bare CRs and an
-unterminated last line as they are, would make a signature that fails at the receiver. Header
-values lose only SP and HTAB at their ends (RFC 6376 section 3.4.2).
+client (relay.smtp_client) sends every CR, LF or CRLF line break as CRLF and ends the data
+with CRLF, so the signature is computed over that form. This is where dkimpy, which signs bare
+CRs and an unterminated last line as they are, would make a signature that fails at the
+receiver. Header values lose only SP and HTAB at their ends (RFC 6376 section 3.4.2).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from ..mime import crlf_line_breaks
 from .errors import DkimError, DkimKeyError, DkimMessageError
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -129,7 +130,7 @@ class DkimSigner:
         when = int(time.time()) if timestamp is None else int(timestamp)
         if when < 0:
             raise DkimError("the DKIM timestamp cannot be before 1970")
-        message = _as_transmitted(message)
+        message = crlf_line_breaks(message)
         fields, body_start = _header_fields(message)
         if b"from" not in fields:
             raise DkimMessageError("the message has no From header field, which DKIM must sign")
@@ -174,7 +175,7 @@ class DkimSigner:
 
 def signing_domains(message: bytes) -> list[str]:
     """The `d=` domains of the DKIM-Signature fields `message` already carries, top first."""
-    fields, _ = _header_fields(_as_transmitted(message))
+    fields, _ = _header_fields(crlf_line_breaks(message))
     domains = []
     for pieces in fields.get(b"dkim-signature", []):
         value = b"".join(pieces)
@@ -229,14 +230,6 @@ def _header_fields(message: bytes) -> tuple[dict[bytes, list[list[bytes]]], int]
                 raise DkimMessageError(f"header line {number} is not a header field")
         pos = following
     return fields, size
-
-
-def _as_transmitted(message: bytes) -> bytes:
-    """`message` with every line break (CRLF, lone LF, lone CR) as CRLF, as SMTP sends it."""
-    crlf = message.count(_CRLF)
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
-        return message
-    return message.replace(_CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", _CRLF)
 
 
 def _body_hash(message: bytes, start: int) -> bytes:
