@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import Downstream
-from .smtp_client import ConnectionLost, SmtpClientError, SmtpConnection
+from .smtp_client import ConnectionLost, SmtpClientError, SmtpConnection, unverified_tls
 
 
 class Status(StrEnum):
@@ -75,6 +75,7 @@ class SmtpTransport:
         self._timeout = timeout
         self._local_hostname = local_hostname
         self._idle: list[SmtpConnection] = []
+        self._tls = unverified_tls()
         self._slots = asyncio.Semaphore(pool_size)
 
     def describe(self) -> str:
@@ -115,6 +116,7 @@ class SmtpTransport:
             reply_timeout=self._timeout,
             implicit_tls=self.downstream.implicit_tls,
             require_tls=self._require_tls,
+            tls=self._tls,
         )
         self.eight_bit_ok = connection.supports("8bitmime")
         return connection
