@@ -70,6 +70,11 @@ MAIL = "mail"
 DSN = "dsn"
 
 
+# Message contents pass through the spool once (in, then out): caching their pages would
+# only hold memory, up to the default 64 MiB per connection, with a flood of big messages.
+SPOOL_CACHE_KIB = 2048
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     """Which messages one of several delivery processes owns: by the queue id's last hex
@@ -135,7 +140,7 @@ class Spool:
 
     @classmethod
     async def open(cls, path: Path) -> Spool:
-        db = await Database.open(path, MIGRATIONS)
+        db = await Database.open(path, MIGRATIONS, cache_kib=SPOOL_CACHE_KIB)
         waiting = await db.read(
             lambda conn: int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         )

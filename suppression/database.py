@@ -46,7 +46,7 @@ class _Job:
 _STOP = object()
 
 
-def _connect(path: Path) -> sqlite_utils.Database:
+def _connect(path: Path, cache_kib: int = CACHE_KIB) -> sqlite_utils.Database:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk (fsync of the WAL) before the caller hears of it.
@@ -55,7 +55,7 @@ def _connect(path: Path) -> sqlite_utils.Database:
     conn.execute("PRAGMA foreign_keys=ON")
     # Random-keyed B-trees (hash keys) need their pages in memory for fast batch imports;
     # this is a ceiling, memory is only used as pages are touched.
-    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    conn.execute(f"PRAGMA cache_size=-{cache_kib}")
     # Deleted rows are zeroed within their pages, so erased personal data does not linger in
     # free space; FAST costs no extra I/O (freed pages are handled by VACUUM when it matters).
     conn.execute("PRAGMA secure_delete=FAST")
@@ -65,8 +65,12 @@ def _connect(path: Path) -> sqlite_utils.Database:
 class Database:
     """An SQLite file used from asyncio without blocking the event loop."""
 
-    def __init__(self, path: Path, migrations: Sequence[Migration] = ()) -> None:
+    def __init__(
+        self, path: Path, migrations: Sequence[Migration] = (), *, cache_kib: int = CACHE_KIB
+    ) -> None:
+        """`cache_kib`: the page cache of each of its two connections (a ceiling)."""
         self.path = path
+        self._cache_kib = cache_kib
         self._migrations = tuple(migrations)
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -80,8 +84,10 @@ class Database:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, migrations: Sequence[Migration] = ()) -> Database:
-        database = cls(path, migrations)
+    async def open(
+        cls, path: Path, migrations: Sequence[Migration] = (), *, cache_kib: int = CACHE_KIB
+    ) -> Database:
+        database = cls(path, migrations, cache_kib=cache_kib)
         database._writer.start()
         try:
             await asyncio.wrap_future(database._ready)
@@ -134,7 +140,7 @@ class Database:
     def _read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         db: sqlite_utils.Database | None = getattr(self._reader_local, "db", None)
         if db is None:
-            db = _connect(self.path)
+            db = _connect(self.path, self._cache_kib)
             self._reader_local.db = db
         return fn(db)
 
@@ -146,7 +152,7 @@ class Database:
     def _write_loop(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = _connect(self.path)
+            db = _connect(self.path, self._cache_kib)
             _apply_migrations(db, self._migrations)
         except BaseException as exc:
             self._ready.set_exception(exc)
