@@ -30,8 +30,9 @@ TRANSACTIONAL_BLOCKERS = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
 IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
 REPORT_EVERY = 60.0
-# Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory.
-LOADED_BYTES_BUDGET = 16 * 1024 * 1024
+# Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory: each
+# loaded message is held several times over while its copies are rewritten and sent.
+LOADED_BYTES_BUDGET = 4 * 1024 * 1024
 REMEMBERED_LIMIT = 100_000
 # Rewriting and signing a message bigger than this runs in a thread.
 OFFLOAD_BYTES = 256 * 1024

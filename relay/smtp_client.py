@@ -65,12 +65,13 @@ def smtp_lines(content: bytes) -> bytes:
 
 
 def dot_stuffed(lines: bytes) -> bytes:
-    """RFC 5321 §4.5.2 transparency for `smtp_lines` output, and the end-of-data marker."""
+    """RFC 5321 §4.5.2 transparency for `smtp_lines` output (a copy only if a line
+    starts with a dot)."""
     if lines.startswith(b"."):
         lines = b"." + lines
     if b"\r\n." in lines:
         lines = lines.replace(b"\r\n.", b"\r\n..")
-    return lines + b".\r\n"
+    return lines
 
 
 class SmtpConnection:
@@ -150,7 +151,7 @@ class SmtpConnection:
         for stage, reply in zip(("mail", "rcpt"), replies, strict=False):
             if not reply.ok:
                 if len(replies) == 3 and replies[2].code == 354:
-                    await self._finish_data(b".\r\n")  # a server that said go ahead anyway
+                    await self._finish_data(b"")  # a server that said go ahead anyway
                 return reply, stage
         if replies[2].code != 354:
             return replies[2], "data"
@@ -173,7 +174,10 @@ class SmtpConnection:
         self._writer.close()
 
     async def _finish_data(self, payload: bytes) -> Reply:
+        """The message's lines, then the end marker (written apart: no copy of a big message
+        just to append three octets)."""
         self._writer.write(payload)
+        self._writer.write(b".\r\n")
         return await self._reply()
 
     async def _hello(self, local_hostname: str) -> None:
