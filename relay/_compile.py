@@ -54,7 +54,7 @@ def decode(body: bytes, cte: str, charset: str) -> Decoded:
     if cte == "base64":
         data = base64_body(body).decoded
     elif cte == "quoted-printable":
-        data = binascii.a2b_qp(body)  # the same bytes qp_lines(body).decoded joins
+        data = binascii.a2b_qp(body)  # what qp_lines counts its lines' starts back from
     else:
         if cte == "7bit" and not body.isascii():
             raise MimeError("8-bit data in a part declared 7bit")
@@ -148,13 +148,13 @@ def qp_part(body: bytes, data: bytes, edits: Sequence[ByteEdit], exact: bool) ->
     nl = line_ending(body)
     if not exact:
         return QPPart([Dirty(tuple(apply(data, edits)), b"")], nl)
-    lines = qp_lines(body)
-    last_line = len(lines.decoded_starts) - 1
+    lines = qp_lines(body, len(data), min(edit.start for edit in edits) if edits else len(data))
+    last_line = lines.last
     dirty: list[tuple[int, int]] = []
     for edit in edits:
         first = lines.line_of(edit.start)
         last = lines.line_of(edit.end - 1) if edit.end > edit.start else first
-        if first == last_line and first and lines.soft[first - 1]:
+        if first == last_line and first and lines.soft(first - 1):
             # The body ends in "=" with no line break after it: text added at the end is
             # encoded together with that line, or the "=" would run into it.
             first -= 1
@@ -168,14 +168,14 @@ def qp_part(body: bytes, data: bytes, edits: Sequence[ByteEdit], exact: bool) ->
     for first, last in dirty:
         chunks.append(body[cursor : lines.encoded_starts[first]])
         content = apply(
-            lines.decoded,
+            data,
             edits,
-            lines.decoded_starts[first],
-            lines.decoded_starts[last + 1] if last < last_line else None,
+            lines.decoded_start(first),
+            lines.decoded_start(last + 1) if last < last_line else None,
         )
-        cursor = lines.encoded_starts[last + 1] if last < last_line else lines.encoded_length
+        cursor = lines.encoded_starts[last + 1] if last < last_line else len(body)
         ending = body[lines.encoded_starts[last] : cursor]
-        tail = b"=" + ending[len(ending.rstrip(b"\r\n")) :] if lines.soft[last] else b""
+        tail = b"=" + ending[len(ending.rstrip(b"\r\n")) :] if lines.soft(last) else b""
         chunks.append(Dirty(tuple(content), tail))
     chunks.append(body[cursor:])
     return QPPart([c for c in chunks if c != b""], nl)

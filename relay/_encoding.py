@@ -38,32 +38,56 @@ class QPLines:
     A soft line break may stand anywhere between encoded characters, so a run of physical lines
     can be re-encoded on its own: ending it with a soft break when its last line had one keeps
     the sender's lines on either side valid and unchanged.
+
+    Only the lines from `first` on are decoded and tabled (`decoded_starts[i - first]`): edits
+    are mostly near the end (a footer, a pixel), and the lines before them are kept as sent.
     """
 
-    encoded_starts: list[int]
-    decoded_starts: list[int]
-    soft: list[bool]
-    decoded: bytes
-    encoded_length: int
+    lines: list[bytes]  # each with its line break
+    encoded_starts: list[int]  # of every line, and the end
+    first: int
+    decoded_starts: list[int]  # of lines first.., and the end
+
+    @property
+    def last(self) -> int:
+        """The index of a final empty line, so an insertion at the very end has a line."""
+        return len(self.lines)
 
     def line_of(self, decoded_offset: int) -> int:
         """The line an insertion at `decoded_offset` lands in (the later one at a boundary)."""
-        return bisect_right(self.decoded_starts, decoded_offset) - 1
+        return self.first + bisect_right(self.decoded_starts, decoded_offset) - 1
+
+    def decoded_start(self, line: int) -> int:
+        return self.decoded_starts[line - self.first]
+
+    def soft(self, line: int) -> bool:
+        if line >= len(self.lines):
+            return False
+        return self.lines[line].rstrip(b"\r\n").rstrip(b" \t").endswith(b"=")
 
 
-def qp_lines(body: bytes) -> QPLines:
-    """The line table of a QP body, each line decoded by itself (in C, not a Python loop)."""
+def qp_lines(body: bytes, decoded_length: int, from_offset: int = 0) -> QPLines:
+    """The line table of a QP body whose decoded form is `decoded_length` bytes long, decoded
+    line by line (in C) from the end back to the line holding `from_offset`."""
     parts = body.split(b"\n")
     lines = [part + b"\n" for part in parts[:-1]]
     if parts[-1]:
         lines.append(parts[-1])
-    decoded_lines = list(map(binascii.a2b_qp, lines))
     encoded_starts = [0, *itertools.accumulate(map(len, lines))]
-    decoded_starts = [0, *itertools.accumulate(map(len, decoded_lines))]
-    # A final empty line (the last start above), so an insertion at the very end has a line.
-    soft = [line.rstrip(b"\r\n").rstrip(b" \t").endswith(b"=") for line in lines]
-    soft.append(False)
-    return QPLines(encoded_starts, decoded_starts, soft, b"".join(decoded_lines), len(body))
+    # Decoding each line alone gives the bytes decoding the body at once does (QP is decoded
+    # line by line), so the decoded starts can be counted back from the decoded length.
+    # One line more than `from_offset` needs: an edit at the very end may join the line
+    # before it (see qp_part).
+    starts = [decoded_length]
+    first = len(lines)
+    while first > 0 and (starts[-1] > from_offset or len(starts) < 2):
+        first -= 1
+        starts.append(starts[-1] - len(binascii.a2b_qp(lines[first])))
+    if first > 0:
+        first -= 1
+        starts.append(starts[-1] - len(binascii.a2b_qp(lines[first])))
+    starts.reverse()
+    return QPLines(lines, encoded_starts, first, starts)
 
 
 def qp_encode(data: bytes, nl: bytes) -> bytes:
