@@ -26,19 +26,13 @@ class Leaf:
     """A part with content: where its header block and body are in the message."""
 
     headers: Message
+    ctype: str  # asked of the headers once: the email package parses it anew on each call
+    cte: str
     header_start: int
     body_start: int
     body_end: int
     cte_field: tuple[int, int] | None  # the Content-Transfer-Encoding field's bytes, if any
     decorable: bool  # inline text/plain or text/html, not an attachment
-
-    @property
-    def ctype(self) -> str:
-        return self.headers.get_content_type()
-
-    @property
-    def cte(self) -> str:
-        return str(self.headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +83,8 @@ def _entity(
     tree.leaves.append(
         Leaf(
             headers,
+            ctype,
+            str(headers.get("Content-Transfer-Encoding") or "7bit").strip().lower(),
             start,
             body_start,
             end,
