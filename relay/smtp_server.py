@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import ssl
 from collections import Counter
@@ -28,6 +29,10 @@ _REPLIES = {
     "503 Already authenticated": "503 5.5.1 Already authenticated",
 }
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+# <local@domain> with a dot-atom local part (RFC 5321 §4.1.2) and a plain ASCII domain: what
+# nearly every MAIL and RCPT carries. Anything else goes to aiosmtpd's full parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(rf"\s*<({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 AUTH_LOCKED = "454 4.7.0 Too many failed authentications from your address, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 
@@ -164,6 +169,21 @@ class RelaySMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self.envelope = self._create_envelope()
         await self.push("250 OK" if status is MISSING else status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing, with a fast path for plain addresses: its parser
+        (the email package's, plus a class it defines on every call) cost a fifth of the
+        front door's CPU per message."""
+        plain = _PLAIN_PATH.match(arg)
+        # As the email parser, the white space after ">" is not part of the rest.
+        rest = arg[plain.end() :].lstrip(" \t") if plain else ""
+        if plain is None or rest.startswith("("):  # a comment: the full parser's job
+            address: tuple[str | None, str | None] = super()._getaddr(arg)
+            return address
+        local, domain = plain.groups()
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return f"{local}@{domain}", rest
 
     # ---- AUTH: aiosmtpd parses PLAIN and LOGIN; the password check runs in a thread ----
 
