@@ -76,6 +76,12 @@ async def strict() -> AsyncIterator[tuple[PipeliningOnly, int]]:
         server.close()
 
 
+def transport_to(port: int) -> SmtpTransport:
+    return SmtpTransport(
+        Downstream("127.0.0.1", port), pool_size=1, timeout=5, local_hostname="relay.test"
+    )
+
+
 async def connect(port: int, **options: bool) -> SmtpConnection:
     return await SmtpConnection.open(
         "127.0.0.1", port, local_hostname="relay.test", reply_timeout=5, **options
@@ -107,9 +113,7 @@ async def test_a_refused_recipient_is_reported_and_the_connection_goes_on(
 ) -> None:
     server, port = strict
     server.rcpt_reply = b"550 5.1.1 <gone@example.org>: no such user"
-    transport = SmtpTransport(
-        Downstream("127.0.0.1", port), pool_size=1, timeout=5, local_hostname="relay.test"
-    )
+    transport = transport_to(port)
     try:
         outcome = await transport.send(
             Outgoing("Q1", "news@shop.example", "gone@example.org", MESSAGE)
@@ -177,9 +181,7 @@ async def test_required_tls_without_starttls_is_refused_before_any_mail() -> Non
 
 async def test_a_temporary_refusal_defers(strict: tuple[PipeliningOnly, int]) -> None:
     server, port = strict
-    transport = SmtpTransport(
-        Downstream("127.0.0.1", port), pool_size=1, timeout=5, local_hostname="relay.test"
-    )
+    transport = transport_to(port)
     server.rcpt_reply = b"451 4.3.2 try later"
     try:
         outcome = await transport.send(
@@ -194,9 +196,7 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced(
     strict: tuple[PipeliningOnly, int],
 ) -> None:
     server, port = strict
-    transport = SmtpTransport(
-        Downstream("127.0.0.1", port), pool_size=1, timeout=5, local_hostname="relay.test"
-    )
+    transport = transport_to(port)
     try:
         first = Outgoing("Q1", "news@shop.example", "ann@example.org", MESSAGE)
         assert (await transport.send(first)).status is Status.DELIVERED
