@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from tracking.clicks import is_redirectable
+from tracking.tokens import is_redirectable
 
 from ._html import attribute_value, insertion_point, links
 from ._parts import Hole, HoleKey, LinkHole

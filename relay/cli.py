@@ -14,10 +14,11 @@ import click
 from suppression import SuppressionError
 
 from . import cli_account, cli_dkim, cli_queue, cli_suppress
-from .app import Stores, serve
+from .app import serve
 from .cli_common import PROG, config_option, settings_from, with_stores
 from .errors import ConfigError
 from .logs import LogFormat, setup_logging
+from .runtime import Stores
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

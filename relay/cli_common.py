@@ -9,8 +9,8 @@ from typing import TypeVar
 
 import click
 
-from .app import Stores
 from .config import Settings, load_settings
+from .runtime import Stores
 
 T = TypeVar("T")
 PROG = "optout-relay"

@@ -11,9 +11,9 @@ from typing import TypeVar
 
 import click
 
-from .app import SPOOL_FILE
 from .cli_common import config_option, settings_from
 from .keys import ensure_private_dir
+from .runtime import SPOOL_FILE
 from .spool import QueueEntry, Spool
 
 T = TypeVar("T")

@@ -40,9 +40,9 @@ from suppression.formats import Format
 from suppression.holders import outbox_holder, spool_holder
 from tracking.events import Retention, purge
 
-from .app import OUTBOX_DIR, SPOOL_FILE, Stores
 from .cli_common import PROG, config_option, settings_from, with_stores
 from .config import Settings
+from .runtime import OUTBOX_DIR, SPOOL_FILE, Stores
 from .spool import Spool
 
 T = TypeVar("T")

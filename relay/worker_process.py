@@ -40,7 +40,7 @@ def _child_main(
 
 
 async def _run_child(settings: Settings, wakeups: Connection, partition: Partition) -> None:
-    from .app import DeliveryRuntime  # here: the child imports the wiring, not the reverse
+    from .runtime import DeliveryRuntime  # here: the child imports the wiring, not the reverse
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,6 +1,7 @@
 """Signed per-recipient tokens, the tracking HTTP app and the event log."""
 
-from .app import PIXEL_GIF, create_app
+from typing import TYPE_CHECKING, Any
+
 from .errors import BadToken, TrackingError
 from .events import MIGRATIONS, Event, EventStore, EventType
 from .ratelimit import RateLimit
@@ -28,3 +29,15 @@ __all__ = [
     "Verified",
     "create_app",
 ]
+
+if TYPE_CHECKING:
+    from .app import PIXEL_GIF, create_app
+
+
+def __getattr__(name: str) -> Any:
+    """The HTTP app on first use: a delivery process needs tokens and events, not aiohttp."""
+    if name in ("PIXEL_GIF", "create_app"):
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

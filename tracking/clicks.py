@@ -9,8 +9,6 @@ no one can use this endpoint to send people to an address the relay did not sign
 from __future__ import annotations
 
 import logging
-import re
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -19,23 +17,11 @@ from .events import EventType
 from .opens import Fetch, beacon_event, judge
 from .pages import NO_STORE, guarded, page
 from .state import TRACKING
+from .tokens import is_redirectable
 
 log = logging.getLogger("optout.http")
 
 MAX_STORED_URL = 500
-# What a Location header may carry: printable ASCII, no spaces (the rewriter encodes the rest).
-_PRINTABLE = re.compile(r"[\x21-\x7e]+")
-
-
-def is_redirectable(url: str) -> bool:
-    """An absolute http(s) URL with a host, and nothing that could bend a header."""
-    if not _PRINTABLE.fullmatch(url):
-        return False
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 @guarded("click")

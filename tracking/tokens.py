@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from suppression import GLOBAL
 
@@ -14,6 +16,20 @@ UNSUBSCRIBE_PATH = "/u/"
 OPEN_PATH = "/o/"
 CLICK_PATH = "/c/"
 PIXEL_SUFFIX = ".gif"
+# What a Location header may carry: printable ASCII, no spaces (the rewriter encodes the rest).
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+
+
+def is_redirectable(url: str) -> bool:
+    """An absolute http(s) URL with a host, and nothing that could bend a header: the only
+    links the rewriter turns into click URLs, and the only ones a click redirects to."""
+    if not _PRINTABLE.fullmatch(url):
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 @dataclass(frozen=True, slots=True)
