@@ -1,6 +1,8 @@
 """The open pixel under load: the real tracking app (token check, verdict, an open event for
 every request, written to SQLite in batches) against a bare aiohttp handler that returns the
-same GIF, side by side on this machine with `wrk` (Debian package `wrk`).
+same GIF, side by side on this machine with `wrk` (Debian package `wrk`). As `serve` runs it,
+the app checks, judges and writes the opens in its event process (create_app(event_process=
+True)); `--in-process` does that on the app's own event loop instead.
 
 Each server runs in its own process on a free loopback port; wrk fetches 5,000 distinct
 recipients' pixel URLs in turn, and the two servers take turns for several rounds so that
@@ -11,6 +13,7 @@ Run from the repository root:
 
     python bench/pixel.py                          # 3 rounds of 10 s each, 64 connections
     python bench/pixel.py --seconds 5 --rounds 2 --durable
+    python bench/pixel.py --seconds 5 --rounds 2 --in-process
 
 `--durable` answers each pixel only after its open is committed (create_app(durable_events=
 True)); by default opens are committed within one batch round after the answer.
@@ -50,14 +53,14 @@ async def bare_gif(request: web.Request) -> web.Response:
     )
 
 
-async def serve(kind: str, data: Path | None, durable: bool) -> None:
+async def serve(kind: str, data: Path | None, durable: bool, event_process: bool) -> None:
     if kind == "bare":
         app = web.Application()
         app.router.add_get("/o/{token}.gif", bare_gif)
         stores = None
     else:
-        from relay.app import Stores
         from relay.config import Settings, SigningSettings, StorageSettings
+        from relay.runtime import Stores
         from tracking import create_app
 
         assert data is not None
@@ -68,6 +71,7 @@ async def serve(kind: str, data: Path | None, durable: bool) -> None:
             stores.events,
             TrackingUrls(PUBLIC, Signer(KEYS)),
             durable_events=durable,
+            event_process=event_process,
             clock=lambda: 4e9,  # opened long after delivery: the verdict runs in full
         )
     runner = web.AppRunner(app, access_log=None)
@@ -109,10 +113,14 @@ def lua_script(directory: Path) -> Path:
     return script
 
 
-def start(kind: str, data: Path, durable: bool) -> tuple[subprocess.Popen[str], int]:
+def start(
+    kind: str, data: Path, durable: bool, in_process: bool
+) -> tuple[subprocess.Popen[str], int]:
     command = [sys.executable, __file__, "--serve", kind, "--data", str(data)]
     if durable:
         command.append("--durable")
+    if in_process:
+        command.append("--in-process")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     port = int(process.stdout.readline())  # printed once the server listens
@@ -152,19 +160,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--durable", action="store_true")
+    parser.add_argument(
+        "--in-process", action="store_true", help="opens written on the app's event loop"
+    )
     parser.add_argument("--serve", choices=["bare", "app"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.data, args.durable))
+        asyncio.run(serve(args.serve, args.data, args.durable, not args.in_process))
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-pixel-") as tmp:
         directory = Path(tmp)
         script = lua_script(directory)
         data = directory / "data"
-        bare, bare_port = start("bare", directory, False)
-        app, app_port = start("app", data, args.durable)
+        bare, bare_port = start("bare", directory, False, False)
+        app, app_port = start("app", data, args.durable, args.in_process)
         rates: dict[str, list[float]] = {"bare": [], "app": []}
         answered = 0
         try:
@@ -189,6 +200,7 @@ def main() -> None:
     bare_rate = statistics.median(rates["bare"])
     app_rate = statistics.median(rates["app"])
     mode = "durable (answered after commit)" if args.durable else "batched (committed after)"
+    mode += ", on the app's loop" if args.in_process else ", by the event process"
     print(f"\nbare aiohttp handler: {bare_rate:10.0f} requests/s (median of {args.rounds})")
     print(f"tracking app pixel:   {app_rate:10.0f} requests/s, opens {mode}")
     print(f"ratio app/bare:       {app_rate / bare_rate:10.2f}  (target >= 0.80)")

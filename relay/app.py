@@ -59,6 +59,7 @@ def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.
         store_ip=tracking.store_ip,
         store_user_agent=tracking.store_user_agent,
         durable_events=tracking.durable_events,
+        event_process=settings.http.event_process,
         rate_limit=RateLimit(per_minute=tracking.rate_per_minute, burst=tracking.rate_burst),
         trusted_proxies=settings.http.trusted_proxies,
         metrics_from=settings.http.metrics_from,

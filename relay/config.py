@@ -72,6 +72,7 @@ class HttpSettings:
     public_url: str | None = None  # default: http:// and the listen address
     trusted_proxies: tuple[str, ...] = LOOPBACK_NETWORKS  # whose X-Forwarded-For is believed
     metrics_from: tuple[str, ...] = LOOPBACK_NETWORKS  # who may read /metrics
+    event_process: bool = True  # opens and clicks checked and written by a child process
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +415,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "public_url": _public_url,
             "trusted_proxies": _network_strings,
             "metrics_from": _network_strings,
+            "event_process": _boolean,
         },
     ),
     "tracking": (

@@ -10,36 +10,31 @@ from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
+from multidict import istr
 
 from suppression import SuppressionStore
 
+from .beacons import BeaconSpec, resolve_fetch
 from .clicks import click
+from .event_process import EventProcess, EventProcessSpec
 from .events import EventStore
 from .metrics import Metrics
 from .network import LOOPBACK, networks
-from .opens import PIXEL_GIF, pixel, resolve_fetch
+from .opens import PIXEL_GIF, pixel
 from .pages import environment
 from .ratelimit import RateLimit, RateLimiter
-from .recorder import EventRecorder
-from .state import TRACKING, Options, Tracking, client_of
+from .recorder import EventRecorder, Recorder
+from .state import SECURITY_HEADERS, TRACKING, Options, Tracking, client_of
 from .tokens import CLICK_PATH, OPEN_PATH, PIXEL_SUFFIX, UNSUBSCRIBE_PATH, TrackingUrls
 from .unsubscribe import confirmation_page, unsubscribe
-from .verdict import DEFAULT_FAST_SECONDS, Judge
+from .verdict import DEFAULT_FAST_SECONDS
 
 __all__ = ["MAX_REQUEST_BODY", "PIXEL_GIF", "SECURITY_HEADERS", "create_app"]
 
 # A one-click POST is 26 bytes; the page's form a few dozen. Anything large is not ours.
 MAX_REQUEST_BODY = 16 * 1024
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:;"
-        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-}
 _METHODS = frozenset({"GET", "HEAD", "POST"})
+_CSP = istr("Content-Security-Policy")
 
 
 def create_app(
@@ -52,6 +47,7 @@ def create_app(
     store_ip: bool = False,
     store_user_agent: bool = False,
     durable_events: bool = False,
+    event_process: bool = False,
     rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
     trusted_proxies: Sequence[str] = LOOPBACK,
     metrics_from: Sequence[str] = LOOPBACK,
@@ -68,6 +64,8 @@ def create_app(
     - `store_ip` / `store_user_agent`: keep the client's /24 (IPv4) or /48 (IPv6) network /
       its User-Agent in open and click events (and the IP network in unsubscribe proofs).
     - `durable_events`: answer a pixel or click only once its event is committed.
+    - `event_process`: check, judge and write opens and clicks in a child process (another
+      core), not on this event loop.
     - `rate_limit`: on the state-changing POSTs, per client address (a genuine one-click:
       per recipient, so a mail provider's shared addresses never have an opt-out refused).
     - `trusted_proxies`: peers whose X-Forwarded-For is believed (a local reverse proxy).
@@ -77,6 +75,23 @@ def create_app(
     """
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     metrics = Metrics()
+    spec = BeaconSpec.of(
+        urls,
+        trusted_proxies=trusted_proxies,
+        store_ip=store_ip,
+        store_user_agent=store_user_agent,
+        machine_seconds=machine_seconds,
+        machine_agents=machine_agents,
+        machine_networks=machine_networks,
+    )
+    beacons = spec.build()
+    recorder: Recorder
+    if event_process:
+        recorder = EventProcess(EventProcessSpec(events.path, spec), metrics)
+    else:
+        recorder = EventRecorder(
+            events, metrics, resolve=functools.partial(resolve_fetch, beacons, metrics)
+        )
     app[TRACKING] = Tracking(
         suppressions=suppressions,
         events=events,
@@ -85,19 +100,17 @@ def create_app(
         options=Options(
             brand=brand,
             store_ip=store_ip,
-            store_user_agent=store_user_agent,
             durable_events=durable_events,
             undo_window=undo_window,
-            trusted_proxies=networks(trusted_proxies),
+            trusted_proxies=beacons.trusted_proxies,
             metrics_from=networks(metrics_from),
             clock=clock,
         ),
         metrics=metrics,
-        judge=Judge(fast_seconds=machine_seconds, agents=machine_agents, networks=machine_networks),
+        beacons=beacons,
         limiter=RateLimiter(rate_limit),
-        recorder=EventRecorder(events, metrics),
+        recorder=recorder,
     )
-    app[TRACKING].recorder.resolve = functools.partial(resolve_fetch, app[TRACKING])
     app.on_startup.append(_start_recorder)
     app.on_cleanup.append(_stop_recorder)
     app.on_response_prepare.append(_on_response)
@@ -115,7 +128,7 @@ def create_app(
 
 
 async def _start_recorder(app: web.Application) -> None:
-    app[TRACKING].recorder.start()
+    await app[TRACKING].recorder.start()
 
 
 async def _stop_recorder(app: web.Application) -> None:
@@ -124,7 +137,9 @@ async def _stop_recorder(app: web.Application) -> None:
 
 async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
     """Security headers on every answer, and the request counted by route (never by path)."""
-    response.headers.update(SECURITY_HEADERS)
+    headers = response.headers
+    if _CSP not in headers:  # the pixel's answer is made with them all: not twice per pixel
+        headers.update(SECURITY_HEADERS)
     route = request.match_info.route.name or "other"
     method = request.method if request.method in _METHODS else "OTHER"
     request.app[TRACKING].metrics.request(route, method, response.status)

@@ -12,9 +12,9 @@ import logging
 
 from aiohttp import web
 
+from .beacons import Fetch, beacon_event, judge
 from .errors import BadToken
 from .events import EventType
-from .opens import Fetch, beacon_event, judge
 from .pages import NO_STORE, guarded, page
 from .state import TRACKING
 from .tokens import is_redirectable
@@ -37,11 +37,11 @@ async def click(request: web.Request) -> web.Response:
     if not is_redirectable(found.url):  # signed, yet not safe to send a browser to
         tracking.metrics.bad_tokens.labels("click").inc()
         return page(request, "invalid.html", status=404, kind="link")
-    fetch = Fetch.of(request, request.match_info["recipient"])
-    verdict, address = judge(tracking, found.reading, fetch)
+    fetch = Fetch.of(request, request.match_info["recipient"], tracking.options.clock())
+    verdict, address = judge(tracking.beacons, found.reading, fetch)
     tracking.metrics.click(verdict.machine, verdict.reason)
     event = beacon_event(
-        tracking,
+        tracking.beacons,
         EventType.CLICK,
         found.reading,
         verdict,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -80,6 +81,11 @@ PURGE_BATCH = 10_000
 class EventStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file, which another process may open too (WAL)."""
+        return self._db.path
 
     async def record(self, *events: Event) -> None:
         await self._db.write(lambda db: insert_events(db, events))

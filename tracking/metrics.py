@@ -3,10 +3,46 @@ apps in one process, as in tests, count separately)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class Tally(Protocol):
+    """What resolving and writing open and click events counts: the app's `Metrics` when that
+    happens in the app's process; in the event process, deltas the app adds to its own."""
+
+    def open(self, machine: bool, reason: str, count: int = 1) -> None: ...
+
+    def bad_token(self, route: str, count: int = 1) -> None: ...
+
+    def error(self, where: str, count: int = 1) -> None: ...
+
+
+class _RequestCounts(Collector):
+    """optout_http_requests_total, counted in a plain dict: one dict update per request,
+    where a prometheus Counter takes a lock per increment (a noticeable part of what a pixel
+    request costs). Requests are counted on the event loop only, so no lock is needed."""
+
+    NAME = "optout_http_requests"
+    HELP = "HTTP requests answered, by route and status"
+    LABELS = ("route", "method", "status")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        for (route, method, status), count in list(self.counts.items()):
+            family.add_metric([route, method, str(status)], count)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
 
 
 class Metrics:
@@ -15,12 +51,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter(
-            "optout_http_requests",
-            "HTTP requests answered, by route and status",
-            ["route", "method", "status"],
-            registry=r,
-        )
+        self._requests = _RequestCounts()
+        r.register(self._requests)
         self._opens = Counter(
             "optout_opens", "Opens recorded, by verdict", ["machine", "reason"], registry=r
         )
@@ -69,24 +101,28 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int) -> None:
         """`route` is the route's name (a fixed set), never a path: paths hold tokens."""
-        key = ("r", route, method, status)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(route, method, str(status))
-        child.inc()
+        counts = self._requests.counts
+        key = (route, method, status)
+        counts[key] = counts.get(key, 0) + 1
 
-    def open(self, machine: bool, reason: str) -> None:
-        self._verdict(self._opens, "o", machine, reason)
+    def open(self, machine: bool, reason: str, count: int = 1) -> None:
+        self._verdict(self._opens, "o", machine, reason, count)
 
     def click(self, machine: bool, reason: str) -> None:
-        self._verdict(self._clicks, "c", machine, reason)
+        self._verdict(self._clicks, "c", machine, reason, 1)
 
-    def _verdict(self, counter: Counter, kind: str, machine: bool, reason: str) -> None:
+    def bad_token(self, route: str, count: int = 1) -> None:
+        self.bad_tokens.labels(route).inc(count)
+
+    def error(self, where: str, count: int = 1) -> None:
+        self.errors.labels(where).inc(count)
+
+    def _verdict(self, counter: Counter, kind: str, machine: bool, reason: str, count: int) -> None:
         key = (kind, machine, reason)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = counter.labels(str(machine).lower(), reason)
-        child.inc()
+        child.inc(count)
 
     def watch_buffer(self, size: Callable[[], int]) -> None:
         self.buffered.set_function(lambda: float(size()))

@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from .events import Event, EventStore
-from .metrics import Metrics
+from .metrics import Metrics, Tally
 
 log = logging.getLogger("optout.http")
 
@@ -37,8 +37,55 @@ Pending = Any
 Resolver = Callable[[Pending], Event | None]
 
 
+class Recorder(Protocol):
+    """Where handlers hand their open and click events: an `EventRecorder` on the app's event
+    loop, or an `EventProcess` (event_process.py) resolving and writing in a child process."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while events cannot be written (shown by /healthz)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    def add(self, item: Pending) -> bool:
+        """Queue an event (or the facts of one); False if it had to be dropped."""
+        ...
+
+    async def add_and_wait(self, item: Pending) -> None:
+        """Queue an event and return once it is committed (raises if it was not)."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything queued before the call is committed (or has failed)."""
+        ...
+
+    async def close(self) -> None:
+        """Write what is queued, then stop (events offered after this are dropped)."""
+        ...
+
+
 def _no_resolver(item: Pending) -> Event | None:
     raise TypeError(f"cannot record {type(item).__name__}")
+
+
+def resolve_items(items: Sequence[Pending], resolve: Resolver, tally: Tally) -> list[Event]:
+    """The events of `items`: an event as it is, other facts through `resolve` (None: no
+    event). A failure costs only its own item, counted and logged."""
+    events = []
+    for item in items:
+        if isinstance(item, Event):
+            events.append(item)
+            continue
+        try:
+            event = resolve(item)
+        except Exception:
+            tally.error("event-resolve")
+            log.exception("cannot make an event of %s", type(item).__name__)
+            continue
+        if event is not None:
+            events.append(event)
+    return events
 
 
 class EventRecorder:
@@ -52,7 +99,7 @@ class EventRecorder:
     ) -> None:
         self._events = events
         self._metrics = metrics
-        self.resolve = resolve  # set by the app: it needs the app's parts
+        self.resolve = resolve
         self._max_pending = max_pending
         self._pending: list[Pending] = []
         self._pending_done: asyncio.Future[None] | None = None  # for waiters on `_pending`
@@ -63,7 +110,7 @@ class EventRecorder:
         self.healthy = True  # False while the last write failed (shown by /healthz)
         metrics.watch_buffer(lambda: len(self._pending))
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracking-event-writer")
 
     def add(self, event: Pending) -> bool:
@@ -142,19 +189,10 @@ class EventRecorder:
                 self._inflight = None
 
     async def _resolved(self, batch: list[Pending]) -> list[Event]:
-        events = []
-        for index, item in enumerate(batch):
-            if index and not index % RESOLVE_CHUNK:
+        events: list[Event] = []
+        for start in range(0, len(batch), RESOLVE_CHUNK):
+            if start:
                 await asyncio.sleep(0)  # let requests in between: no long stall of the loop
-            if isinstance(item, Event):
-                events.append(item)
-                continue
-            try:
-                event = self.resolve(item)
-            except Exception:
-                self._metrics.errors.labels("event-resolve").inc()
-                log.exception("cannot make an event of %s", type(item).__name__)
-                continue
-            if event is not None:
-                events.append(event)
+            chunk = batch[start : start + RESOLVE_CHUNK]
+            events += resolve_items(chunk, self.resolve, self._metrics)
         return events

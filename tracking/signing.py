@@ -72,6 +72,7 @@ class Signer:
         if not secret_keys:
             raise ValueError("at least one signing key is needed")
         keys = [k.encode() if isinstance(k, str) else k for k in secret_keys]
+        self._keys = tuple(keys)
         self._max_age = int(max_age.total_seconds())
         self.key_ids = tuple(key_id(k) for k in keys)
         # itsdangerous signs with the last key of the list and verifies with all of them.
@@ -89,6 +90,11 @@ class Signer:
                 for k, kid in zip(keys, self.key_ids, strict=True)
             ]
         self._self_test()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling hands the same keys to the app's own event process over a private socket;
+        # the keyed HMAC states cannot be pickled, so they are made again from the keys there.
+        return (_rebuilt_signer, (self._keys, self._max_age))
 
     def sign(self, namespace: Namespace, payload: Any) -> str:
         token = self._serializers[namespace].dumps(payload)
@@ -131,6 +137,10 @@ class Signer:
         for ns in Namespace:
             if self.open(ns, self.sign(ns, probe)).payload != probe:
                 raise RuntimeError(f"token check disagrees with itsdangerous for {ns}")
+
+
+def _rebuilt_signer(keys: tuple[bytes, ...], max_age: int) -> Signer:
+    return Signer(keys, max_age=timedelta(seconds=max_age))
 
 
 def _b64decode(part: bytes) -> bytes:

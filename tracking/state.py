@@ -13,20 +13,29 @@ from aiohttp import web
 
 from suppression import SuppressionStore
 
+from .beacons import Beacons
 from .events import EventStore
 from .metrics import Metrics
 from .network import IPAddress, Ranges, client_address
 from .ratelimit import RateLimiter
-from .recorder import EventRecorder
+from .recorder import Recorder
 from .tokens import TrackingUrls
-from .verdict import Judge
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:;"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
     brand: str | None
     store_ip: bool
-    store_user_agent: bool
     durable_events: bool
     undo_window: timedelta
     trusted_proxies: Ranges
@@ -42,9 +51,9 @@ class Tracking:
     templates: jinja2.Environment
     options: Options
     metrics: Metrics
-    judge: Judge
+    beacons: Beacons
     limiter: RateLimiter
-    recorder: EventRecorder
+    recorder: Recorder
     pages: dict[tuple[object, ...], str] = field(default_factory=dict)  # rendered, by context
 
 

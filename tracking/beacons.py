@@ -1,0 +1,197 @@
+"""What an open or click request brought, and the rules that turn it into an event (token
+check, verdict, detail): in the app's process or in the event process (`event_process.py`),
+which therefore needs none of the HTTP app's imports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from multidict import istr
+
+from .errors import BadToken
+from .events import Event, EventType
+from .metrics import Tally
+from .network import IPAddress, Ranges, client_address, networks, truncated
+from .tokens import Reading, TrackingUrls
+from .verdict import Judge, Verdict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+MAX_STORED_AGENT = 256
+# Header names as multidict keys made once: a lookup by a plain str folds its case each time.
+_USER_AGENT = istr("User-Agent")
+_FORWARDED_FOR = istr("X-Forwarded-For")
+_SEC_PURPOSE = istr("Sec-Purpose")
+_PURPOSE = istr("Purpose")
+_X_PURPOSE = istr("X-Purpose")
+_X_MOZ = istr("X-Moz")
+
+
+@dataclass(frozen=True, slots=True)
+class Beacons:
+    """What turns a beacon request into an event: the token check, the verdict's rules and
+    what of the client may be stored."""
+
+    urls: TrackingUrls
+    judge: Judge
+    trusted_proxies: Ranges
+    store_ip: bool
+    store_user_agent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconSpec:
+    """`Beacons` as plain values, so that it can cross to the event process (pickled), where
+    `build` makes the same rules as in the app."""
+
+    urls: TrackingUrls = field(repr=False)  # pickles as its public URL and signing keys
+    trusted_proxies: tuple[str, ...]
+    store_ip: bool
+    store_user_agent: bool
+    machine_seconds: float
+    machine_agents: tuple[tuple[str, str], ...] = ()
+    machine_networks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        urls: TrackingUrls,
+        *,
+        trusted_proxies: Sequence[str],
+        store_ip: bool,
+        store_user_agent: bool,
+        machine_seconds: float,
+        machine_agents: Mapping[str, str] | None,
+        machine_networks: Mapping[str, Sequence[str]] | None,
+    ) -> BeaconSpec:
+        return cls(
+            urls,
+            tuple(trusted_proxies),
+            store_ip,
+            store_user_agent,
+            machine_seconds,
+            tuple((machine_agents or {}).items()),
+            tuple((label, tuple(nets)) for label, nets in (machine_networks or {}).items()),
+        )
+
+    def build(self) -> Beacons:
+        judge = Judge(
+            fast_seconds=self.machine_seconds,
+            agents=dict(self.machine_agents),
+            networks=dict(self.machine_networks),
+        )
+        return Beacons(
+            self.urls,
+            judge,
+            networks(self.trusted_proxies),
+            self.store_ip,
+            self.store_user_agent,
+        )
+
+
+class Fetch(NamedTuple):
+    """What a beacon request brought: all the handler keeps before it answers (a few
+    strings and the time, not the request). For the pixel, the token is checked and the
+    verdict given later, in the recorder's batch (`resolve_fetch`), maybe in another process:
+    so `at` is the app's clock at the request, and everything here can be pickled."""
+
+    token: str
+    user_agent: str | None
+    forwarded_for: str | None
+    purpose: str | None  # a prefetch says so in Sec-Purpose or one of its older names
+    remote: str | None
+    head: bool
+    at: float
+
+    @classmethod
+    def of(cls, request: web.Request, token: str, at: float) -> Fetch:
+        headers = request.headers
+        return cls(
+            token,
+            headers.get(_USER_AGENT),
+            headers.get(_FORWARDED_FOR),
+            headers.get(_SEC_PURPOSE)
+            or headers.get(_PURPOSE)
+            or headers.get(_X_PURPOSE)
+            or headers.get(_X_MOZ),
+            request.remote,
+            request.method == "HEAD",
+            at,
+        )
+
+
+def resolve_fetch(beacons: Beacons, tally: Tally, fetch: Fetch) -> Event | None:
+    """The open event of a pixel fetch, or None for a token that is not genuine."""
+    try:
+        reading = beacons.urls.check_open(fetch.token)
+    except BadToken:
+        tally.bad_token("pixel")
+        return None
+    verdict, address = judge(beacons, reading, fetch)
+    tally.open(verdict.machine, verdict.reason)
+    return beacon_event(beacons, EventType.OPEN, reading, verdict, fetch, address)
+
+
+def judge(beacons: Beacons, reading: Reading, fetch: Fetch) -> tuple[Verdict, IPAddress | None]:
+    """The verdict, as of the request, and the client address it was given on."""
+    address = client_address(fetch.remote, fetch.forwarded_for, beacons.trusted_proxies)
+    verdict = beacons.judge.judge(
+        fetch.user_agent,
+        address,
+        fetch.at - reading.signed_at,
+        head=fetch.head,
+        prefetch=fetch.purpose is not None and "prefetch" in fetch.purpose.lower(),
+    )
+    return verdict, address
+
+
+def beacon_event(
+    beacons: Beacons,
+    kind: EventType,
+    reading: Reading,
+    verdict: Verdict,
+    fetch: Fetch,
+    address: IPAddress | None,
+    **extra: Any,
+) -> Event:
+    """The event, with the verdict's reason; an address or agent only if configured."""
+    detail: dict[str, Any] = {"reason": verdict.reason, **extra}
+    if beacons.store_ip and address is not None:
+        detail["ip"] = truncated(address)
+    if beacons.store_user_agent and fetch.user_agent:
+        detail["user_agent"] = fetch.user_agent[:MAX_STORED_AGENT]
+    ref = reading.ref
+    return Event(
+        kind,
+        ref.address_hash,
+        ref.campaign,
+        ref.message_id,
+        verdict.machine,
+        detail,
+        event_time(fetch.at),
+    )
+
+
+class _EventClock:
+    """A time in the events' format (`suppression.utc_now`), at a fraction of its cost: the
+    date and time of a second are formatted once, not per open."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, moment: float) -> str:
+        second = int(moment)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._text}.{int((moment - second) * 1000):03d}Z"
+
+
+event_time = _EventClock()

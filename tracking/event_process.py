@@ -1,0 +1,532 @@
+"""Open and click events resolved and written in a child process, so that the app's event
+loop only answers requests while a second core checks tokens, gives verdicts and writes.
+
+The app's side, `EventProcess` (a `Recorder`), appends what each request saw to a list; a
+task sends whatever gathered as one numbered batch over a socket pair, and keeps each batch
+until the child acknowledges it. The child (`_serve`) reads batches as they come; in each
+round it resolves every batch that has arrived (token check, verdict, event: the app's own
+`resolve_fetch`) and writes them all in one transaction, then acknowledges them together
+with the counts the app adds to its metrics. A round holds whatever arrived while the
+previous one was being committed, so commits grow with the load. The child runs at a lower
+priority: when cores are short, answering requests comes first.
+
+At least once: a child that dies is started again after a short delay and gets every batch
+not yet acknowledged (a batch committed whose acknowledgement was lost is written twice).
+A clean stop waits until everything is acknowledged, then closes the socket; the child
+leaves once it has read the end. Nothing that cannot be pickled crosses: the child gets an
+`EventProcessSpec` when it is spawned, then only batches of plain tuples and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from suppression import Database
+
+from .beacons import Beacons, BeaconSpec, Fetch, resolve_fetch
+from .errors import EventProcessError, EventWriteError
+from .events import MIGRATIONS, Event, EventStore
+from .metrics import Metrics
+from .recorder import MAX_BATCH, MAX_PENDING, Pending, Resolver, resolve_items
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+log = logging.getLogger("optout.http")
+
+# Batches sent and not yet acknowledged, at most: while the child commits one round, the next
+# batch is already there, and requests gather into the one after. So a batch (a pickle and a
+# write to the socket) costs this loop once per commit, not once per turn of the loop.
+SEND_WINDOW = 2
+# When the cores are all busy, the scheduler favours answering requests (about 9:1) over
+# writing their events: the event process has slack (a slower round is a bigger one, and
+# cheaper per event), while a preempted HTTP process answers late.
+NICENESS = 10
+RESTART_DELAY = 0.5
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class EventProcessSpec:
+    """All the event process needs, picklable: where the events go, and how they are made."""
+
+    database: Path
+    beacons: BeaconSpec
+
+
+@dataclass(slots=True)
+class Counts:
+    """What one round counted in the child (a `Tally`), for the app to add to its metrics."""
+
+    opens: dict[tuple[bool, str], int] = field(default_factory=dict)
+    bad_tokens: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    written: int = 0
+
+    def open(self, machine: bool, reason: str, count: int = 1) -> None:
+        key = (machine, reason)
+        self.opens[key] = self.opens.get(key, 0) + count
+
+    def bad_token(self, route: str, count: int = 1) -> None:
+        self.bad_tokens[route] = self.bad_tokens.get(route, 0) + count
+
+    def error(self, where: str, count: int = 1) -> None:
+        self.errors[where] = self.errors.get(where, 0) + count
+
+    def add_to(self, metrics: Metrics) -> None:
+        for (machine, reason), count in self.opens.items():
+            metrics.open(machine, reason, count)
+        for route, count in self.bad_tokens.items():
+            metrics.bad_token(route, count)
+        for where, count in self.errors.items():
+            metrics.error(where, count)
+        if self.written:
+            metrics.events_written.inc(self.written)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """The child's first message: its database is open (error: why it is not)."""
+
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    """Batches done: committed, or lost with `error` (as a failed in-process write is)."""
+
+    batches: tuple[int, ...]
+    counts: Counts
+    error: str | None = None
+
+
+# --- frames: a 4-byte length, then a pickle --------------------------------------------------
+
+
+def _frame(message: object) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+async def _read_message(reader: asyncio.StreamReader) -> Any:
+    """The next message, or None once the other side has closed its end (or died)."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+        data = await reader.readexactly(_LENGTH.unpack(head)[0])
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    # Only our own parent or child holds the other end of this socket pair.
+    return pickle.loads(data)  # noqa: S301
+
+
+def _wire(item: Pending) -> Any:
+    # A plain tuple pickles in C, about three times faster than the named tuple.
+    return tuple(item) if type(item) is Fetch else item
+
+
+def _unwire(item: Any) -> Pending:
+    return Fetch._make(item) if type(item) is tuple else item
+
+
+# --- the app's side --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A batch sent and not yet acknowledged: resent as it is to a restarted child."""
+
+    frame: bytes
+    size: int
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Child:
+    process: BaseProcess
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+class EventProcess:
+    """Records open and click events through a child process (see the module's doc)."""
+
+    def __init__(
+        self,
+        spec: EventProcessSpec,
+        metrics: Metrics,
+        *,
+        max_pending: int = MAX_PENDING,
+        restart_delay: float = RESTART_DELAY,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
+        self._spec = spec
+        self._metrics = metrics
+        self._max_pending = max_pending
+        self._restart_delay = restart_delay
+        self._stop_timeout = stop_timeout
+        self._context = multiprocessing.get_context("spawn")
+        self._pending: list[Pending] = []
+        self._pending_done: asyncio.Future[None] | None = None  # for waiters on `_pending`
+        self._sent: dict[int, _Sent] = {}  # by batch id, oldest first
+        self._sent_items = 0
+        self._next_id = 0
+        self._wake = asyncio.Event()
+        self._child: _Child | None = None  # while one is running and ready
+        self._writes_ok = True
+        self._closing = False  # no new events taken
+        self._stopping = False  # the child is told to leave and not restarted
+        self._task: asyncio.Task[None] | None = None
+        metrics.watch_buffer(lambda: len(self._pending) + self._sent_items)
+
+    @property
+    def healthy(self) -> bool:
+        """False while the child is down or its last write failed."""
+        return self._child is not None and self._writes_ok
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.process.pid if self._child is not None else None
+
+    async def start(self) -> None:
+        """Spawn the child and wait until its database is open (EventProcessError if not)."""
+        self._child = await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name="tracking-event-process")
+
+    def add(self, item: Pending) -> bool:
+        if self._closing or len(self._pending) + self._sent_items >= self._max_pending:
+            self._metrics.events_dropped.inc()
+            return False
+        self._pending.append(item)
+        if len(self._sent) < SEND_WINDOW:
+            self._wake.set()
+        return True
+
+    async def add_and_wait(self, item: Pending) -> None:
+        if self.add(item):
+            await asyncio.shield(self._future_for_pending())
+
+    async def flush(self) -> None:
+        waiting = [sent.done for sent in self._sent.values()]
+        if self._pending:
+            waiting.append(self._future_for_pending())
+        for future in waiting:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+
+    async def close(self) -> None:
+        """Have everything queued written, then let the child go (killed if it will not)."""
+        if self._task is None:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.flush(), self._stop_timeout)
+        except TimeoutError:
+            log.error("open/click events still unwritten after %.0f s", self._stop_timeout)
+        self._stopping = True
+        self._wake.set()  # the sender closes its end of the socket: the child leaves
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self._stop_timeout)
+        except TimeoutError:
+            log.error("the event process did not stop in %.0f s; killing it", self._stop_timeout)
+            if self._child is not None:
+                self._child.process.kill()
+            await self._task
+        self._task = None
+        self._abandon()
+
+    def _future_for_pending(self) -> asyncio.Future[None]:
+        if self._pending_done is None:
+            self._pending_done = asyncio.get_running_loop().create_future()
+        return self._pending_done
+
+    async def _spawn(self) -> _Child:
+        ours, theirs = socket.socketpair()
+        process = self._context.Process(
+            target=_child_main,
+            args=(self._spec, theirs),
+            name="optout-relay-events",
+            daemon=True,  # at exit, multiprocessing stops it (SIGTERM: it writes what it has)
+        )
+        try:
+            # A fork and exec and a small write to the new process: a few milliseconds, and
+            # a thread could not be cancelled half-way through handing over `theirs`.
+            process.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            await _reaped(process, kill=True)
+            raise
+        try:
+            ready = await asyncio.wait_for(_read_message(reader), START_TIMEOUT)
+        except BaseException:
+            writer.close()
+            await _reaped(process, kill=True)
+            raise
+        if not isinstance(ready, _Ready) or ready.error is not None:
+            writer.close()
+            await _reaped(process, kill=True)
+            why = ready.error if isinstance(ready, _Ready) else "it exited"
+            raise EventProcessError(f"the event process did not start: {why}")
+        return _Child(process, reader, writer)
+
+    async def _supervise(self) -> None:
+        """Run the child; restart it when it dies, until the recorder stops."""
+        while True:
+            if self._child is not None:
+                try:
+                    exitcode = await self._session(self._child)
+                except Exception:  # a bug here must not leave the events without a writer
+                    log.exception("event process session failed")
+                    exitcode = None
+                if self._stopping:
+                    return
+                log.error(
+                    "the event process exited with %s; restarting it (%d events waiting)",
+                    exitcode,
+                    len(self._pending) + self._sent_items,
+                )
+            await asyncio.sleep(self._restart_delay)
+            if self._stopping:
+                return
+            try:
+                self._child = await self._spawn()
+            except Exception as exc:  # out of processes or descriptors: try again
+                log.error("cannot start the event process: %s", exc)
+
+    async def _session(self, child: _Child) -> int | None:
+        """One child's life: resend what the last one left unacknowledged, then send and
+        receive until it closes its end. Its exit code."""
+        self._writes_ok = True  # until this child says otherwise
+        for sent in self._sent.values():
+            child.writer.write(sent.frame)
+        sender = asyncio.create_task(self._send(child.writer), name="tracking-event-sender")
+        try:
+            while (message := await _read_message(child.reader)) is not None:
+                if isinstance(message, _Ack):
+                    self._acknowledged(message)
+        finally:
+            self._child = None
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            child.writer.close()
+            exitcode = await _reaped(child.process, kill=False, seconds=self._stop_timeout)
+        return exitcode
+
+    async def _send(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                while self._pending and len(self._sent) < SEND_WINDOW:
+                    sent = self._cut_batch()
+                    if sent is not None:
+                        writer.write(sent.frame)
+                        await writer.drain()  # the socket is full: the child is behind
+                if self._stopping and not self._pending:
+                    writer.write_eof()
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+        except ConnectionError:
+            return  # the child is gone; the session sees it end, the batches are resent
+
+    def _cut_batch(self) -> _Sent | None:
+        """The next batch from the pending events, numbered and pickled (None if it could
+        not be)."""
+        items, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        done = self._pending_done if not self._pending else None
+        if done is None:
+            done = asyncio.get_running_loop().create_future()
+        else:
+            self._pending_done = None
+        batch_id, self._next_id = self._next_id, self._next_id + 1
+        try:
+            frame = _frame((batch_id, [_wire(item) for item in items]))
+        except Exception as exc:  # an item that cannot be pickled: a bug, not the child's
+            log.exception("cannot send %d open/click events", len(items))
+            self._metrics.error("event-send")
+            self._metrics.events_dropped.inc(len(items))
+            _settle(done, EventWriteError(f"cannot send: {exc}"))
+            return None
+        sent = _Sent(frame, len(items), done)
+        self._sent[batch_id] = sent
+        self._sent_items += sent.size
+        return sent
+
+    def _acknowledged(self, ack: _Ack) -> None:
+        self._wake.set()  # the window has room again
+        ack.counts.add_to(self._metrics)
+        self._writes_ok = ack.error is None
+        lost = 0
+        for batch_id in ack.batches:
+            sent = self._sent.pop(batch_id, None)
+            if sent is None:
+                continue
+            self._sent_items -= sent.size
+            if ack.error is None:
+                _settle(sent.done, None)
+            else:
+                lost += sent.size
+                _settle(sent.done, EventWriteError(ack.error))
+        if ack.error is not None:
+            # The events are lost; the pixels were answered. Say so, loudly and countably.
+            self._metrics.events_dropped.inc(lost)
+            log.error("cannot record %d open/click events: %s", lost, ack.error)
+
+    def _abandon(self) -> None:
+        """After the stop: whatever is still unwritten is lost, and counted."""
+        lost = len(self._pending) + self._sent_items
+        if not lost:
+            return
+        error = EventWriteError("the event process stopped before writing the event")
+        for sent in self._sent.values():
+            _settle(sent.done, error)
+        if self._pending_done is not None:
+            _settle(self._pending_done, error)
+        self._pending, self._sent, self._sent_items = [], {}, 0
+        self._pending_done = None
+        self._metrics.events_dropped.inc(lost)
+        log.error("%d open/click events were not written before the stop", lost)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # marked retrieved: its waiters may all be gone
+
+
+async def _reaped(
+    process: BaseProcess, *, kill: bool, seconds: float = START_TIMEOUT
+) -> int | None:
+    """Wait for the child to exit (killed if told to, or after `seconds`) and release it;
+    its exit code. Joined in a thread: the loop goes on meanwhile."""
+    if kill:
+        process.kill()
+    await asyncio.to_thread(process.join, seconds)
+    if process.exitcode is None:
+        log.error("the event process did not exit in %.0f s; killing it", seconds)
+        process.kill()
+        await asyncio.to_thread(process.join)
+    exitcode = process.exitcode
+    process.close()
+    return exitcode
+
+
+# --- the child's side ------------------------------------------------------------------------
+
+
+def _child_main(spec: EventProcessSpec, sock: socket.socket) -> None:
+    # Ctrl-C reaches the whole process group: the app decides when this process stops (it
+    # closes the socket). SIGTERM, from an operator or multiprocessing at exit, is obeyed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICENESS)
+    logging.basicConfig(format="%(asctime)s %(levelname)s optout-relay event process: %(message)s")
+    asyncio.run(_serve(spec, sock))
+
+
+async def _serve(spec: EventProcessSpec, sock: socket.socket) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        database = await Database.open(spec.database, MIGRATIONS)
+    except Exception as exc:
+        writer.write(_frame(_Ready(f"cannot open {spec.database}: {exc}")))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+        return
+    try:
+        beacons = spec.beacons.build()
+        writer.write(_frame(_Ready()))
+        inbox = _Inbox(reader)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, inbox.stop)
+        await _write_rounds(inbox, EventStore(database), writer, beacons)
+    finally:
+        writer.close()
+        await database.close()
+
+
+class _Inbox:
+    """Batches as they arrive, read while the previous round is being written."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._batches: list[tuple[int, list[Any]]] = []
+        self._ended = False
+        self._arrived = asyncio.Event()
+        self._reading = asyncio.create_task(self._read(reader), name="event-process-reader")
+
+    def stop(self) -> None:
+        """Read no more: what was read is still written (the rest is resent to the next)."""
+        self._reading.cancel()
+
+    async def take(self) -> list[tuple[int, list[Any]]] | None:
+        """Every batch that arrived since the last call (waiting for one); None at the end."""
+        while not self._batches:
+            if self._ended:
+                return None
+            await self._arrived.wait()
+            self._arrived.clear()
+        taken, self._batches = self._batches, []
+        return taken
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (message := await _read_message(reader)) is not None:
+                self._batches.append(message)
+                self._arrived.set()
+        finally:
+            self._ended = True
+            self._arrived.set()
+
+
+async def _write_rounds(
+    inbox: _Inbox, store: EventStore, writer: asyncio.StreamWriter, beacons: Beacons
+) -> None:
+    """Resolve and write, in one transaction, every batch that arrived during the last
+    round; then acknowledge them."""
+    while (batches := await inbox.take()) is not None:
+        counts = Counts()
+        resolve: Resolver = functools.partial(resolve_fetch, beacons, counts)
+        items = [_unwire(item) for _, batch in batches for item in batch]
+        ack = _Ack(tuple(batch_id for batch_id, _ in batches), counts)
+        try:
+            events = resolve_items(items, resolve, counts)
+            await _write(store, events)
+        except Exception as exc:
+            counts.error("event-write")
+            ack = _Ack(ack.batches, counts, str(exc) or type(exc).__name__)
+        else:
+            counts.written = len(events)
+        writer.write(_frame(ack))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return  # the app is gone; what it did not hear of, it cannot resend either
+
+
+async def _write(store: EventStore, events: Sequence[Event]) -> None:
+    if events:
+        await store.record(*events)
