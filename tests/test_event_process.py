@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sqlite3
@@ -255,6 +256,21 @@ def beacon_spec(urls: TrackingUrls) -> BeaconSpec:
 
 
 # --- configuration (no process started) ----------------------------------------------------
+
+
+def write_pid(path: Path) -> None:
+    """A logging set-up as the relay passes one (picklable); this one leaves a trace."""
+    path.write_text(str(os.getpid()))
+
+
+async def test_the_child_sets_up_its_logs_as_the_app_is_told(
+    make_client: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "logging-set-up"
+    client = await make_client(event_process_logging=functools.partial(write_pid, marker))
+    recorder = client.app[TRACKING].recorder
+    assert isinstance(recorder, EventProcess)
+    assert marker.read_text() == str(recorder.pid)
 
 
 def test_the_spec_never_shows_the_signing_keys(urls: TrackingUrls, tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def create_app(
     store_user_agent: bool = False,
     durable_events: bool = False,
     event_process: bool = False,
+    event_process_logging: Callable[[], object] | None = None,
     rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
     trusted_proxies: Sequence[str] = LOOPBACK,
     metrics_from: Sequence[str] = LOOPBACK,
@@ -65,7 +66,8 @@ def create_app(
       its User-Agent in open and click events (and the IP network in unsubscribe proofs).
     - `durable_events`: answer a pixel or click only once its event is committed.
     - `event_process`: check, judge and write opens and clicks in a child process (another
-      core), not on this event loop.
+      core), not on this event loop; `event_process_logging` sets up that process's logs
+      (picklable, e.g. a functools.partial of a module's function; default: plain text).
     - `rate_limit`: on the state-changing POSTs, per client address (a genuine one-click:
       per recipient, so a mail provider's shared addresses never have an opt-out refused).
     - `trusted_proxies`: peers whose X-Forwarded-For is believed (a local reverse proxy).
@@ -87,7 +89,9 @@ def create_app(
     beacons = spec.build()
     recorder: Recorder
     if event_process:
-        recorder = EventProcess(EventProcessSpec(events.path, spec), metrics)
+        recorder = EventProcess(
+            EventProcessSpec(events.path, spec, setup_logging=event_process_logging), metrics
+        )
     else:
         recorder = EventRecorder(
             events, metrics, resolve=functools.partial(resolve_fetch, beacons, metrics)

@@ -29,7 +29,7 @@ import pickle
 import signal
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,8 @@ class EventProcessSpec:
 
     database: Path
     beacons: BeaconSpec
+    # How the child logs (the app's format); None: plain text to stderr.
+    setup_logging: Callable[[], object] | None = None
 
 
 @dataclass(slots=True)
@@ -299,6 +301,9 @@ class EventProcess:
                 except Exception:  # a bug here must not leave the events without a writer
                     log.exception("event process session failed")
                     exitcode = None
+                # A stop signalled to the whole process group (systemd) reaches the child
+                # first: wait before calling its exit a failure.
+                await asyncio.sleep(self._restart_delay)
                 if self._stopping:
                     return
                 log.error(
@@ -306,7 +311,8 @@ class EventProcess:
                     exitcode,
                     len(self._pending) + self._sent_items,
                 )
-            await asyncio.sleep(self._restart_delay)
+            else:
+                await asyncio.sleep(self._restart_delay)
             if self._stopping:
                 return
             try:
@@ -444,7 +450,12 @@ def _child_main(spec: EventProcessSpec, sock: socket.socket) -> None:
     # closes the socket). SIGTERM, from an operator or multiprocessing at exit, is obeyed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(NICENESS)
-    logging.basicConfig(format="%(asctime)s %(levelname)s optout-relay event process: %(message)s")
+    if spec.setup_logging is not None:
+        spec.setup_logging()
+    else:
+        logging.basicConfig(
+            format="%(asctime)s %(levelname)s optout-relay event process: %(message)s"
+        )
     asyncio.run(_serve(spec, sock))
 
 
