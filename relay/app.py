@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -20,7 +21,7 @@ from tracking.events import purge
 from .accounts import AuthThrottle
 from .config import Settings
 from .errors import ConfigError
-from .logs import LogFormat
+from .logs import LogFormat, setup_logging
 from .pipeline import signer_for
 from .runtime import (
     SPOOL_FILE,
@@ -48,7 +49,9 @@ class Addresses:
     smtps: tuple[str, int] | None = None
 
 
-def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.Application:
+def tracking_app(
+    settings: Settings, stores: Stores, urls: TrackingUrls, log_format: LogFormat = "text"
+) -> web.Application:
     tracking = settings.tracking
     return create_app(
         stores.suppressions,
@@ -60,6 +63,7 @@ def tracking_app(settings: Settings, stores: Stores, urls: TrackingUrls) -> web.
         store_user_agent=tracking.store_user_agent,
         durable_events=tracking.durable_events,
         event_process=settings.http.event_process,
+        event_process_logging=functools.partial(setup_logging, log_format),
         rate_limit=RateLimit(per_minute=tracking.rate_per_minute, burst=tracking.rate_burst),
         trusted_proxies=settings.http.trusted_proxies,
         metrics_from=settings.http.metrics_from,
@@ -78,6 +82,7 @@ class Relay:
         self.tls: ssl.SSLContext | None = None
         self._exit = AsyncExitStack()
         self._stopped = False
+        self._delivery: DeliveryProcess | None = None
 
     @classmethod
     async def start(cls, settings: Settings, log_format: LogFormat = "text") -> Relay:
@@ -115,7 +120,7 @@ class Relay:
         notify: Callable[[], None]
         destination: str
         if settings.delivery.separate_process:
-            delivery = DeliveryProcess(settings, self.log_format)
+            delivery = self._delivery = DeliveryProcess(settings, self.log_format)
             await delivery.start()
             self._exit.push_async_callback(delivery.stop)
             notify = delivery.notify
@@ -130,7 +135,9 @@ class Relay:
             notify = runtime.worker.notify
             destination = runtime.transport.describe()
 
-        runner = web.AppRunner(tracking_app(settings, stores, urls), access_log=None)
+        runner = web.AppRunner(
+            tracking_app(settings, stores, urls, self.log_format), access_log=None
+        )
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
         http = settings.http.listen
@@ -263,6 +270,10 @@ class Relay:
         if self._stopped:
             return
         self._stopped = True
+        if self._delivery is not None:
+            # A stop sent to every process at once (systemd, Ctrl-C) ends the children
+            # while the front door and the HTTP app are still closing: no restarts now.
+            self._delivery.expect_stop()
         await self._exit.aclose()
         log.info("stopped")
 

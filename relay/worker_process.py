@@ -137,6 +137,10 @@ class DeliveryProcess:
                 await ended
             finally:
                 loop.remove_reader(process.sentinel)
+            child.close_pipe()
+            # A stop signalled to the whole process group (Ctrl-C, systemd) may reach a
+            # child before the relay has begun to stop: give it a moment to say so.
+            await asyncio.sleep(RESTART_DELAY)
             if self._stopping:
                 return
             log.error(
@@ -144,14 +148,17 @@ class DeliveryProcess:
                 child.partition.index,
                 process.exitcode,
             )
-            child.close_pipe()
             while not self._stopping:
-                await asyncio.sleep(RESTART_DELAY)
                 try:
                     child.spawn(self._settings, self._log_format)
                     break
                 except OSError as exc:  # out of processes or descriptors: try again
                     log.error("cannot start delivery process %d: %s", child.partition.index, exc)
+                    await asyncio.sleep(RESTART_DELAY)
+
+    def expect_stop(self) -> None:
+        """The relay is stopping: a child that exits now is not restarted."""
+        self._stopping = True
 
     async def stop(self) -> None:
         """Ask every child to finish its in-flight copies, and wait for them."""

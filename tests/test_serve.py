@@ -72,6 +72,7 @@ def served(
             cwd=tmp_path,
             stderr=log,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,  # a process group of its own, as a service manager makes
         )
     try:
         wait_until_listening(smtp_port, process)
@@ -106,6 +107,19 @@ def test_serve_delivers_to_the_outbox_and_stops_on_sigterm(
     assert "status=delivered" in log
     assert log.rstrip().endswith("info: stopped")
     assert "Traceback" not in log
+
+
+def test_a_stop_sent_to_every_process_at_once_is_a_clean_stop(
+    served: tuple[subprocess.Popen[bytes], int, int, Path],
+) -> None:
+    """systemd stops a service by signalling all its processes: the children's exits are
+    then part of the stop, not failures to restart."""
+    process, _, _, cwd = served
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    log = (cwd / "serve.log").read_text()
+    assert "restarting" not in log
+    assert log.rstrip().endswith("info: stopped")
 
 
 @pytest.mark.parametrize("served", ["json"], indirect=True)
