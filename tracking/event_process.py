@@ -40,7 +40,7 @@ from .beacons import Beacons, BeaconSpec, Fetch, resolve_fetch
 from .errors import EventProcessError, EventWriteError
 from .events import MIGRATIONS, Event, EventStore
 from .metrics import Metrics
-from .recorder import MAX_BATCH, MAX_PENDING, Pending, Resolver, resolve_items
+from .recorder import MAX_BATCH, MAX_PENDING, Gathering, Pending, Resolver, resolve_items
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -182,8 +182,7 @@ class EventProcess:
         self._restart_delay = restart_delay
         self._stop_timeout = stop_timeout
         self._context = multiprocessing.get_context("spawn")
-        self._pending: list[Pending] = []
-        self._pending_done: asyncio.Future[None] | None = None  # for waiters on `_pending`
+        self._gathering = Gathering()
         self._sent: dict[int, _Sent] = {}  # by batch id, oldest first
         self._sent_items = 0
         self._next_id = 0
@@ -193,7 +192,7 @@ class EventProcess:
         self._closing = False  # no new events taken
         self._stopping = False  # the child is told to leave and not restarted
         self._task: asyncio.Task[None] | None = None
-        metrics.watch_buffer(lambda: len(self._pending) + self._sent_items)
+        metrics.watch_buffer(lambda: len(self._gathering) + self._sent_items)
 
     @property
     def healthy(self) -> bool:
@@ -210,22 +209,22 @@ class EventProcess:
         self._task = asyncio.create_task(self._supervise(), name="tracking-event-process")
 
     def add(self, item: Pending) -> bool:
-        if self._closing or len(self._pending) + self._sent_items >= self._max_pending:
+        if self._closing or len(self._gathering) + self._sent_items >= self._max_pending:
             self._metrics.events_dropped.inc()
             return False
-        self._pending.append(item)
+        self._gathering.items.append(item)
         if len(self._sent) < SEND_WINDOW:
             self._wake.set()
         return True
 
     async def add_and_wait(self, item: Pending) -> None:
         if self.add(item):
-            await asyncio.shield(self._future_for_pending())
+            await asyncio.shield(self._gathering.committed())
 
     async def flush(self) -> None:
         waiting = [sent.done for sent in self._sent.values()]
-        if self._pending:
-            waiting.append(self._future_for_pending())
+        if self._gathering.items:
+            waiting.append(self._gathering.committed())
         for future in waiting:
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
@@ -250,11 +249,6 @@ class EventProcess:
             await self._task
         self._task = None
         self._abandon()
-
-    def _future_for_pending(self) -> asyncio.Future[None]:
-        if self._pending_done is None:
-            self._pending_done = asyncio.get_running_loop().create_future()
-        return self._pending_done
 
     async def _spawn(self) -> _Child:
         ours, theirs = socket.socketpair()
@@ -309,7 +303,7 @@ class EventProcess:
                 log.error(
                     "the event process exited with %s; restarting it (%d events waiting)",
                     exitcode,
-                    len(self._pending) + self._sent_items,
+                    len(self._gathering) + self._sent_items,
                 )
             else:
                 await asyncio.sleep(self._restart_delay)
@@ -343,12 +337,12 @@ class EventProcess:
     async def _send(self, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                while self._pending and len(self._sent) < SEND_WINDOW:
+                while self._gathering.items and len(self._sent) < SEND_WINDOW:
                     sent = self._cut_batch()
                     if sent is not None:
                         writer.write(sent.frame)
                         await writer.drain()  # the socket is full: the child is behind
-                if self._stopping and not self._pending:
+                if self._stopping and not self._gathering.items:
                     writer.write_eof()
                     return
                 await self._wake.wait()
@@ -359,12 +353,7 @@ class EventProcess:
     def _cut_batch(self) -> _Sent | None:
         """The next batch from the pending events, numbered and pickled (None if it could
         not be)."""
-        items, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        done = self._pending_done if not self._pending else None
-        if done is None:
-            done = asyncio.get_running_loop().create_future()
-        else:
-            self._pending_done = None
+        items, done = self._gathering.take(MAX_BATCH)
         batch_id, self._next_id = self._next_id, self._next_id + 1
         try:
             frame = _frame((batch_id, [_wire(item) for item in items]))
@@ -401,16 +390,16 @@ class EventProcess:
 
     def _abandon(self) -> None:
         """After the stop: whatever is still unwritten is lost, and counted."""
-        lost = len(self._pending) + self._sent_items
-        if not lost:
+        if not (self._gathering.items or self._sent):
             return
         error = EventWriteError("the event process stopped before writing the event")
         for sent in self._sent.values():
             _settle(sent.done, error)
-        if self._pending_done is not None:
-            _settle(self._pending_done, error)
-        self._pending, self._sent, self._sent_items = [], {}, 0
-        self._pending_done = None
+        gathered, waiting = self._gathering.abandon()
+        if waiting is not None:
+            _settle(waiting, error)
+        lost = gathered + self._sent_items
+        self._sent, self._sent_items = {}, 0
         self._metrics.events_dropped.inc(lost)
         log.error("%d open/click events were not written before the stop", lost)
 

@@ -69,6 +69,41 @@ def _no_resolver(item: Pending) -> Event | None:
     raise TypeError(f"cannot record {type(item).__name__}")
 
 
+class Gathering:
+    """Events handed over by requests and not yet in a batch, and the future that settles
+    once all of them are committed (made only when a caller waits for it)."""
+
+    __slots__ = ("_done", "items")
+
+    def __init__(self) -> None:
+        self.items: list[Pending] = []
+        self._done: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def committed(self) -> asyncio.Future[None]:
+        """Settles once everything gathered so far is committed (or has failed)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    def take(self, limit: int) -> tuple[list[Pending], asyncio.Future[None]]:
+        """Up to `limit` items, oldest first, and the future to settle for them: the waiters'
+        own when nothing is left behind, else a new one (the waiters wait for the rest)."""
+        items, self.items = self.items[:limit], self.items[limit:]
+        if self.items or self._done is None:
+            return items, asyncio.get_running_loop().create_future()
+        done, self._done = self._done, None
+        return items, done
+
+    def abandon(self) -> tuple[int, asyncio.Future[None] | None]:
+        """Drop everything gathered: how many, and the waiters' future to settle, if any."""
+        count, done = len(self.items), self._done
+        self.items, self._done = [], None
+        return count, done
+
+
 def resolve_items(items: Sequence[Pending], resolve: Resolver, tally: Tally) -> list[Event]:
     """The events of `items`: an event as it is, other facts through `resolve` (None: no
     event). A failure costs only its own item, counted and logged."""
@@ -101,37 +136,36 @@ class EventRecorder:
         self._metrics = metrics
         self.resolve = resolve
         self._max_pending = max_pending
-        self._pending: list[Pending] = []
-        self._pending_done: asyncio.Future[None] | None = None  # for waiters on `_pending`
+        self._gathering = Gathering()
         self._inflight: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = True  # False while the last write failed (shown by /healthz)
-        metrics.watch_buffer(lambda: len(self._pending))
+        metrics.watch_buffer(lambda: len(self._gathering))
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracking-event-writer")
 
     def add(self, event: Pending) -> bool:
         """Queue an event, committed within one write round; False if it had to be dropped."""
-        if len(self._pending) >= self._max_pending or self._closing:
+        if len(self._gathering) >= self._max_pending or self._closing:
             self._metrics.events_dropped.inc()
             return False
-        self._pending.append(event)
+        self._gathering.items.append(event)
         self._wake.set()
         return True
 
     async def add_and_wait(self, event: Pending) -> None:
         """Queue an event and return once it is committed (raises if the write failed)."""
         if self.add(event):
-            await asyncio.shield(self._future_for_pending())
+            await asyncio.shield(self._gathering.committed())
 
     async def flush(self) -> None:
         """Return once everything queued before the call is committed (or has failed)."""
         waiting = [self._inflight] if self._inflight is not None else []
-        if self._pending:
-            waiting.append(self._future_for_pending())
+        if self._gathering.items:
+            waiting.append(self._gathering.committed())
         for future in waiting:
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
@@ -146,25 +180,15 @@ class EventRecorder:
                 await self._task
             self._task = None
 
-    def _future_for_pending(self) -> asyncio.Future[None]:
-        if self._pending_done is None:
-            self._pending_done = asyncio.get_running_loop().create_future()
-        return self._pending_done
-
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._gathering.items:
                 await self._write_one_batch()
 
     async def _write_one_batch(self) -> None:
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        done = self._pending_done if not self._pending else None
-        if done is None:
-            done = asyncio.get_running_loop().create_future()
-        else:
-            self._pending_done = None
+        batch, done = self._gathering.take(MAX_BATCH)
         self._inflight = done
         try:
             events = await self._resolved(batch)
