@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from suppression import Database, Migration, utc_now
+from suppression import Database, Migration, row_dicts, utc_now
 
 
 def _create_spool(db: sqlite_utils.Database) -> None:
@@ -296,8 +296,7 @@ class Spool:
                 " WHERE lower(d.recipient) = lower(?) ORDER BY d.id",
                 [address],
             )
-            names = [column[0] for column in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            return row_dicts(cursor)
 
         return await self._db.read(query)
 

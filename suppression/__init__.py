@@ -2,7 +2,7 @@
 
 from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
 from .audit import AuditRecord
-from .database import Database, Migration, format_time, utc_now, zeroing
+from .database import Database, Migration, format_time, row_dicts, utc_now, zeroing
 from .entries import Entry, Outcome
 from .errors import (
     ImportFormatError,
@@ -67,6 +67,7 @@ __all__ = [
     "parse_age",
     "parse_reason",
     "parse_scope",
+    "row_dicts",
     "sender_scopes",
     "topic_scope",
     "utc_now",

@@ -283,6 +283,12 @@ def checkpoint_truncate(db: sqlite_utils.Database) -> bool:
     return not busy
 
 
+def row_dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """The rest of a query's rows, each as {column name: value}."""
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def utc_now() -> str:
     """The current time as ISO 8601 UTC with a `Z`, the format of every stored timestamp."""
     return format_time(datetime.now(UTC))

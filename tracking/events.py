@@ -22,6 +22,7 @@ from suppression import (
     SuppressionStore,
     format_time,
     parse_age,
+    row_dicts,
     utc_now,
     zeroing,
 )
@@ -257,15 +258,16 @@ async def purge(
     return report
 
 
+# contacts belongs to the suppression package; an erased contact shows as null.
+_EVENT_ROWS = (
+    "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.message_id,"
+    " e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
+)
+
+
 def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dict[str, Any]]:
-    cursor = db.execute(
-        "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.message_id,"
-        " e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
-        " WHERE e.address_hash = ? ORDER BY e.id",
-        [address_hash],
-    )
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    cursor = db.execute(f"{_EVENT_ROWS} WHERE e.address_hash = ? ORDER BY e.id", [address_hash])
+    return row_dicts(cursor)
 
 
 def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
@@ -288,15 +290,8 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
 
 
 def _page(db: sqlite_utils.Database, *, after: int) -> list[dict[str, Any]]:
-    # contacts belongs to the suppression package; an erased contact shows as null.
-    cursor = db.execute(
-        "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.message_id,"
-        " e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
-        " WHERE e.id > ? ORDER BY e.id LIMIT ?",
-        [after, PAGE_SIZE],
-    )
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    cursor = db.execute(f"{_EVENT_ROWS} WHERE e.id > ? ORDER BY e.id LIMIT ?", [after, PAGE_SIZE])
+    return row_dicts(cursor)
 
 
 def _as_public(row: dict[str, Any]) -> dict[str, Any]:
