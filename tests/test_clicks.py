@@ -73,7 +73,7 @@ def parts(raw: bytes) -> tuple[str, str]:
         if part.get_content_maintype() == "text":
             payload = part.get_payload(decode=True)
             assert isinstance(payload, bytes)
-            found[part.get_content_subtype()] = payload.decode(part.get_content_charset())
+            found[part.get_content_subtype()] = payload.decode(part.get_content_charset("ascii"))
     return found["plain"], found["html"]
 
 

@@ -486,6 +486,25 @@ async def test_metrics_count_requests_opens_unsubscribes_and_bad_tokens(
     assert "optout_errors_total" in text
 
 
+async def test_pixel_answers_are_counted_once_by_method_with_every_header(
+    make_client: Client, stores: Stores, urls: TrackingUrls
+) -> None:
+    client = await make_client(clock=AN_HOUR_LATER)
+    url = path(urls.pixel_url(ref(stores)))
+    for response in [await client.get(url), await client.head(url), await client.get(url)]:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/gif"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers.getall("Content-Security-Policy") == [
+            response.headers["Content-Security-Policy"]
+        ]  # once: the response hook adds nothing to the pixel's own set
+    text = await (await client.get("/metrics")).text()
+    assert 'optout_http_requests_total{method="GET",route="pixel",status="200"} 2.0' in text
+    assert 'optout_http_requests_total{method="HEAD",route="pixel",status="200"} 1.0' in text
+    await client.app[TRACKING].recorder.flush()
+    assert "optout_events_written_total 3.0" in await (await client.get("/metrics")).text()
+
+
 async def test_metrics_registry_is_per_app(make_client: Client) -> None:
     first, second = await make_client(), await make_client()
     await first.get("/healthz")

@@ -20,7 +20,7 @@ from .event_process import EventProcess, EventProcessSpec
 from .events import EventStore
 from .metrics import Metrics
 from .network import LOOPBACK, networks
-from .opens import PIXEL_GIF, pixel
+from .opens import PIXEL_GIF, PixelAnswer, pixel_handler
 from .pages import environment
 from .ratelimit import RateLimit, RateLimiter
 from .recorder import EventRecorder, Recorder
@@ -96,7 +96,7 @@ def create_app(
         recorder = EventRecorder(
             events, metrics, resolve=functools.partial(resolve_fetch, beacons, metrics)
         )
-    app[TRACKING] = Tracking(
+    tracking = app[TRACKING] = Tracking(
         suppressions=suppressions,
         events=events,
         urls=urls,
@@ -117,10 +117,10 @@ def create_app(
     )
     app.on_startup.append(_start_recorder)
     app.on_cleanup.append(_stop_recorder)
-    app.on_response_prepare.append(_on_response)
+    app.on_response_prepare.append(functools.partial(_on_response, metrics))
 
     router = app.router
-    router.add_get(OPEN_PATH + "{token}" + PIXEL_SUFFIX, pixel, name="pixel")
+    router.add_get(OPEN_PATH + "{token}" + PIXEL_SUFFIX, pixel_handler(tracking), name="pixel")
     router.add_get(CLICK_PATH + "{recipient}/{link}", click, name="click")
     unsubscribe_route = router.add_resource(UNSUBSCRIBE_PATH + "{token}", name="unsubscribe")
     unsubscribe_route.add_route("GET", confirmation_page)
@@ -139,14 +139,18 @@ async def _stop_recorder(app: web.Application) -> None:
     await app[TRACKING].recorder.close()
 
 
-async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
+async def _on_response(
+    metrics: Metrics, request: web.Request, response: web.StreamResponse
+) -> None:
     """Security headers on every answer, and the request counted by route (never by path)."""
+    if type(response) is PixelAnswer:
+        return  # made with every header, and counted by the pixel's handler
     headers = response.headers
-    if _CSP not in headers:  # the pixel's answer is made with them all: not twice per pixel
+    if _CSP not in headers:
         headers.update(SECURITY_HEADERS)
     route = request.match_info.route.name or "other"
     method = request.method if request.method in _METHODS else "OTHER"
-    request.app[TRACKING].metrics.request(route, method, response.status)
+    metrics.request(route, method, response.status)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -30,6 +30,11 @@ _PURPOSE = istr("Purpose")
 _X_PURPOSE = istr("X-Purpose")
 _X_MOZ = istr("X-Moz")
 
+# A `Fetch` as the pixel hands it over: a plain tuple of its fields in order. Made without a
+# Python-level constructor call per request, and pickled by C code on its way to the event
+# process; `resolve_fetch` names the fields when it takes it up, off the request's path.
+RawFetch = tuple[str, str | None, str | None, str | None, str | None, bool, float]
+
 
 @dataclass(frozen=True, slots=True)
 class Beacons:
@@ -109,23 +114,29 @@ class Fetch(NamedTuple):
 
     @classmethod
     def of(cls, request: web.Request, token: str, at: float) -> Fetch:
-        headers = request.headers
-        return cls(
-            token,
-            headers.get(_USER_AGENT),
-            headers.get(_FORWARDED_FOR),
-            headers.get(_SEC_PURPOSE)
-            or headers.get(_PURPOSE)
-            or headers.get(_X_PURPOSE)
-            or headers.get(_X_MOZ),
-            request.remote,
-            request.method == "HEAD",
-            at,
-        )
+        return cls._make(raw_fetch(request, token, at))
 
 
-def resolve_fetch(beacons: Beacons, tally: Tally, fetch: Fetch) -> Event | None:
+def raw_fetch(request: web.Request, token: str, at: float) -> RawFetch:
+    """What a beacon request brought, as a plain tuple (`RawFetch`): its cheapest form."""
+    headers = request.headers
+    return (
+        token,
+        headers.get(_USER_AGENT),
+        headers.get(_FORWARDED_FOR),
+        headers.get(_SEC_PURPOSE)
+        or headers.get(_PURPOSE)
+        or headers.get(_X_PURPOSE)
+        or headers.get(_X_MOZ),
+        request.remote,
+        request.method == "HEAD",
+        at,
+    )
+
+
+def resolve_fetch(beacons: Beacons, tally: Tally, raw: Fetch | RawFetch) -> Event | None:
     """The open event of a pixel fetch, or None for a token that is not genuine."""
+    fetch = raw if isinstance(raw, Fetch) else Fetch._make(raw)
     try:
         reading = beacons.urls.check_open(fetch.token)
     except BadToken:

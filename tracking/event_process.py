@@ -1,14 +1,16 @@
 """Open and click events resolved and written in a child process, so that the app's event
 loop only answers requests while a second core checks tokens, gives verdicts and writes.
 
-The app's side, `EventProcess` (a `Recorder`), appends what each request saw to a list; a
-task sends whatever gathered as one numbered batch over a socket pair, and keeps each batch
-until the child acknowledges it. The child (`_serve`) reads batches as they come; in each
-round it resolves every batch that has arrived (token check, verdict, event: the app's own
-`resolve_fetch`) and writes them all in one transaction, then acknowledges them together
-with the counts the app adds to its metrics. A round holds whatever arrived while the
-previous one was being committed, so commits grow with the load. The child runs at a lower
-priority: when cores are short, answering requests comes first.
+The app's side, `EventProcess` (a `Recorder`), appends what each request saw to a list;
+at the end of that turn of the event loop, whatever gathered goes as one numbered batch over
+a socket pair (a plain callback writing to the transport, no task), and each batch is kept
+until the child acknowledges it; acknowledgements are read in the transport's callback.
+The child (`_serve`) reads batches as they come; in each round it resolves every batch that
+has arrived (token check, verdict, event: the app's own `resolve_fetch`) and writes them all
+in one transaction, then acknowledges them together with the counts the app adds to its
+metrics. A round holds whatever arrived while the previous one was being committed, so
+commits grow with the load. The child runs at a lower priority: when cores are short,
+answering requests comes first.
 
 At least once: a child that dies is started again after a short delay and gets every batch
 not yet acknowledged (a batch committed whose acknowledgement was lost is written twice).
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from suppression import Database
 
-from .beacons import Beacons, BeaconSpec, Fetch, resolve_fetch
+from .beacons import Beacons, BeaconSpec, resolve_fetch
 from .errors import EventProcessError, EventWriteError
 from .events import MIGRATIONS, Event, EventStore
 from .metrics import Metrics
@@ -98,7 +100,14 @@ class Counts:
         for where, count in self.errors.items():
             metrics.error(where, count)
         if self.written:
-            metrics.events_written.inc(self.written)
+            metrics.written(self.written)
+
+    def wire(self) -> _WireCounts:
+        return (self.opens, self.bad_tokens, self.errors, self.written)
+
+    @classmethod
+    def unwire(cls, wire: _WireCounts) -> Counts:
+        return cls(*wire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +117,11 @@ class _Ready:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Ack:
-    """Batches done: committed, or lost with `error` (as a failed in-process write is)."""
-
-    batches: tuple[int, ...]
-    counts: Counts
-    error: str | None = None
+# Batches done: their ids, what the round counted (`Counts.wire`), and None if committed, else
+# why they were lost (as a failed in-process write is). A plain tuple of builtins: one comes
+# per round, and pickle reads it in C, where a dataclass costs Python calls to rebuild.
+_WireCounts = tuple[dict[tuple[bool, str], int], dict[str, int], dict[str, int], int]
+_Ack = tuple[tuple[int, ...], _WireCounts, str | None]
 
 
 # --- frames: a 4-byte length, then a pickle --------------------------------------------------
@@ -136,15 +143,6 @@ async def _read_message(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(data)  # noqa: S301
 
 
-def _wire(item: Pending) -> Any:
-    # A plain tuple pickles in C, about three times faster than the named tuple.
-    return tuple(item) if type(item) is Fetch else item
-
-
-def _unwire(item: Any) -> Pending:
-    return Fetch._make(item) if type(item) is tuple else item
-
-
 # --- the app's side --------------------------------------------------------------------------
 
 
@@ -157,11 +155,53 @@ class _Sent:
     done: asyncio.Future[None]
 
 
+class _Channel(asyncio.Protocol):
+    """The app's end of the socket pair. Frames are read as they arrive, in the transport's
+    callback, and handed to `on_message`: no reader task to wake and no stream coroutines
+    per acknowledgement (a round trip costs this loop once per batch, so it is kept lean)."""
+
+    def __init__(self, on_message: Callable[[Any], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.on_message = on_message
+        self.first: asyncio.Future[Any] = loop.create_future()  # the child's `_Ready`
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.WriteTransport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _LENGTH.size:
+            end = _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
+            if len(buffer) < end:
+                return
+            # Only our own child holds the other end of this socket pair.
+            message = pickle.loads(buffer[_LENGTH.size : end])  # noqa: S301
+            del buffer[:end]
+            if not self.first.done():
+                self.first.set_result(message)
+            else:
+                self.on_message(message)
+
+    def eof_received(self) -> bool:
+        return False  # the child has left: close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.first.done():
+            self.first.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 @dataclass(slots=True)
 class _Child:
     process: BaseProcess
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    channel: _Channel
+    transport: asyncio.WriteTransport
 
 
 class EventProcess:
@@ -186,7 +226,8 @@ class EventProcess:
         self._sent: dict[int, _Sent] = {}  # by batch id, oldest first
         self._sent_items = 0
         self._next_id = 0
-        self._wake = asyncio.Event()
+        self._send_due = False  # `_send` is scheduled for this turn of the loop
+        self._eof_sent = False
         self._child: _Child | None = None  # while one is running and ready
         self._writes_ok = True
         self._closing = False  # no new events taken
@@ -209,12 +250,16 @@ class EventProcess:
         self._task = asyncio.create_task(self._supervise(), name="tracking-event-process")
 
     def add(self, item: Pending) -> bool:
-        if self._closing or len(self._gathering) + self._sent_items >= self._max_pending:
+        # Once per pixel request: plain attribute and list work only, no further calls.
+        gathered = self._gathering.items
+        if self._closing or len(gathered) + self._sent_items >= self._max_pending:
             self._metrics.events_dropped.inc()
             return False
-        self._gathering.items.append(item)
-        if len(self._sent) < SEND_WINDOW:
-            self._wake.set()
+        gathered.append(item)
+        if not self._send_due and len(self._sent) < SEND_WINDOW:
+            # Whatever the requests of this turn of the loop add goes as one batch.
+            self._send_due = True
+            asyncio.get_running_loop().call_soon(self._send)
         return True
 
     async def add_and_wait(self, item: Pending) -> None:
@@ -239,7 +284,7 @@ class EventProcess:
         except TimeoutError:
             log.error("open/click events still unwritten after %.0f s", self._stop_timeout)
         self._stopping = True
-        self._wake.set()  # the sender closes its end of the socket: the child leaves
+        self._send()  # with nothing left to send, it closes our end: the child leaves
         try:
             await asyncio.wait_for(asyncio.shield(self._task), self._stop_timeout)
         except TimeoutError:
@@ -267,24 +312,27 @@ class EventProcess:
             raise
         finally:
             theirs.close()
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            transport, channel = await loop.create_unix_connection(
+                lambda: _Channel(self._acknowledged), sock=ours
+            )
         except BaseException:
             ours.close()
             await _reaped(process, kill=True)
             raise
         try:
-            ready = await asyncio.wait_for(_read_message(reader), START_TIMEOUT)
+            ready = await asyncio.wait_for(asyncio.shield(channel.first), START_TIMEOUT)
         except BaseException:
-            writer.close()
+            transport.close()
             await _reaped(process, kill=True)
             raise
         if not isinstance(ready, _Ready) or ready.error is not None:
-            writer.close()
+            transport.close()
             await _reaped(process, kill=True)
             why = ready.error if isinstance(ready, _Ready) else "it exited"
             raise EventProcessError(f"the event process did not start: {why}")
-        return _Child(process, reader, writer)
+        return _Child(process, channel, transport)
 
     async def _supervise(self) -> None:
         """Run the child; restart it when it dies, until the recorder stops."""
@@ -315,40 +363,40 @@ class EventProcess:
                 log.error("cannot start the event process: %s", exc)
 
     async def _session(self, child: _Child) -> int | None:
-        """One child's life: resend what the last one left unacknowledged, then send and
-        receive until it closes its end. Its exit code."""
+        """One child's life: resend what the last one left unacknowledged, then send (as
+        requests add events and acknowledgements open the window) until it closes its end.
+        Its exit code."""
         self._writes_ok = True  # until this child says otherwise
         for sent in self._sent.values():
-            child.writer.write(sent.frame)
-        sender = asyncio.create_task(self._send(child.writer), name="tracking-event-sender")
+            child.transport.write(sent.frame)
+        self._eof_sent = False
+        self._send()
         try:
-            while (message := await _read_message(child.reader)) is not None:
-                if isinstance(message, _Ack):
-                    self._acknowledged(message)
+            await child.channel.closed
         finally:
             self._child = None
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-            child.writer.close()
+            child.transport.close()
             exitcode = await _reaped(child.process, kill=False, seconds=self._stop_timeout)
         return exitcode
 
-    async def _send(self, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                while self._gathering.items and len(self._sent) < SEND_WINDOW:
-                    sent = self._cut_batch()
-                    if sent is not None:
-                        writer.write(sent.frame)
-                        await writer.drain()  # the socket is full: the child is behind
-                if self._stopping and not self._gathering.items:
-                    writer.write_eof()
-                    return
-                await self._wake.wait()
-                self._wake.clear()
-        except ConnectionError:
-            return  # the child is gone; the session sees it end, the batches are resent
+    def _send(self) -> None:
+        """Send what has gathered, as batches, while the window has room; once stopping and
+        with nothing left, close our end. No wait for the socket to drain: the window bounds
+        what can be in flight to SEND_WINDOW batches."""
+        self._send_due = False
+        child = self._child
+        if child is None or self._eof_sent:
+            return  # the next child's session sends it
+        transport = child.transport
+        if transport.is_closing():
+            return
+        while self._gathering.items and len(self._sent) < SEND_WINDOW:
+            sent = self._cut_batch()
+            if sent is not None:
+                transport.write(sent.frame)
+        if self._stopping and not self._gathering.items:
+            self._eof_sent = True
+            transport.write_eof()
 
     def _cut_batch(self) -> _Sent | None:
         """The next batch from the pending events, numbered and pickled (None if it could
@@ -356,7 +404,7 @@ class EventProcess:
         items, done = self._gathering.take(MAX_BATCH)
         batch_id, self._next_id = self._next_id, self._next_id + 1
         try:
-            frame = _frame((batch_id, [_wire(item) for item in items]))
+            frame = _frame((batch_id, items))
         except Exception as exc:  # an item that cannot be pickled: a bug, not the child's
             log.exception("cannot send %d open/click events", len(items))
             self._metrics.error("event-send")
@@ -369,24 +417,26 @@ class EventProcess:
         return sent
 
     def _acknowledged(self, ack: _Ack) -> None:
-        self._wake.set()  # the window has room again
-        ack.counts.add_to(self._metrics)
-        self._writes_ok = ack.error is None
+        batches, counts, error = ack
+        Counts.unwire(counts).add_to(self._metrics)
+        self._writes_ok = error is None
         lost = 0
-        for batch_id in ack.batches:
+        for batch_id in batches:
             sent = self._sent.pop(batch_id, None)
             if sent is None:
                 continue
             self._sent_items -= sent.size
-            if ack.error is None:
+            if error is None:
                 _settle(sent.done, None)
             else:
                 lost += sent.size
-                _settle(sent.done, EventWriteError(ack.error))
-        if ack.error is not None:
+                _settle(sent.done, EventWriteError(error))
+        if error is not None:
             # The events are lost; the pixels were answered. Say so, loudly and countably.
             self._metrics.events_dropped.inc(lost)
-            log.error("cannot record %d open/click events: %s", lost, ack.error)
+            log.error("cannot record %d open/click events: %s", lost, error)
+        if self._gathering.items or self._stopping:
+            self._send()  # the window has room again
 
     def _abandon(self) -> None:
         """After the stop: whatever is still unwritten is lost, and counted."""
@@ -510,16 +560,17 @@ async def _write_rounds(
     while (batches := await inbox.take()) is not None:
         counts = Counts()
         resolve: Resolver = functools.partial(resolve_fetch, beacons, counts)
-        items = [_unwire(item) for _, batch in batches for item in batch]
-        ack = _Ack(tuple(batch_id for batch_id, _ in batches), counts)
+        items = [item for _, batch in batches for item in batch]
+        error: str | None = None
         try:
             events = resolve_items(items, resolve, counts)
             await _write(store, events)
         except Exception as exc:
             counts.error("event-write")
-            ack = _Ack(ack.batches, counts, str(exc) or type(exc).__name__)
+            error = str(exc) or type(exc).__name__
         else:
             counts.written = len(events)
+        ack: _Ack = (tuple(batch_id for batch_id, _ in batches), counts.wire(), error)
         writer.write(_frame(ack))
         try:
             await writer.drain()

@@ -23,26 +23,32 @@ class Tally(Protocol):
     def error(self, where: str, count: int = 1) -> None: ...
 
 
-class _RequestCounts(Collector):
-    """optout_http_requests_total, counted in a plain dict: one dict update per request,
-    where a prometheus Counter takes a lock per increment (a noticeable part of what a pixel
-    request costs). Requests are counted on the event loop only, so no lock is needed."""
+class _PlainCounter(Collector):
+    """A counter family kept in a plain dict, label values -> count, and read by Prometheus
+    at scrape time. What the hot paths count (every request, every batch of opens) costs
+    one dict update this way, where a prometheus Counter takes a lock and several Python
+    calls per increment. Counted on the event loop only, so no lock is needed."""
 
-    NAME = "optout_http_requests"
-    HELP = "HTTP requests answered, by route and status"
-    LABELS = ("route", "method", "status")
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str, int], int] = {}
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.counts: dict[tuple[object, ...], int] = {}
+        if not labels:
+            self.counts[()] = 0  # shown from the start, as a prometheus Counter is
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
-        for (route, method, status), count in list(self.counts.items()):
-            family.add_metric([route, method, str(status)], count)
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, count in list(self.counts.items()):
+            family.add_metric([_label(value) for value in values], count)
         yield family
 
     def describe(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+
+def _label(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class Metrics:
@@ -51,11 +57,21 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = _RequestCounts()
-        r.register(self._requests)
-        self._opens = Counter(
-            "optout_opens", "Opens recorded, by verdict", ["machine", "reason"], registry=r
+        requests = _PlainCounter(
+            "optout_http_requests",
+            "HTTP requests answered, by route and status",
+            ("route", "method", "status"),
         )
+        opens = _PlainCounter("optout_opens", "Opens recorded, by verdict", ("machine", "reason"))
+        written = _PlainCounter(
+            "optout_events_written", "Open and click events committed to the database"
+        )
+        for family in (requests, opens, written):
+            r.register(family)
+        # By (route, method, status): the pixel's handler counts itself in here.
+        self.request_counts = requests.counts
+        self._open_counts = opens.counts
+        self._written_counts = written.counts
         self._clicks = Counter(
             "optout_clicks", "Clicks redirected, by verdict", ["machine", "reason"], registry=r
         )
@@ -83,11 +99,6 @@ class Metrics:
             ["where"],
             registry=r,
         )
-        self.events_written = Counter(
-            "optout_events_written",
-            "Open and click events committed to the database",
-            registry=r,
-        )
         self.events_dropped = Counter(
             "optout_events_dropped",
             "Open and click events lost (buffer full or database failing)",
@@ -101,12 +112,18 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int) -> None:
         """`route` is the route's name (a fixed set), never a path: paths hold tokens."""
-        counts = self._requests.counts
+        counts = self.request_counts
         key = (route, method, status)
         counts[key] = counts.get(key, 0) + 1
 
     def open(self, machine: bool, reason: str, count: int = 1) -> None:
-        self._verdict(self._opens, "o", machine, reason, count)
+        counts = self._open_counts
+        key = (machine, reason)
+        counts[key] = counts.get(key, 0) + count
+
+    def written(self, count: int) -> None:
+        """Open and click events committed."""
+        self._written_counts[()] += count
 
     def click(self, machine: bool, reason: str) -> None:
         self._verdict(self._clicks, "c", machine, reason, 1)

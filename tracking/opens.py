@@ -1,14 +1,22 @@
-"""The open pixel: always the image; its open is recorded through the app's recorder."""
+"""The open pixel: always the image; its open is recorded through the app's recorder.
+
+The pixel is the route mail clients load by the million, so its handler does as little per
+request as it can: it is made once per app (`pixel_handler`) with everything it needs bound,
+hands the recorder a plain tuple (`raw_fetch`; the token is checked and the verdict given in
+the recorder's batch), counts itself in the request metrics, and answers with headers made
+once, security headers included, so that the app's response hook has nothing to do for it.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict, istr
 
-from .beacons import Fetch
-from .state import SECURITY_HEADERS, TRACKING
+from .beacons import raw_fetch
+from .state import SECURITY_HEADERS, Tracking
 
 log = logging.getLogger("optout.http")
 
@@ -21,22 +29,41 @@ PIXEL_HEADERS = {
     "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
     "Pragma": "no-cache",
 }
-# Every header of the pixel's answer, the security headers included (the app's hook then has
-# nothing to add): made once with keys multidict need not convert, copied per answer.
+# Every header of the pixel's answer, the security headers included: made once with keys
+# multidict need not convert, copied per answer.
 _PIXEL_ANSWER = {"Content-Type": "image/gif", **PIXEL_HEADERS, **SECURITY_HEADERS}
 _PIXEL_ANSWER_HEADERS = CIMultiDict({istr(name): value for name, value in _PIXEL_ANSWER.items()})
 
 
-async def pixel(request: web.Request) -> web.Response:
-    """Always the image, so no client shows a broken picture; an open only for a valid token."""
-    tracking = request.app[TRACKING]
-    try:
-        fetch = Fetch.of(request, request.match_info["token"], tracking.options.clock())
-        if tracking.options.durable_events:
-            await tracking.recorder.add_and_wait(fetch)
-        else:
-            tracking.recorder.add(fetch)
-    except Exception:
-        tracking.metrics.errors.labels("pixel").inc()
-        log.exception("open not recorded")
-    return web.Response(body=PIXEL_GIF, headers=_PIXEL_ANSWER_HEADERS)
+class PixelAnswer(web.Response):
+    """The pixel's image. Its class tells the app's response hook that the answer already
+    has every header and that the pixel handler has counted the request."""
+
+
+def pixel_handler(tracking: Tracking) -> Callable[[web.Request], Awaitable[PixelAnswer]]:
+    """The pixel's handler for one app: always the image, so no client shows a broken
+    picture; an open (in the recorder's batch) only for a valid token."""
+    recorder = tracking.recorder
+    add = recorder.add
+    clock = tracking.options.clock
+    durable = tracking.options.durable_events
+    metrics = tracking.metrics
+    counts = metrics.request_counts
+
+    async def pixel(request: web.Request) -> PixelAnswer:
+        method = request.method  # GET or HEAD: the route takes no other
+        try:
+            fetch = raw_fetch(request, request.match_info["token"], clock())
+            if durable:
+                await recorder.add_and_wait(fetch)
+            else:
+                add(fetch)
+        except Exception:
+            metrics.error("pixel")
+            log.exception("open not recorded")
+        # Counted here, as the hook counts every other answer (see `app._on_response`).
+        key = ("pixel", method, 200)
+        counts[key] = counts.get(key, 0) + 1
+        return PixelAnswer(body=PIXEL_GIF, headers=_PIXEL_ANSWER_HEADERS)
+
+    return pixel

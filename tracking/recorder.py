@@ -205,7 +205,7 @@ class EventRecorder:
                 done.exception()  # marked retrieved: waiters may all be gone
         else:
             self.healthy = True
-            self._metrics.events_written.inc(len(events))
+            self._metrics.written(len(events))
             if not done.done():
                 done.set_result(None)
         finally:
