@@ -38,9 +38,40 @@ class Migration:
 @dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite_utils.Database], Any]
-    future: concurrent.futures.Future[Any]
+    future: asyncio.Future[Any]
     # Maintenance (checkpoint, VACUUM) cannot run inside a transaction: it gets a turn alone.
     in_transaction: bool = True
+
+
+_Outcome = tuple[_Job, BaseException | None, Any]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the event loop: hand each waiting caller its result. A caller cancelled while its
+    job ran hears nothing more; the job's effect stands, as with any write already begun."""
+    for job, error, value in outcomes:
+        if job.future.done():
+            continue
+        if error is None:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(error)
+
+
+def _report(outcomes: list[_Outcome]) -> None:
+    """From a database thread: the outcomes go back in one call per event loop, so a batch
+    of any size wakes the loop once."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].future.get_loop(), []).append(outcome)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _claim(jobs: list[_Job]) -> list[_Job]:
+    """The jobs whose callers still wait: one cancelled before its turn is skipped."""
+    return [job for job in jobs if not job.future.done()]
 
 
 _STOP = object()
@@ -73,14 +104,14 @@ class Database:
         self._cache_kib = cache_kib
         self._migrations = tuple(migrations)
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._writer = threading.Thread(
             target=self._write_loop, name=f"sqlite-writer:{path.name}", daemon=True
         )
-        self._reader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"sqlite-reader:{path.name}"
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"sqlite-reader:{path.name}", daemon=True
         )
-        self._reader_local = threading.local()
         self._closed = False
 
     @classmethod
@@ -93,25 +124,17 @@ class Database:
             await asyncio.wrap_future(database._ready)
         except BaseException:
             database._writer.join()
-            database._reader.shutdown(wait=False)
             raise
+        database._reader.start()
         return database
 
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` in a write transaction; return once it is durably committed."""
-        if self._closed:
-            raise RuntimeError(f"database {self.path} is closed")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put(_Job(fn, future))
-        return await asyncio.wrap_future(future)
+        return await self._submit(self._jobs, fn)
 
     async def maintain(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` on the writer connection outside any transaction (checkpoint, VACUUM)."""
-        if self._closed:
-            raise RuntimeError(f"database {self.path} is closed")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put(_Job(fn, future, in_transaction=False))
-        return await asyncio.wrap_future(future)
+        return await self._submit(self._jobs, fn, in_transaction=False)
 
     async def checkpoint(self) -> bool:
         """Copy the WAL into the database file and truncate it; False if a reader prevented it.
@@ -123,31 +146,57 @@ class Database:
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` on the reader connection (sees every committed write)."""
+        return await self._submit(self._reads, fn)
+
+    async def _submit(
+        self,
+        jobs: queue.SimpleQueue[_Job | object],
+        fn: Callable[[sqlite_utils.Database], T],
+        *,
+        in_transaction: bool = True,
+    ) -> T:
         if self._closed:
             raise RuntimeError(f"database {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, self._read, fn)
+        # An asyncio future settled by the thread through call_soon_threadsafe: cheaper than
+        # a concurrent future wrapped for asyncio, which costs a wake-up per job.
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        jobs.put(_Job(fn, future, in_transaction))
+        return await future
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._jobs.put(_STOP)
+        self._reads.put(_STOP)
         await asyncio.to_thread(self._writer.join)
-        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
-        self._reader.shutdown(wait=False)
+        await asyncio.to_thread(self._reader.join)
 
-    def _read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        db: sqlite_utils.Database | None = getattr(self._reader_local, "db", None)
-        if db is None:
-            db = _connect(self.path, self._cache_kib)
-            self._reader_local.db = db
-        return fn(db)
-
-    def _close_reader(self) -> None:
-        db: sqlite_utils.Database | None = getattr(self._reader_local, "db", None)
-        if db is not None:
-            db.conn.close()
+    def _read_loop(self) -> None:
+        db: sqlite_utils.Database | None = None
+        try:
+            while True:
+                batch = _drain(self._reads)
+                jobs = _claim([job for job in batch if isinstance(job, _Job)])
+                if jobs and db is None:
+                    try:
+                        db = _connect(self.path, self._cache_kib)
+                    except Exception as exc:
+                        _report([(job, exc, None) for job in jobs])
+                        jobs = []
+                outcomes: list[_Outcome] = []
+                for job in jobs:
+                    assert db is not None
+                    try:
+                        outcomes.append((job, None, job.fn(db)))
+                    except Exception as exc:
+                        outcomes.append((job, exc, None))
+                _report(outcomes)
+                if _STOP in batch:
+                    return
+        finally:
+            if db is not None:
+                db.conn.close()
 
     def _write_loop(self) -> None:
         try:
@@ -160,61 +209,42 @@ class Database:
         self._ready.set_result(None)
         try:
             while True:
-                first = self._jobs.get()
-                if first is _STOP:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < MAX_BATCH:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is _STOP:
-                        stop = True
-                        break
-                    batch.append(job)
+                batch = _drain(self._jobs)
                 self._run_jobs(db, [job for job in batch if isinstance(job, _Job)])
-                if stop:
+                if _STOP in batch:
                     return
         finally:
             db.conn.close()
 
     @classmethod
     def _run_jobs(cls, db: sqlite_utils.Database, jobs: list[_Job]) -> None:
-        """Transactional jobs in group commits; each maintenance job alone, in queue order."""
+        """Transactional jobs in group commits; each maintenance job alone, in queue order.
+        All the outcomes go back to the event loop together, after the last commit."""
+        outcomes: list[_Outcome] = []
         pending: list[_Job] = []
-        for job in jobs:
+        for job in _claim(jobs):
             if job.in_transaction:
                 pending.append(job)
                 continue
             if pending:
-                cls._run_batch(db, pending)
+                outcomes += cls._run_batch(db, pending)
                 pending = []
-            cls._run_alone(db, job)
+            outcomes.append(cls._run_alone(db, job))
         if pending:
-            cls._run_batch(db, pending)
+            outcomes += cls._run_batch(db, pending)
+        _report(outcomes)
 
     @staticmethod
-    def _run_alone(db: sqlite_utils.Database, job: _Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
+    def _run_alone(db: sqlite_utils.Database, job: _Job) -> _Outcome:
         try:
-            result = job.fn(db)
+            return job, None, job.fn(db)
         except Exception as exc:
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
+            return job, exc, None
 
     @staticmethod
-    def _run_batch(db: sqlite_utils.Database, batch: list[_Job]) -> None:
-        # A caller that gave up (cancelled) before its turn is skipped; once running, a
-        # future cannot be cancelled, so every result below can be set.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        if not batch:
-            return
+    def _run_batch(db: sqlite_utils.Database, batch: list[_Job]) -> list[_Outcome]:
         conn = db.conn
-        outcomes: list[tuple[_Job, BaseException | None, Any]] = []
+        outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -234,14 +264,19 @@ class Database:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            for job in batch:
-                job.future.set_exception(exc)
-            return
-        for job, error, value in outcomes:
-            if error is None:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(error)
+            return [(job, exc, None) for job in batch]
+        return outcomes
+
+
+def _drain(jobs: queue.SimpleQueue[_Job | object]) -> list[_Job | object]:
+    """Wait for a job, then take whatever else is queued, up to a batch."""
+    batch = [jobs.get()]
+    while len(batch) < MAX_BATCH and batch[-1] is not _STOP:
+        try:
+            batch.append(jobs.get_nowait())
+        except queue.Empty:
+            break
+    return batch
 
 
 def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
