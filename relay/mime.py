@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import email.parser
 import itertools
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
 from email.utils import getaddresses
 
-_HEADER_PARSER = email.parser.BytesHeaderParser(policy=compat32)
+# What the email package's feed parser takes for a header line (its headerRE): a field
+# name of printable ASCII up to a colon, a continuation, or a Unix "From " envelope line.
+_HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
 class MimeError(ValueError):
@@ -78,8 +81,33 @@ def from_domains(headers: Message) -> set[str]:
 
 
 def parse_headers(block: bytes) -> Message:
-    """The header block as a Message, for content types and their parameters."""
-    return _HEADER_PARSER.parsebytes(block)
+    """The header block as a Message, for content types and their parameters.
+
+    The fields and envelope line are those `email.parser.BytesHeaderParser` (compat32)
+    finds, by its rules; its feed machinery cost a tenth of a delivery's CPU. Whatever
+    follows the first line that is not a header is ignored, not kept as a payload.
+    """
+    message = Message()
+    field: list[str] = []
+    for number, line in enumerate(_LINE.findall(block.decode("ascii", "surrogateescape"))):
+        if not _HEADER_LINE.match(line):
+            break
+        if line[0] in " \t":
+            if field:  # a continuation with no field before it is dropped
+                field.append(line)
+            continue
+        if field:
+            message.set_raw(*compat32.header_source_parse(field))
+            field = []
+        if line.startswith("From "):
+            if number == 0:
+                message.set_unixfrom(line.rstrip("\r\n"))
+            continue  # an envelope line anywhere else is no header
+        if not line.startswith(":"):  # a field without a name is dropped
+            field = [line]
+    if field:
+        message.set_raw(*compat32.header_source_parse(field))
+    return message
 
 
 @dataclass(frozen=True, slots=True)
