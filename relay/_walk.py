@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.message import Message
+from email.utils import collapse_rfc2231_value
+from typing import TypeAlias
 
 from .mime import MimeError, header_fields, parse_headers, split_entity, split_multipart
+
+# A parameter's value as the email package gives it: RFC 2231 ones as (charset, language, text).
+ParamValue: TypeAlias = str | tuple[str | None, str | None, str]
 
 # Subtrees whose bytes are a signature or ciphertext, or a whole other message: any change
 # breaks a signature or alters what someone else wrote.
@@ -50,11 +55,14 @@ class Tree:
     sealed: list[Sealed]
 
 
-def walk(raw: bytes) -> Tree:
-    """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken."""
+def walk(raw: bytes, headers: Message | None = None) -> Tree:
+    """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken.
+    `headers`: the message's own header block, parsed already."""
     block, body = split_entity(raw)
     tree = Tree([], [])
-    _entity(raw, tree, 0, len(raw) - len(body), len(raw), parse_headers(block), 0)
+    if headers is None:
+        headers = parse_headers(block)
+    _entity(raw, tree, 0, len(raw) - len(body), len(raw), headers, 0)
     return tree
 
 
@@ -64,13 +72,17 @@ def _entity(
     if depth > MAX_DEPTH:
         raise MimeError(f"MIME parts nested deeper than {MAX_DEPTH}")
     ctype = headers.get_content_type()
-    if ctype in UNTOUCHABLE_TYPES or headers.get_content_maintype() == "message":
+    maintype = ctype.partition("/")[0]
+    if ctype in UNTOUCHABLE_TYPES or maintype == "message":
         tree.sealed.append(Sealed(ctype, body_start, end))
         return
-    if headers.get_content_maintype() == "multipart":
-        boundary = headers.get_boundary()
+    # The parameters parsed once: the email package parses them anew for every question.
+    params = _parameters(headers)
+    if maintype == "multipart":
+        boundary = params.get("boundary")
         if boundary is None:
             raise MimeError(f"{ctype} without a boundary parameter")
+        boundary = collapse_rfc2231_value(boundary).rstrip()  # as Message.get_boundary
         for part in split_multipart(raw[body_start:end], boundary):
             part_start = body_start + part.start
             part_end = body_start + max(part.end, part.start)
@@ -89,17 +101,27 @@ def _entity(
             body_start,
             end,
             _cte_field(raw[start:body_start], start),
-            ctype in DECORATED_TYPES and not _attached(headers),
+            ctype in DECORATED_TYPES and not _attached(headers, params),
         )
     )
 
 
-def _attached(headers: Message) -> bool:
-    """An attachment, or a file shown inline: not the message's own text."""
+def _parameters(headers: Message) -> dict[str, ParamValue]:
+    """Content-Type's parameters by lowercased name; the first of a repeated name counts,
+    as with Message.get_param."""
+    params: dict[str, ParamValue] = {}
+    for name, value in headers.get_params([]):
+        params.setdefault(name.lower(), value)
+    return params
+
+
+def _attached(headers: Message, params: dict[str, ParamValue]) -> bool:
+    """An attachment, or a file shown inline (a file name in Content-Disposition or, as
+    Message.get_filename falls back to, in Content-Type): not the message's own text."""
     return (
         headers.get_content_disposition() == "attachment"
-        or headers.get_filename() is not None
-        or headers.get_param("name") is not None
+        or headers.get_param("filename", None, "content-disposition") is not None
+        or "name" in params
     )
 
 

@@ -310,7 +310,7 @@ class Pipeline:
             pixel=meta.track_opens and meta.rewrite_body,
             clicks=meta.track_clicks,
         )
-        template = build_template(raw, decorations)
+        template = build_template(raw, decorations, headers)
         for note in template.notes:
             meta.decide("rewrite", note)
         scopes = [*sender_scopes(mail_from, account), meta.scope]

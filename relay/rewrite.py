@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 
 from ._compile import (
     base64_part,
@@ -106,8 +107,11 @@ def list_unsubscribe_headers(unsubscribe_url: str, mailto: str | None = None) ->
     ]
 
 
-def build_template(raw: bytes, decorations: Decorations) -> Template:
-    """The template of `raw`: owned and control headers dropped, text parts opened for holes."""
+def build_template(
+    raw: bytes, decorations: Decorations, headers: Message | None = None
+) -> Template:
+    """The template of `raw`: owned and control headers dropped, text parts opened for holes.
+    `headers`: the message's header block, parsed already."""
     block, _ = split_entity(raw)
     head_end = len(block)
     template = Template([], [], decorations, nl=line_ending(block or raw))
@@ -119,7 +123,7 @@ def build_template(raw: bytes, decorations: Decorations) -> Template:
     if not (decorations.unsubscribe or decorations.pixel):
         template.notes.append("body not decorated (transactional or tracking off)")
     try:
-        tree = walk(raw)
+        tree = walk(raw, headers)
         splices += _Builder(raw, tree, decorations, template).splices()
     except MimeError as exc:
         _failed(template, str(exc))
@@ -300,7 +304,7 @@ class _Builder:
         body = self.raw[leaf.body_start : leaf.body_end]
         if leaf.cte not in ("8bit", "binary") or (body.isascii() and leaf.cte == "8bit"):
             return []
-        text_type = leaf.headers.get_content_maintype() == "text"
+        text_type = leaf.ctype.startswith("text/")
         nl = line_ending(body)
         target = b"quoted-printable" if text_type else b"base64"
         return [
