@@ -32,7 +32,9 @@ _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = frozenset(
     {"script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea"}
 )
-_RAW_TEXT_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE) for name in _RAW_TEXT}
+_RAW_TEXT_END = {
+    name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE | re.ASCII) for name in _RAW_TEXT
+}
 _FOREIGN = frozenset({"svg", "math"})
 # Names whose tags change what follows (raw text, foreign content, plaintext) or are what we
 # look for (body, html): these always take the careful path below.
@@ -40,18 +42,26 @@ _SPECIAL = frozenset({*_RAW_TEXT, *_FOREIGN, "plaintext", "body", "html"})
 _LINK_TAGS = frozenset({"a", "area"})
 
 
-def _ordinary_run(special: frozenset[str]) -> re.Pattern[str]:
+def _ordinary_run(special: frozenset[str] | None) -> re.Pattern[str]:
     """A run of text and ordinary tags, matched in one go: most of a campaign's markup. It
     stops before comments, declarations, special tags and anything unterminated, which the
-    tokenizer proper handles; possessive quantifiers keep it linear on any input."""
-    names = "|".join(sorted(special))
+    tokenizer proper handles; possessive quantifiers keep it linear on any input.
+
+    `special` None: the run does not look at tag names; the caller bounds it (`endpos`)
+    before the next special tag instead, which costs half as much as a lookahead at every
+    tag. Names compare ASCII case-insensitively, as in browsers."""
+    names = "|".join(sorted(special or ()))
+    not_special = "" if special is None else rf"(?!(?ai:{names})[\t\n\f\r />])"
     return re.compile(
         r"(?:[^<]++"
         r"|<(?![A-Za-z!?/])"
-        rf"|</?+(?!(?i:{names})[\t\n\f\r />])[A-Za-z][^\t\n\f\r />]*+"
+        rf"|</?+{not_special}[A-Za-z][^\t\n\f\r />]*+"
         r"""(?:[\t\n\f\r /]++"""
         r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
-        r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"']++))?+)*+>"""
+        # After "=" a value must follow (or the ">"): a quote closed only past where the run
+        # may go fails the tag, rather than reading its "=" as the start of a name.
+        r"""(?:(?=[\t\n\f\r ]*+=)[\t\n\f\r ]*+=[\t\n\f\r ]*+"""
+        r"""(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"']++|(?=>))|(?![\t\n\f\r ]*+=)))*+>"""
         r")*+"
     )
 
@@ -59,6 +69,34 @@ def _ordinary_run(special: frozenset[str]) -> re.Pattern[str]:
 _ORDINARY_RUN = _ordinary_run(_SPECIAL)
 # The same, stopping at <a> and <area> too, for finding links.
 _ORDINARY_RUN_LINKS = _ordinary_run(_SPECIAL | _LINK_TAGS)
+_ANY_TAG_RUN = _ordinary_run(None)
+
+
+def _special_opening(names: frozenset[str]) -> re.Pattern[str]:
+    return re.compile(rf"</?+(?:{'|'.join(sorted(names))})[\t\n\f\r />]")
+
+
+_SPECIAL_OPENING = {names: _special_opening(names) for names in (_SPECIAL, _SPECIAL | _LINK_TAGS)}
+
+
+class _SpecialTags:
+    """Where the next tag with a special name may start, found in a lowercased copy of the
+    text (a plain search: no case folding, no attributes), so that runs of ordinary markup
+    need not check each tag's name."""
+
+    def __init__(self, lowered: str, names: frozenset[str]) -> None:
+        self._lowered = lowered
+        self._opening = _SPECIAL_OPENING[names]
+        self._next = -1
+
+    def first_from(self, pos: int) -> int:
+        """The first candidate at or after `pos`; the text's length if there is none."""
+        if pos > self._next:
+            found = self._opening.search(self._lowered, pos)
+            self._next = found.start() if found else len(self._lowered)
+        return self._next
+
+
 # One attribute inside a tag: its name, then its value's span (quoted or not), if any.
 _ATTRIBUTE = re.compile(
     r"""[\t\n\f\r /]*([^\t\n\f\r />][^\t\n\f\r /=>]*)"""
@@ -94,20 +132,38 @@ class Scan:
     open_from: int
 
 
-def tokenize(text: str, *, links: bool = False) -> Scan:
-    """`links`: record <a> and <area> start tags too (for click tracking)."""
+def tokenize(text: str, *, links: bool = False, careful: bool = False) -> Scan:
+    """`links`: record <a> and <area> start tags too (for click tracking). `careful`: check
+    each tag's name as it goes (the same tokens, more slowly; for tests)."""
     tokens: list[Token] = []
-    open_from = _tokenize(text, tokens, _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN)
+    names = _SPECIAL | _LINK_TAGS if links else _SPECIAL
+    lowered = text.lower()
+    specials = None
+    # Lowercasing keeps every offset unless a character becomes two (U+0130 does).
+    if not careful and len(lowered) == len(text):
+        specials = _SpecialTags(lowered, names)
+    ordinary = _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN
+    open_from = _tokenize(text, tokens, names, ordinary, specials)
     return Scan(tokens, open_from)
 
 
-def _tokenize(text: str, out: list[Token], ordinary: re.Pattern[str]) -> int:
-    """Tokens that matter for placement (ordinary tags are skipped, not recorded)."""
+def _tokenize(
+    text: str,
+    out: list[Token],
+    names: frozenset[str],
+    ordinary: re.Pattern[str],
+    specials: _SpecialTags | None,
+) -> int:
+    """Tokens that matter: comments, declarations and tags named in `names`. Other tags
+    are skipped, not recorded, also when a run of ordinary markup stopped short of one."""
     pos = 0
     n = len(text)
     foreign = 0
     while True:
-        run = ordinary.match(text, pos)
+        if specials is None:
+            run = ordinary.match(text, pos)
+        else:
+            run = _ANY_TAG_RUN.match(text, pos, specials.first_from(pos))
         if run is not None:
             pos = run.end()
         lt = text.find("<", pos)
@@ -143,7 +199,8 @@ def _tokenize(text: str, out: list[Token], ordinary: re.Pattern[str]) -> int:
             continue
         if token is None:
             return lt
-        out.append(token)
+        if not token.name or token.name in names:
+            out.append(token)
         pos = token.end
         if token.kind is Kind.START:
             if token.name in _FOREIGN:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay._html import insertion_point
+from relay._html import insertion_point, tokenize
 from relay.rewrite import Decorations, build_template, list_unsubscribe_headers
 from tests.corpus.check import UNSUB, VALUES, check_rewrite
 
@@ -94,6 +94,52 @@ def test_insertion_point_is_before_the_last_real_body_close(doc: list[Piece]) ->
 @given(st.text(alphabet="<>/!-'\"=abody \r\n[]%?", max_size=200))
 def test_insertion_point_never_fails_and_stays_inside(text: str) -> None:
     assert 0 <= insertion_point(text) <= len(text)
+
+
+# Tags whose names change tokenizing, in odd spellings, and characters whose lowercase form
+# is longer or is ASCII (U+0130, U+212A) or only looks like ASCII (U+017F).
+TRICKY = [
+    "<SCRIPT>",
+    "</Script >",
+    "<script",
+    "<svg>",
+    "</SVG>",
+    "<math/>",
+    "<a href='x'>",
+    '<AREA alt=">">',
+    "</a>",
+    "<abbr>",
+    "<bodyx>",
+    "<body",
+    "<Body\t",
+    "<title>",
+    "</title>",
+    "<plaintext>",
+    "<\u017fcript>",
+    "\u0130",
+    "\u212a",
+    "<style>",
+    "</style>",
+    "é",
+]
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.sampled_from([*FILLER, *FAKE_BODY_CLOSE, *REAL_BODY_CLOSE, *REAL_HTML_CLOSE, *TRICKY]),
+        max_size=30,
+    ).map("".join),
+    st.booleans(),
+)
+def test_the_fast_tokenizer_finds_what_the_careful_one_finds(text: str, links: bool) -> None:
+    assert tokenize(text, links=links) == tokenize(text, links=links, careful=True)
+
+
+@SETTINGS
+@given(st.text(alphabet="<>/!-'\"=abodysvgcrpt \r\n[]?AB\u0130", max_size=300), st.booleans())
+def test_the_fast_tokenizer_agrees_on_any_text(text: str, links: bool) -> None:
+    assert tokenize(text, links=links) == tokenize(text, links=links, careful=True)
 
 
 # -- MIME trees ----------------------------------------------------------------------------------
