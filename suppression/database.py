@@ -77,6 +77,45 @@ def _claim(jobs: list[_Job]) -> list[_Job]:
 _STOP = object()
 
 
+class _Lane:
+    """The jobs for one database thread. Those submitted in one turn of the event loop are
+    handed over together, so the thread is woken once for them, not once each."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[list[_Job] | object] = queue.SimpleQueue()
+        self._pending: list[_Job] = []
+
+    def submit(self, job: _Job) -> None:
+        if not self._pending:
+            job.future.get_loop().call_soon(self.flush)
+        self._pending.append(job)
+
+    def flush(self) -> None:
+        if self._pending:
+            jobs, self._pending = self._pending, []
+            self.queue.put(jobs)
+
+    def stop(self) -> None:
+        self.flush()
+        self.queue.put(_STOP)
+
+    def take(self) -> tuple[list[_Job], bool]:
+        """Wait for jobs, then take whatever else is queued, up to a batch; and whether the
+        thread is to stop after them."""
+        jobs: list[_Job] = []
+        item = self.queue.get()
+        while item is not _STOP:
+            assert isinstance(item, list)
+            jobs += item
+            if len(jobs) >= MAX_BATCH:
+                return jobs, False
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return jobs, False
+        return jobs, True
+
+
 def _connect(path: Path, cache_kib: int = CACHE_KIB) -> sqlite_utils.Database:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -103,8 +142,8 @@ class Database:
         self.path = path
         self._cache_kib = cache_kib
         self._migrations = tuple(migrations)
-        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._reads: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._writes = _Lane()
+        self._reads = _Lane()
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._writer = threading.Thread(
             target=self._write_loop, name=f"sqlite-writer:{path.name}", daemon=True
@@ -130,11 +169,11 @@ class Database:
 
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` in a write transaction; return once it is durably committed."""
-        return await self._submit(self._jobs, fn)
+        return await self._submit(self._writes, fn)
 
     async def maintain(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` on the writer connection outside any transaction (checkpoint, VACUUM)."""
-        return await self._submit(self._jobs, fn, in_transaction=False)
+        return await self._submit(self._writes, fn, in_transaction=False)
 
     async def checkpoint(self) -> bool:
         """Copy the WAL into the database file and truncate it; False if a reader prevented it.
@@ -150,7 +189,7 @@ class Database:
 
     async def _submit(
         self,
-        jobs: queue.SimpleQueue[_Job | object],
+        lane: _Lane,
         fn: Callable[[sqlite_utils.Database], T],
         *,
         in_transaction: bool = True,
@@ -160,15 +199,15 @@ class Database:
         # An asyncio future settled by the thread through call_soon_threadsafe: cheaper than
         # a concurrent future wrapped for asyncio, which costs a wake-up per job.
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        jobs.put(_Job(fn, future, in_transaction))
+        lane.submit(_Job(fn, future, in_transaction))
         return await future
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(_STOP)
-        self._reads.put(_STOP)
+        self._writes.stop()
+        self._reads.stop()
         await asyncio.to_thread(self._writer.join)
         await asyncio.to_thread(self._reader.join)
 
@@ -176,8 +215,8 @@ class Database:
         db: sqlite_utils.Database | None = None
         try:
             while True:
-                batch = _drain(self._reads)
-                jobs = _claim([job for job in batch if isinstance(job, _Job)])
+                batch, stop = self._reads.take()
+                jobs = _claim(batch)
                 if jobs and db is None:
                     try:
                         db = _connect(self.path, self._cache_kib)
@@ -192,7 +231,7 @@ class Database:
                     except Exception as exc:
                         outcomes.append((job, exc, None))
                 _report(outcomes)
-                if _STOP in batch:
+                if stop:
                     return
         finally:
             if db is not None:
@@ -209,9 +248,9 @@ class Database:
         self._ready.set_result(None)
         try:
             while True:
-                batch = _drain(self._jobs)
-                self._run_jobs(db, [job for job in batch if isinstance(job, _Job)])
-                if _STOP in batch:
+                batch, stop = self._writes.take()
+                self._run_jobs(db, batch)
+                if stop:
                     return
         finally:
             db.conn.close()
@@ -266,17 +305,6 @@ class Database:
                     conn.execute("ROLLBACK")
             return [(job, exc, None) for job in batch]
         return outcomes
-
-
-def _drain(jobs: queue.SimpleQueue[_Job | object]) -> list[_Job | object]:
-    """Wait for a job, then take whatever else is queued, up to a batch."""
-    batch = [jobs.get()]
-    while len(batch) < MAX_BATCH and batch[-1] is not _STOP:
-        try:
-            batch.append(jobs.get_nowait())
-        except queue.Empty:
-            break
-    return batch
 
 
 def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
