@@ -18,6 +18,7 @@ from aiohttp import web
 from tracking import RateLimit, TrackingUrls, create_app
 from tracking.events import purge
 
+from ._malloc import return_big_buffers
 from .accounts import AuthThrottle
 from .config import Settings
 from .errors import ConfigError
@@ -289,6 +290,7 @@ def _fmt(address: tuple[str, int]) -> str:
 
 async def serve(settings: Settings, log_format: LogFormat = "text") -> None:
     """Run until SIGINT or SIGTERM, then finish in-flight work and close the stores."""
+    return_big_buffers()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -32,7 +32,7 @@ SPOOL_RETRY = 5.0
 REPORT_EVERY = 60.0
 # Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory: each
 # loaded message is held several times over while its copies are rewritten and sent.
-LOADED_BYTES_BUDGET = 4 * 1024 * 1024
+LOADED_BYTES_BUDGET = 2 * 1024 * 1024
 REMEMBERED_LIMIT = 100_000
 # Rewriting and signing a message bigger than this runs in a thread.
 OFFLOAD_BYTES = 256 * 1024

@@ -17,6 +17,7 @@ import signal
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from ._malloc import return_big_buffers
 from .logs import LogFormat, setup_logging
 from .spool import Partition
 
@@ -36,6 +37,7 @@ def _child_main(
     settings: Settings, log_format: LogFormat, wakeups: Connection, partition: Partition
 ) -> None:
     setup_logging(log_format)
+    return_big_buffers()
     asyncio.run(_run_child(settings, wakeups, partition))
 
 
