@@ -45,11 +45,12 @@ def split_entity(data: bytes) -> tuple[bytes, bytes]:
     if data.startswith((b"\r\n", b"\n")):
         return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
     end = data.find(b"\r\n\r\n")
-    lf_end = data.find(b"\n\n")
-    if end >= 0 and (lf_end < 0 or end <= lf_end):
-        return data[: end + 2], data[end + 4 :]
+    # Only a bare-LF blank line before that one counts: no need to scan the whole body.
+    lf_end = data.find(b"\n\n", 0, None if end < 0 else end + 1)
     if lf_end >= 0:
         return data[: lf_end + 1], data[lf_end + 2 :]
+    if end >= 0:
+        return data[: end + 2], data[end + 4 :]
     return data, b""
 
 

@@ -8,7 +8,7 @@ from email.policy import compat32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.mime import parse_headers
+from relay.mime import parse_headers, split_entity
 
 _REFERENCE = email.parser.BytesHeaderParser(policy=compat32)
 
@@ -67,3 +67,17 @@ def test_folded_fields_keep_their_folding_and_parameters() -> None:
     assert headers["Content-Type"] == 'multipart/alternative;\r\n boundary="b1"'
     assert headers.get_boundary() == "b1"
     assert headers.get_all("From") == ["Shop <news@shop.example>"]
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"a", b": ", b" "]), max_size=30))
+def test_the_header_block_ends_at_the_first_blank_line(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    blank_lines = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := data.find(sep)) >= 0]
+    if data.startswith((b"\r\n", b"\n")):
+        expected = (b"", data[2:] if data.startswith(b"\r\n") else data[1:])
+    elif blank_lines:
+        at, size = min(blank_lines)
+        expected = (data[: at + size // 2], data[at + size :])
+    else:
+        expected = (data, b"")
+    assert split_entity(data) == expected
