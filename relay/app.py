@@ -99,7 +99,7 @@ class Relay:
         settings = self.settings
         stores = await self._exit.enter_async_context(Stores(settings))
         urls = tracking_urls(settings)
-        spool = await Spool.open(settings.storage.dir / SPOOL_FILE)
+        spool = await Spool.open(settings.storage.dir / SPOOL_FILE, receiving=True)
         self._exit.push_async_callback(spool.close)
         self.spool = spool
         self.stores = stores

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -15,9 +16,15 @@ from suppression import InvalidAddress, SuppressionStore, sender_scopes
 from .accounts import Account
 from .config import IPNetwork, SmtpSettings
 from .mime import address_domain, from_domains, parse_headers, split_entity
-from .spool import Spool
+from .smtp_server import RelayEnvelope
+from .spool import Spilled, Spool
 
 log = logging.getLogger("optout.smtp")
+
+# How much of a spilled message is read for its header section when that is longer than
+# the head kept in memory. A longer header section is refused: its From could not be checked.
+HEADER_LIMIT = 1024 * 1024
+HEADERS_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -44,6 +51,34 @@ def _client(session: Session) -> str:
     return f"{session.host_name or 'unknown'}[{session.peer[0] if session.peer else '?'}]"
 
 
+def _ends_headers(data: bytes) -> bool:
+    """Whether `data` holds the blank line that ends a header section, as split_entity
+    finds it: then split_entity gives the same header block for `data` as for anything
+    that starts with it."""
+    return data.startswith((b"\r\n", b"\n")) or b"\r\n\r\n" in data or b"\n\n" in data
+
+
+async def header_block(message: bytes | Spilled) -> bytes | None:
+    """The message's header section; None if it is longer than HEADER_LIMIT."""
+    if isinstance(message, bytes):
+        return split_entity(message)[0]
+    if len(message.head) == message.size or _ends_headers(message.head):
+        return split_entity(message.head)[0]
+    start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
+    if len(start) == message.size or _ends_headers(start):
+        return split_entity(start)[0]
+    return None
+
+
+def received_message(envelope: Envelope) -> bytes | Spilled:
+    """What DATA brought: in memory, or the file it was spilled to."""
+    if isinstance(envelope, RelayEnvelope) and envelope.spilled is not None:
+        return envelope.spilled
+    content: Any = envelope.original_content
+    assert isinstance(content, bytes)
+    return content
+
+
 class FrontDoor:
     """aiosmtpd handler: each hook returns the SMTP reply."""
 
@@ -67,6 +102,12 @@ class FrontDoor:
         self._accepting = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def incoming(self) -> Path:
+        """Where RelaySMTP spills messages too big to hold in memory: next to the spool,
+        which sweeps what a stopped process left there."""
+        return self._spool.incoming
 
     def _account(self, session: Session) -> Account | None:
         username = _username(session)
@@ -149,11 +190,27 @@ class FrontDoor:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content: Any = envelope.original_content
-        assert isinstance(content, bytes)
+        content = received_message(envelope)
+        size = len(content) if isinstance(content, bytes) else content.size
         account = self._account(session)
         if account is not None:
-            headers = parse_headers(split_entity(content)[0])
+            try:
+                block = await header_block(content)
+            except OSError as exc:
+                log.error(
+                    "NOQUEUE: cannot read spilled message from=<%s>: %s", envelope.mail_from, exc
+                )
+                return (
+                    "451 4.3.0 Requested action aborted: cannot store the message, try again later"
+                )
+            if block is None:
+                log.info(
+                    "NOQUEUE: reject: DATA from %s: 552 5.3.4 header section over %d octets",
+                    _client(session),
+                    HEADER_LIMIT,
+                )
+                return HEADERS_TOO_BIG
+            headers = parse_headers(block)
             foreign = [d for d in from_domains(headers) if not account.may_send_as(d)]
             if foreign:
                 log.info(
@@ -186,14 +243,14 @@ class FrontDoor:
             "client=%s, from=<%s>, size=%d, nrcpt=%d (queued)",
             _client(session),
             envelope.mail_from,
-            len(content),
+            size,
             len(envelope.rcpt_tos),
             extra={
                 "queue_id": queue_id,
                 "fields": {
                     "client": _client(session),
                     "from": envelope.mail_from,
-                    "size": len(content),
+                    "size": size,
                     "nrcpt": len(envelope.rcpt_tos),
                 },
             },

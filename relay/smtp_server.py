@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword
 
 from .accounts import Account, AuthThrottle, hash_password, verify_password
-from .smtp_data import read_data
+from .smtp_data import SPILL_THRESHOLD, DataProblem, discard, read_data
+from .spool import Spilled
 
 log = logging.getLogger("optout.smtp")
 
@@ -68,6 +69,15 @@ class _Pending:
     credentials: LoginPassword
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope, and where a message too big for memory went: for such a message
+    `content` and `original_content` hold only its first octets, `spilled` all of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spilled: Spilled | None = None
+
+
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context; `reload_certificate` swaps the files in for new connections."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -85,8 +95,15 @@ class RelaySMTP(SMTP):
 
     # aiosmtpd sizes its StreamReader's buffer from this, and uses it for nothing else we
     # keep: DATA is read by `read_data`, which applies RFC 5321's line limit itself. A
-    # bigger buffer lets a message arrive in a few large reads instead of ~1 KB ones.
-    line_length_limit = 64 * 1024
+    # bigger buffer lets a message arrive in a few large reads instead of ~1 KB ones; the
+    # reader holds up to twice this before it pauses the socket, per session.
+    line_length_limit = 32 * 1024
+    # What one read from a plain TCP socket may take (asyncio's default is 256 KiB, on top
+    # of the above): with a hundred clients sending big messages at once, these buffers
+    # were a quarter of the front door's memory.
+    receive_size = 32 * 1024
+    # Messages bigger than this are spilled to a file as they arrive (see smtp_data).
+    spill_threshold = SPILL_THRESHOLD
 
     def __init__(
         self,
@@ -102,6 +119,13 @@ class RelaySMTP(SMTP):
         self._auth = auth
         self.implicit_tls = implicit_tls
         self._admitted: str | None = None
+        # Where the handler wants big messages spilled (FrontDoor: the spool's incoming/);
+        # a handler without one gets every message in memory.
+        incoming = getattr(handler, "incoming", None)
+        self._incoming = incoming if isinstance(incoming, Path) else None
+
+    def _create_envelope(self) -> Envelope:
+        return RelayEnvelope()
 
     def _client_ip(self) -> str:
         peer = self.session.peer if self.session is not None else None
@@ -113,6 +137,11 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # CPython's socket transports read `max_size` octets at a time (a class attribute,
+        # "buffer size passed to recv()"); TLS transports have no such knob and keep
+        # their own reads.
+        if isinstance(getattr(transport, "max_size", None), int):
+            setattr(transport, "max_size", self.receive_size)  # noqa: B010
         if self._admitted is not None:
             return  # STARTTLS: the same connection, now over TLS, is made again
         peer = transport.get_extra_info("peername")  # the session may not exist yet
@@ -154,7 +183,12 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            data = await read_data(self._reader, self.data_size_limit)
+            data = await read_data(
+                self._reader,
+                self.data_size_limit,
+                spill_to=self._incoming,
+                threshold=self.spill_threshold,
+            )
         except (asyncio.CancelledError, asyncio.IncompleteReadError) as lost:
             log.info("connection lost during DATA from %s", self._client_ip())
             self._writer.close()
@@ -162,13 +196,27 @@ class RelaySMTP(SMTP):
                 raise
             return
         if data.problem is not None:
+            if data.problem is DataProblem.CANNOT_STORE:
+                log.error(
+                    "NOQUEUE: reject: DATA from %s: %s", self._client_ip(), data.problem.value
+                )
             await self.push(data.problem.value)
             self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
             return
-        self.envelope.content = self.envelope.original_content = data.content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        envelope.content = envelope.original_content = data.content
+        envelope.spilled = data.spilled
+        try:
+            status = await self._call_handler_hook("DATA")
+            self.envelope = self._create_envelope()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            # Spooled, refused or failed: the file has served (a crash leaves it to the
+            # sweep at the next start). Before the next command is read, so a client that
+            # has its reply to QUIT sees it gone.
+            if data.spilled is not None:
+                await discard(data.spilled.file)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parsing, with a fast path for plain addresses: its parser

@@ -7,9 +7,12 @@ and the whole relay is driven over a socket for what a client sees.
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 import socket
 import sqlite3
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,14 +21,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.app import Relay
-from relay.smtp_data import MAX_LINE, DataProblem, read_data
+from relay.smtp_data import MAX_LINE, DataProblem, discard, read_data
 from tests.conftest import relay_settings
+from tests.helpers import wait_for
+
+# Read data goes through memory only (None), or is spilled to a file past a few octets.
+THRESHOLDS = [None, 0, 1, 2, 3, 5, 40]
+
+
+@pytest.fixture(scope="module")
+def spill_dir() -> Iterator[Path]:
+    """A directory for spilled messages; module-wide, so that hypothesis may use it."""
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory) / "incoming"
+
+
+def leftovers(directory: Path) -> list[str]:
+    """The files in a spill directory (none if it was never made)."""
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+def mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
 
 
 async def read_in_pieces(
-    wire: bytes, pieces: int = 1, size_limit: int | None = None, buffer_limit: int = 64 * 1024
+    wire: bytes,
+    pieces: int = 1,
+    size_limit: int | None = None,
+    buffer_limit: int = 64 * 1024,
+    *,
+    spill_to: Path | None = None,
+    threshold: int | None = None,
 ) -> tuple[bytes, DataProblem | None, bytes]:
-    """What read_data makes of `wire`, fed in `pieces`; and what it left in the stream."""
+    """What read_data makes of `wire`, fed in `pieces`; and what it left in the stream.
+
+    With a `threshold` (and `spill_to`), the message goes to a file past that many octets:
+    its content is read back from there, and the file is gone afterwards.
+    """
     reader = asyncio.StreamReader(limit=buffer_limit)
     step = max(1, -(-len(wire) // pieces))
 
@@ -36,9 +69,22 @@ async def read_in_pieces(
         reader.feed_eof()
 
     feeding = asyncio.create_task(feed())
-    result = await read_data(reader, size_limit)
+    if threshold is None:
+        result = await read_data(reader, size_limit)
+    else:
+        assert spill_to is not None
+        result = await read_data(reader, size_limit, spill_to=spill_to, threshold=threshold)
     await feeding
-    return result.content, result.problem, await reader.read()
+    content = result.content
+    if result.spilled is not None:
+        spilled = result.spilled
+        assert mode(spilled.file.path) == 0o600
+        content = await asyncio.to_thread(spilled.file.read_start, spilled.size + 1)
+        assert content.startswith(spilled.head) and len(content) == spilled.size
+        await discard(spilled.file)
+    if spill_to is not None:
+        assert leftovers(spill_to) == []  # nothing left behind, whatever the verdict
+    return content, result.problem, await reader.read()
 
 
 def unstuffed_by_lines(wire: bytes) -> bytes:
@@ -109,19 +155,142 @@ lines = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(lines, st.integers(min_value=1, max_value=40))
+@settings(max_examples=300, deadline=None)
+@given(lines, st.integers(min_value=1, max_value=40), st.sampled_from(THRESHOLDS))
 async def test_any_message_reads_as_line_by_line_reading_does(
-    message_lines: list[bytes], pieces: int
+    spill_dir: Path, message_lines: list[bytes], pieces: int, threshold: int | None
 ) -> None:
     # Dot-stuff as a client must (RFC 5321 §4.5.2), then read it back.
     stuffed = b"".join(
         (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in message_lines
     )
     wire = stuffed + b".\r\n"
-    content, problem, rest = await read_in_pieces(wire, pieces)
+    content, problem, rest = await read_in_pieces(
+        wire, pieces, spill_to=spill_dir, threshold=threshold
+    )
     assert problem is None and rest == b""
     assert content == unstuffed_by_lines(wire) == b"".join(line + b"\r\n" for line in message_lines)
+
+
+# Pieces of a wire that exercise every check: line ends of all kinds, dots, and runs that
+# make lines near, at and past the limit when joined.
+wire_tokens = st.sampled_from(
+    [b"\r\n", b"\r", b"\n", b".", b"..", b"\r\n.", b".\r\n", b"x", b"y" * 333, b"z" * 999]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(wire_tokens, max_size=40),
+    st.integers(min_value=1, max_value=30),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=4000)),
+    st.sampled_from([16, 100, 2048, 64 * 1024]),
+    st.sampled_from([t for t in THRESHOLDS if t is not None] + [700, 1500]),
+)
+async def test_a_spilled_message_gets_the_verdicts_of_one_in_memory(
+    spill_dir: Path,
+    tokens: list[bytes],
+    pieces: int,
+    size_limit: int | None,
+    buffer_limit: int,
+    threshold: int,
+) -> None:
+    """Any wire, valid or not, cut anywhere (small stream buffers cut inside lines): the
+    same content, problem and rest of the stream whether the message spills or not."""
+    wire = b"".join(tokens) + b"\r\n.\r\nNOOP\r\n"
+    in_memory = await read_in_pieces(wire, pieces, size_limit, buffer_limit)
+    spilled = await read_in_pieces(
+        wire, pieces, size_limit, buffer_limit, spill_to=spill_dir, threshold=threshold
+    )
+    assert spilled == in_memory
+
+
+@pytest.mark.parametrize("start", [0, 90, 99, 100, 101, 150])
+@pytest.mark.parametrize("length", [MAX_LINE - 2, MAX_LINE - 1])
+async def test_line_limit_across_the_threshold(spill_dir: Path, start: int, length: int) -> None:
+    """A line that begins before the spill threshold and ends after it: 999 octets and
+    CRLF pass, 1000 and CRLF are refused."""
+    message = b"a" * start + b"\r\n" + b"b" * length + b"\r\nlast\r\n"
+    wire = message + b".\r\nRSET\r\n"
+    content, problem, rest = await read_in_pieces(
+        wire, pieces=13, buffer_limit=256, spill_to=spill_dir, threshold=100
+    )
+    assert rest == b"RSET\r\n"
+    if length == MAX_LINE - 2:
+        assert (content, problem) == (message, None)
+    else:
+        assert (content, problem) == (b"", DataProblem.TOO_LONG)
+
+
+@pytest.mark.parametrize("threshold", [95, 96, 97, 98, 99, 100])
+async def test_stuffed_dots_across_the_threshold(spill_dir: Path, threshold: int) -> None:
+    lines = [b"x" * 95, b"..dot", b"...", b"", b"..", b"plain"]
+    wire = b"\r\n".join(lines) + b"\r\n.\r\n"
+    for pieces in (1, 7, len(wire)):
+        content, problem, _ = await read_in_pieces(
+            wire, pieces, buffer_limit=16, spill_to=spill_dir, threshold=threshold
+        )
+        assert problem is None
+        assert content == b"x" * 95 + b"\r\n.dot\r\n..\r\n\r\n.\r\nplain\r\n"
+
+
+async def test_a_big_message_is_spilled_whole_and_the_file_is_private(spill_dir: Path) -> None:
+    body = b"".join(b".line %06d, dot-stuffed\r\n" % i for i in range(40_000))
+    wire = b"Subject: big\r\n\r\n" + body + b".\r\nQUIT\r\n"
+    # read_in_pieces checks the file's mode (0600) and that it goes once discarded.
+    content, problem, rest = await read_in_pieces(
+        wire, pieces=50, spill_to=spill_dir, threshold=256 * 1024
+    )
+    assert problem is None and rest == b"QUIT\r\n"
+    assert content == b"Subject: big\r\n\r\n" + body.replace(b"\r\n.", b"\r\n")[1:]
+
+
+async def test_too_much_data_after_the_spill_is_refused_and_the_file_goes(
+    spill_dir: Path,
+) -> None:
+    wire = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 2000 + b".\r\nNOOP\r\n"
+    content, problem, rest = await read_in_pieces(
+        wire, pieces=50, size_limit=3000, buffer_limit=256, spill_to=spill_dir, threshold=100
+    )
+    assert (content, problem, rest) == (b"", DataProblem.TOO_MUCH, b"NOOP\r\n")
+
+
+async def test_a_spill_file_that_cannot_be_made_means_451_after_the_whole_message(
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "incoming"
+    blocked.write_bytes(b"not a directory")  # mkdir fails, as on a read-only disk
+    wire = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 2000 + b".\r\nNOOP\r\n"
+    content, problem, rest = await read_in_pieces(
+        wire, pieces=20, buffer_limit=256, spill_to=blocked, threshold=100
+    )
+    assert (content, problem, rest) == (b"", DataProblem.CANNOT_STORE, b"NOOP\r\n")
+    assert DataProblem.CANNOT_STORE.value.startswith("451 4.3.0")
+
+
+async def test_a_client_that_leaves_mid_spill_leaves_no_file(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_in_pieces(
+            b"Subject: cut\r\n\r\n" + b"y" * 998 + b"\r\n" * 400,
+            pieces=9,
+            spill_to=incoming,
+            threshold=1000,
+        )
+    assert leftovers(incoming) == []
+
+
+async def test_a_session_cancelled_mid_spill_leaves_no_file(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    reader = asyncio.StreamReader(limit=64 * 1024)
+    reading = asyncio.create_task(read_data(reader, None, spill_to=incoming, threshold=1000))
+    reader.feed_data(b"Subject: cut\r\n\r\n" + (b"y" * 998 + b".\r\n") * 400)
+    # Written once a batch is waiting: the file exists while the session is cut.
+    await wait_for(lambda: bool(leftovers(incoming)), what="a file")
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert leftovers(incoming) == []
 
 
 def pipelined_session(port: int, message: bytes) -> list[bytes]:

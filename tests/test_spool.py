@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from relay.app import Relay
-from relay.spool import Partition, Spool
+from relay.spool import COPY_CHUNK, Partition, Spilled, SpillFile, Spool
 from tests.conftest import relay_settings
 from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
 
@@ -51,3 +55,60 @@ async def test_two_delivery_processes_send_each_message_once(
     finally:
         await relay.stop()
     assert sorted(m.recipients[0] for m in downstream.handler.messages) == sorted(recipients)
+
+
+def spill(directory: Path, content: bytes, piece: int = 100_000) -> Spilled:
+    file = SpillFile(directory)
+    for start in range(0, len(content), piece):
+        file.write([content[start : start + piece]])
+    return Spilled(content[:1000], file, file.size)
+
+
+async def test_a_spilled_message_is_copied_whole_into_the_spool(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        # Not a whole number of copy pieces, so the last piece is a short one.
+        content = b"Subject: big\r\n\r\n" + os.urandom(3 * COPY_CHUNK + 12345)
+        spilled = await asyncio.to_thread(spill, spool.incoming, content)
+        queue_id = await spool.accept("news@shop.example", ["a@example.org"], spilled, "t")
+        assert await spool.content(queue_id) == content
+        [entry] = await spool.entries(queue_id)
+        assert entry.size == len(content)
+        # The file is the caller's to discard once the message is in.
+        assert os.listdir(spool.incoming) == [spilled.file.path.name]
+        await asyncio.to_thread(spilled.file.discard)
+        assert os.listdir(spool.incoming) == []
+    finally:
+        await spool.close()
+
+
+async def test_a_spilled_message_that_cannot_be_read_is_not_spooled(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        spilled = await asyncio.to_thread(spill, spool.incoming, b"x" * 1000)
+        await asyncio.to_thread(spilled.file.discard)
+        with pytest.raises(OSError):
+            await spool.accept("news@shop.example", ["a@example.org"], spilled, "t")
+        assert spool.waiting == 0
+        assert await spool.depth() == (0, 0)
+    finally:
+        await spool.close()
+
+
+async def test_files_left_in_incoming_are_removed_when_the_receiving_spool_opens(
+    tmp_path: Path,
+) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for name in ("1A2B.msg", "3C4D.msg"):
+        (incoming / name).write_bytes(b"half a message")
+    # A delivery process or a CLI command opening the spool leaves them to the front door.
+    spool = await Spool.open(tmp_path / "spool.db")
+    await spool.close()
+    assert sorted(os.listdir(incoming)) == ["1A2B.msg", "3C4D.msg"]
+    spool = await Spool.open(tmp_path / "spool.db", receiving=True)
+    try:
+        assert spool.incoming == incoming
+        assert os.listdir(incoming) == []
+    finally:
+        await spool.close()
