@@ -25,6 +25,7 @@ log = logging.getLogger("optout.smtp")
 # the head kept in memory. A longer header section is refused: its From could not be checked.
 HEADER_LIMIT = 1024 * 1024
 HEADERS_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
+NO_FROM = "550 5.7.1 Message has no From address this account may send as"
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -210,8 +211,17 @@ class FrontDoor:
                     HEADER_LIMIT,
                 )
                 return HEADERS_TOO_BIG
-            headers = parse_headers(block)
-            foreign = [d for d in from_domains(headers) if not account.may_send_as(d)]
+            domains = from_domains(parse_headers(block))
+            if not domains:
+                # Without a From address there is no domain to allow: the account could
+                # otherwise send as anyone a mail client makes of the header (rule 1).
+                log.info(
+                    "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s sent no readable From",
+                    _client(session),
+                    account.username,
+                )
+                return NO_FROM
+            foreign = sorted(d for d in domains if not account.may_send_as(d))
             if foreign:
                 log.info(
                     "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s",

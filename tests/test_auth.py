@@ -142,6 +142,30 @@ async def test_foreign_domains_are_refused(relay: Relay) -> None:
     assert relay.spool.waiting == 0
 
 
+@pytest.mark.parametrize(
+    "from_header",
+    [None, "undisclosed", "Shop <news@>"],
+    ids=["no From", "no address", "no domain"],
+)
+async def test_an_account_cannot_send_without_a_from_it_may_use(
+    relay: Relay, from_header: str | None
+) -> None:
+    message = newsletter([RCPT])
+    del message["From"]
+    if from_header is not None:
+        message["From"] = from_header
+
+    def send() -> tuple[int, bytes]:
+        with session(relay.addresses.smtp[1], login="mautic") as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("news@shop.example", [RCPT], message.as_bytes())
+            return refused.value.smtp_code, refused.value.smtp_error
+
+    code, text = await asyncio.to_thread(send)
+    assert (code, text) == (550, b"5.7.1 Message has no From address this account may send as")
+    assert relay.spool.waiting == 0
+
+
 async def test_implicit_tls_listener(relay: Relay, downstream: CaptureServer) -> None:
     assert relay.addresses.smtps is not None
 
