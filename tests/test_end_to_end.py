@@ -8,6 +8,7 @@ import email.policy
 import re
 from email.message import Message
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -106,7 +107,15 @@ async def test_two_recipients_get_their_own_copies_and_one_click_stops_the_next(
     await wait_for(lambda: len(handler.messages) == 1, what="the copy for bob")
     assert handler.messages[0].recipients == [BOB]
 
-    events = [e async for e in relay.stores.events.export()]
+    # The copy reaches the downstream before the relay has read its 250 and written the
+    # delivered event: wait for the event, not only for the copy.
+    events: list[dict[str, Any]] = []
+
+    async def bob_delivered_twice() -> bool:
+        events[:] = [e async for e in relay.stores.events.export()]
+        return sum(e["type"] == "delivered" and e["recipient"] == BOB for e in events) == 2
+
+    await wait_for(bob_delivered_twice, what="bob's second delivered event")
     kinds = [(e["type"], e["recipient"]) for e in events]
     assert kinds.count(("delivered", ALICE)) == 1
     assert kinds.count(("delivered", BOB)) == 2
