@@ -82,6 +82,8 @@ async def test_5xx_fails_for_good_and_the_sender_gets_a_dsn(
         )
         await wait_for(lambda: len(downstream.handler.messages) == 2, what="bob's copy and a DSN")
         await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
+        # The spool row and the event are committed side by side: wait for the event too.
+        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
         bounced = (await events_of(relay, "bounced"))[0]
         assert bounced["recipient"] == ALICE
         assert bounced["detail"]["reply"] == "550 5.1.1 No such user"
