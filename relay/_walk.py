@@ -7,7 +7,7 @@ from email.message import Message
 from email.utils import collapse_rfc2231_value
 from typing import TypeAlias
 
-from .mime import MimeError, header_fields, parse_headers, split_entity, split_multipart
+from .mime import MimeError, entity_bounds, header_fields, parse_headers, split_multipart
 
 # A parameter's value as the email package gives it: RFC 2231 ones as (charset, language, text).
 ParamValue: TypeAlias = str | tuple[str | None, str | None, str]
@@ -58,11 +58,11 @@ class Tree:
 def walk(raw: bytes, headers: Message | None = None) -> Tree:
     """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken.
     `headers`: the message's own header block, parsed already."""
-    block, body = split_entity(raw)
+    header_end, body_start = entity_bounds(raw)
     tree = Tree([], [])
     if headers is None:
-        headers = parse_headers(block)
-    _entity(raw, tree, 0, len(raw) - len(body), len(raw), headers, 0)
+        headers = parse_headers(raw[:header_end])
+    _entity(raw, tree, 0, body_start, len(raw), headers, 0)
     return tree
 
 
@@ -86,11 +86,11 @@ def _entity(
         for part in split_multipart(raw[body_start:end], boundary):
             part_start = body_start + part.start
             part_end = body_start + max(part.end, part.start)
-            block, body = split_entity(raw[part_start:part_end])
-            child = parse_headers(block)
+            header_end, part_body = entity_bounds(raw, part_start, part_end)
+            child = parse_headers(raw[part_start:header_end])
             if ctype == "multipart/digest" and "content-type" not in child:
                 child.set_default_type("message/rfc822")  # RFC 2046 5.1.5
-            _entity(raw, tree, part_start, part_end - len(body), part_end, child, depth + 1)
+            _entity(raw, tree, part_start, part_body, part_end, child, depth + 1)
         return
     tree.leaves.append(
         Leaf(

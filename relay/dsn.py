@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
-from .mime import split_entity
+from .mime import headers_of
 
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -49,7 +49,7 @@ def build_dsn(
     """A multipart/report DSN for one failed recipient, sent from the null sender."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     now = datetime.now(UTC)
-    headers, _ = split_entity(original)
+    headers = headers_of(original)
     recipient = _ascii(failure.recipient)
     diagnostic = _ascii(failure.reply)
     lines = [

@@ -40,18 +40,28 @@ def crlf_line_breaks(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
-def split_entity(data: bytes) -> tuple[bytes, bytes]:
-    """(header block, body) of an entity; the blank line belongs to neither."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
-    end = data.find(b"\r\n\r\n")
+def entity_bounds(data: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Where the header block of the entity `data[start:end]` ends and where its body
+    begins, as offsets in `data` (the blank line between belongs to neither). Without a
+    blank line the entity is all headers: (end, end). Nothing is copied."""
+    stop = len(data) if end is None else end
+    if data.startswith(b"\r\n", start, stop):
+        return start, start + 2
+    if data.startswith(b"\n", start, stop):
+        return start, start + 1
+    crlf = data.find(b"\r\n\r\n", start, stop)
     # Only a bare-LF blank line before that one counts: no need to scan the whole body.
-    lf_end = data.find(b"\n\n", 0, None if end < 0 else end + 1)
-    if lf_end >= 0:
-        return data[: lf_end + 1], data[lf_end + 2 :]
-    if end >= 0:
-        return data[: end + 2], data[end + 4 :]
-    return data, b""
+    lf = data.find(b"\n\n", start, stop if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return lf + 1, lf + 2
+    if crlf >= 0:
+        return crlf + 2, crlf + 4
+    return stop, stop
+
+
+def headers_of(data: bytes) -> bytes:
+    """The header block of an entity, without copying its body."""
+    return data[: entity_bounds(data)[0]]
 
 
 def header_fields(block: bytes) -> list[HeaderField]:

@@ -19,7 +19,7 @@ from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
-from .mime import from_domains, parse_headers, split_entity
+from .mime import from_domains, headers_of, parse_headers
 from .rewrite import (
     Decorations,
     Hole,
@@ -290,7 +290,7 @@ class Pipeline:
     ) -> PreparedMessage:
         meta = Metadata(queue_id, mail_from, track_clicks=self.clicks)
         meta.account = self.accounts.get(account) if account else None
-        block = split_entity(raw)[0]
+        block = headers_of(raw)
         headers = parse_headers(block)
         for step in self.steps:
             step.process(headers, meta)

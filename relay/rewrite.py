@@ -29,7 +29,7 @@ from ._footer import PLACEHOLDER, Edit, html_footer, link_edits, placeholders, t
 from ._html import sniff_charset
 from ._parts import CteField, Downgrade, Hole, HoleKey, LinkHole, Piece, Switch
 from ._walk import Leaf, Tree, walk
-from .mime import HeaderField, MimeError, header_fields, split_entity
+from .mime import HeaderField, MimeError, entity_bounds, header_fields, headers_of
 
 __all__ = [
     "PLACEHOLDER",
@@ -112,7 +112,7 @@ def build_template(
 ) -> Template:
     """The template of `raw`: owned and control headers dropped, text parts opened for holes.
     `headers`: the message's header block, parsed already."""
-    block, _ = split_entity(raw)
+    block = headers_of(raw)
     head_end = len(block)
     template = Template([], [], decorations, nl=line_ending(block or raw))
     splices: list[Splice] = [
@@ -335,8 +335,7 @@ class _Builder:
         new = b"Content-Transfer-Encoding: " + encoding + nl
         if leaf.cte_field is not None:
             return leaf.cte_field[0], leaf.cte_field[1], new
-        block, _ = split_entity(self.raw[leaf.header_start : leaf.body_end])
-        at = leaf.header_start + len(block)
+        at, _ = entity_bounds(self.raw, leaf.header_start, leaf.body_end)
         return at, at, new
 
     def _cte_switch(self, leaf: Leaf, encoding: bytes) -> Splice:

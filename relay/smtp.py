@@ -15,7 +15,7 @@ from suppression import InvalidAddress, SuppressionStore, sender_scopes
 
 from .accounts import Account
 from .config import IPNetwork, SmtpSettings
-from .mime import address_domain, from_domains, parse_headers, split_entity
+from .mime import address_domain, entity_bounds, from_domains, headers_of, parse_headers
 from .smtp_server import RelayEnvelope
 from .spool import Spilled, Spool
 
@@ -52,23 +52,22 @@ def _client(session: Session) -> str:
     return f"{session.host_name or 'unknown'}[{session.peer[0] if session.peer else '?'}]"
 
 
-def _ends_headers(data: bytes) -> bool:
-    """Whether `data` holds the blank line that ends a header section, as split_entity
-    finds it: then split_entity gives the same header block for `data` as for anything
-    that starts with it."""
-    return data.startswith((b"\r\n", b"\n")) or b"\r\n\r\n" in data or b"\n\n" in data
+def _whole_header_section(start: bytes, size: int) -> bytes | None:
+    """The header section of a message of `size` octets that begins with `start`; None if
+    `start` may end inside it (no blank line in it, and more of the message follows)."""
+    header_end, body_start = entity_bounds(start)
+    return start[:header_end] if header_end < body_start or len(start) == size else None
 
 
 async def header_block(message: bytes | Spilled) -> bytes | None:
     """The message's header section; None if it is longer than HEADER_LIMIT."""
     if isinstance(message, bytes):
-        return split_entity(message)[0]
-    if len(message.head) == message.size or _ends_headers(message.head):
-        return split_entity(message.head)[0]
-    start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
-    if len(start) == message.size or _ends_headers(start):
-        return split_entity(start)[0]
-    return None
+        return headers_of(message)
+    found = _whole_header_section(message.head, message.size)
+    if found is None:
+        start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
+        found = _whole_header_section(start, message.size)
+    return found
 
 
 def received_message(envelope: Envelope) -> bytes | Spilled:

@@ -8,7 +8,7 @@ from email.policy import compat32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.mime import parse_headers, split_entity
+from relay.mime import entity_bounds, parse_headers
 
 _REFERENCE = email.parser.BytesHeaderParser(policy=compat32)
 
@@ -80,4 +80,8 @@ def test_the_header_block_ends_at_the_first_blank_line(pieces: list[bytes]) -> N
         expected = (data[: at + size // 2], data[at + size :])
     else:
         expected = (data, b"")
-    assert split_entity(data) == expected
+    header_end, body_start = entity_bounds(data)
+    assert (data[:header_end], data[body_start:]) == expected
+    # The same entity inside other bytes: the same bounds, shifted.
+    framed = b"\n\n" + data + b"\r\n\r\n"
+    assert entity_bounds(framed, 2, 2 + len(data)) == (header_end + 2, body_start + 2)
