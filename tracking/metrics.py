@@ -68,8 +68,7 @@ class Metrics:
         )
         for family in (requests, opens, written):
             r.register(family)
-        # By (route, method, status): the pixel's handler counts itself in here.
-        self.request_counts = requests.counts
+        self._request_counts = requests.counts
         self._open_counts = opens.counts
         self._written_counts = written.counts
         self._clicks = Counter(
@@ -112,7 +111,7 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int) -> None:
         """`route` is the route's name (a fixed set), never a path: paths hold tokens."""
-        counts = self.request_counts
+        counts = self._request_counts
         key = (route, method, status)
         counts[key] = counts.get(key, 0) + 1
 

@@ -48,7 +48,6 @@ def pixel_handler(tracking: Tracking) -> Callable[[web.Request], Awaitable[Pixel
     clock = tracking.options.clock
     durable = tracking.options.durable_events
     metrics = tracking.metrics
-    counts = metrics.request_counts
 
     async def pixel(request: web.Request) -> PixelAnswer:
         method = request.method  # GET or HEAD: the route takes no other
@@ -62,8 +61,7 @@ def pixel_handler(tracking: Tracking) -> Callable[[web.Request], Awaitable[Pixel
             metrics.error("pixel")
             log.exception("open not recorded")
         # Counted here, as the hook counts every other answer (see `app._on_response`).
-        key = ("pixel", method, 200)
-        counts[key] = counts.get(key, 0) + 1
+        metrics.request("pixel", method, 200)
         return PixelAnswer(body=PIXEL_GIF, headers=_PIXEL_ANSWER_HEADERS)
 
     return pixel
