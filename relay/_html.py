@@ -89,6 +89,12 @@ class _SpecialTags:
         self._opening = _SPECIAL_OPENING[names]
         self._next = -1
 
+    @classmethod
+    def of(cls, text: str, names: frozenset[str]) -> _SpecialTags | None:
+        """None when lowercasing moves offsets: a character that becomes two (U+0130)."""
+        lowered = text.lower()
+        return cls(lowered, names) if len(lowered) == len(text) else None
+
     def first_from(self, pos: int) -> int:
         """The first candidate at or after `pos`; the text's length if there is none."""
         if pos > self._next:
@@ -137,11 +143,7 @@ def tokenize(text: str, *, links: bool = False, careful: bool = False) -> Scan:
     each tag's name as it goes (the same tokens, more slowly; for tests)."""
     tokens: list[Token] = []
     names = _SPECIAL | _LINK_TAGS if links else _SPECIAL
-    lowered = text.lower()
-    specials = None
-    # Lowercasing keeps every offset unless a character becomes two (U+0130 does).
-    if not careful and len(lowered) == len(text):
-        specials = _SpecialTags(lowered, names)
+    specials = None if careful else _SpecialTags.of(text, names)
     ordinary = _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN
     open_from = _tokenize(text, tokens, names, ordinary, specials)
     return Scan(tokens, open_from)
