@@ -59,8 +59,8 @@ async def serve(kind: str, data: Path | None, durable: bool, event_process: bool
         app.router.add_get("/o/{token}.gif", bare_gif)
         stores = None
     else:
-        from relay.config import Settings, SigningSettings, StorageSettings
-        from relay.runtime import Stores
+        from relay.settings import Settings, SigningSettings, StorageSettings
+        from relay.stores import Stores
         from tracking import create_app
 
         assert data is not None

@@ -20,22 +20,21 @@ from tracking.events import purge
 
 from ._malloc import return_big_buffers
 from .accounts import AuthThrottle
-from .config import Settings
+from .delivery import DeliveryProcess, DeliveryRuntime, build_transport
 from .errors import ConfigError
 from .logs import LogFormat, setup_logging
 from .pipeline import signer_for
-from .runtime import (
-    SPOOL_FILE,
-    DeliveryRuntime,
-    Stores,
-    build_transport,
-    load_dkim_signers,
-    tracking_urls,
+from .settings import Settings
+from .smtpd import (
+    AuthPolicy,
+    ConnectionLimits,
+    FrontDoor,
+    RelaySMTP,
+    reload_certificate,
+    tls_context,
 )
-from .smtp import FrontDoor
-from .smtp_server import AuthPolicy, ConnectionLimits, RelaySMTP, reload_certificate, tls_context
 from .spool import Spool
-from .worker_process import DeliveryProcess
+from .stores import SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
 
 log = logging.getLogger("optout.serve")
 

@@ -1,4 +1,5 @@
-"""The TOML config file, read into typed, frozen settings; every key optional."""
+"""The TOML config file, read into the frozen settings of `relay.settings`; every key
+optional, and an unusable one a ConfigError naming it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,109 +18,20 @@ from tracking.events import Retention
 
 from .accounts import Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Downstream:
-    host: str
-    port: int
-    implicit_tls: bool = False
-
-    def __str__(self) -> str:
-        return f"{'smtps' if self.implicit_tls else 'smtp'}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class StorageSettings:
-    dir: Path = Path("optout-data")
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpSettings:
-    listen: Listen = Listen("127.0.0.1", 2525)
-    trusted_networks: tuple[IPNetwork, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
-    )
-    max_message_size: int = 26_214_400
-    max_recipients: int = 1000
-    hostname: str | None = None
-    tls_cert: Path | None = None  # with tls_key: STARTTLS offered, AUTH possible
-    tls_key: Path | None = None
-    implicit_tls_listen: Listen | None = None  # a second listener, TLS from the first byte
-    max_connections: int = 200
-    max_connections_per_client: int = 20
-    idle_timeout: float = 300.0
-
-
-LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
-
-
-@dataclass(frozen=True, slots=True)
-class HttpSettings:
-    listen: Listen = Listen("127.0.0.1", 8080)
-    public_url: str | None = None  # default: http:// and the listen address
-    trusted_proxies: tuple[str, ...] = LOOPBACK_NETWORKS  # whose X-Forwarded-For is believed
-    metrics_from: tuple[str, ...] = LOOPBACK_NETWORKS  # who may read /metrics
-    event_process: bool = True  # opens and clicks checked and written by a child process
-
-
-@dataclass(frozen=True, slots=True)
-class TrackingSettings:
-    clicks: bool = False
-    store_ip: bool = False  # then only the /24 (IPv4) or /48 (IPv6) network
-    store_user_agent: bool = False
-    durable_events: bool = False
-    templates: Path | None = None
-    brand: str | None = None
-    undo_window: float = 3600.0
-    machine_seconds: float = 10.0
-    rate_per_minute: float = 60.0
-    rate_burst: int = 20
-
-
-@dataclass(frozen=True, slots=True)
-class DeliverySettings:
-    downstream: Downstream | None = None
-    workers: int = 4
-    retry_initial_delay: float = 60.0
-    retry_max_delay: float = 3600.0
-    max_queue_age: float = 5 * 24 * 3600.0  # then a DSN, as Postfix's maximal_queue_lifetime
-    timeout: float = 60.0
-    require_tls: bool = False
-    max_queued_messages: int = 100_000
-    separate_process: bool = True
-    processes: int = 1  # delivery processes, each owning a share of the spool
-
-
-@dataclass(frozen=True, slots=True)
-class SigningSettings:
-    secret_keys: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DkimKey:
-    domain: str
-    selector: str
-    key_file: Path  # relative paths are under storage.dir
-    second_selector: str | None = None
-    second_key_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DkimSettings:
-    keys: tuple[DkimKey, ...] = ()
+from .settings import (
+    DeliverySettings,
+    DkimKey,
+    DkimSettings,
+    Downstream,
+    HttpSettings,
+    IPNetwork,
+    Listen,
+    Settings,
+    SigningSettings,
+    SmtpSettings,
+    StorageSettings,
+    TrackingSettings,
+)
 
 
 def _policy_domains(value: Any, key: str) -> tuple[str, ...]:
@@ -143,23 +55,6 @@ def _retention(value: Any, key: str) -> Retention:
         if named.startswith("retention.") and problem:
             raise ConfigError(named, problem) from None
         raise ConfigError(key, message) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    smtp: SmtpSettings = field(default_factory=SmtpSettings)
-    http: HttpSettings = field(default_factory=HttpSettings)
-    delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    signing: SigningSettings = field(default_factory=SigningSettings)
-    tracking: TrackingSettings = field(default_factory=TrackingSettings)
-    dkim: DkimSettings = field(default_factory=DkimSettings)
-    suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
-    retention: Retention = field(default_factory=Retention)
-    accounts: tuple[Account, ...] = ()
-
-    def account(self, username: str) -> Account | None:
-        return next((a for a in self.accounts if a.username == username), None)
 
 
 # ---- value parsers: each takes the raw TOML value and the dotted key for its errors ----

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.app import Relay
-from relay.config import (
+from relay.settings import (
     DeliverySettings,
     Downstream,
     HttpSettings,

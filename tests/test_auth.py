@@ -14,7 +14,7 @@ import pytest
 
 from relay.accounts import Account, AuthThrottle, hash_password, verify_password
 from relay.app import Relay
-from relay.config import Listen, Settings
+from relay.settings import Listen, Settings
 from tests.conftest import relay_settings, with_smtp
 from tests.helpers import CaptureServer, newsletter, self_signed_files, wait_for
 from tests.test_config import run_cli

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from relay.config import Settings, SigningSettings, StorageSettings
-from relay.runtime import STORE_FILE, Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import STORE_FILE, Stores
 from tracking import RecipientRef, Signer, TrackingUrls, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

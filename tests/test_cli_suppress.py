@@ -10,8 +10,8 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from relay.config import Settings, StorageSettings
-from relay.runtime import Stores
+from relay.settings import Settings, StorageSettings
+from relay.stores import Stores
 from tests.test_config import cli
 from tracking.events import Event, EventType
 

@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.config import Settings, SigningSettings, StorageSettings
 from relay.pipeline import Pipeline
 from relay.rewrite import Decorations, Hole, LinkHole, build_template
-from relay.runtime import Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import Stores
 from suppression import AddressHasher
 from tracking import Namespace, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING

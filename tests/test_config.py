@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Downstream, Listen, Settings, load_settings, parse_settings, section_keys
+from relay.config import load_settings, parse_settings, section_keys
 from relay.errors import ConfigError
+from relay.settings import Downstream, Listen, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -253,8 +253,8 @@ async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(tmp_path: Pa
 async def test_a_header_dkim_cannot_read_is_still_delivered(
     tmp_path: Path, downstream: CaptureServer
 ) -> None:
-    from relay.config import DkimKey, DkimSettings
     from relay.dkim import generate_key
+    from relay.settings import DkimKey, DkimSettings
 
     (tmp_path / "data" / "dkim").mkdir(parents=True)
     generate_key("shop.example", "s1", tmp_path / "data" / "dkim")

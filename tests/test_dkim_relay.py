@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from relay.app import Relay
-from relay.config import DkimKey, DkimSettings, Settings
 from relay.dkim import dns_record, load_private_key
+from relay.settings import DkimKey, DkimSettings, Settings
 from tests import test_dkim
 from tests.conftest import relay_settings
 from tests.helpers import CaptureServer, asubmit, newsletter, wait_for

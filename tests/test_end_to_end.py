@@ -164,7 +164,7 @@ async def test_tracked_clicks_redirect_only_to_the_signed_url(
 
 
 async def _events(tmp_path: Path) -> list[dict[str, object]]:
-    from relay.runtime import Stores
+    from relay.stores import Stores
     from tests.conftest import relay_settings
 
     async with Stores(relay_settings(tmp_path / "data", None)) as stores:

@@ -19,9 +19,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from relay.app import tracking_app
-from relay.config import Settings, SigningSettings, StorageSettings, parse_settings
+from relay.config import parse_settings
 from relay.errors import ConfigError
-from relay.runtime import STORE_FILE, Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import STORE_FILE, Stores
 from tracking import PIXEL_GIF, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.beacons import BeaconSpec
 from tracking.errors import EventProcessError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.app import Relay
-from relay.config import Settings
+from relay.settings import Settings
 from tests.conftest import relay_settings, with_smtp
 from tests.helpers import asubmit, newsletter
 

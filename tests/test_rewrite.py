@@ -380,7 +380,7 @@ def test_urls_are_escaped_in_html_and_not_in_text() -> None:
     ],
 )
 def test_html_insertion_points(document: str, before: str) -> None:
-    from relay._html import insertion_point
+    from relay.rewrite._html import insertion_point
 
     assert document[insertion_point(document) :].startswith(before)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay._html import insertion_point, tokenize
 from relay.rewrite import Decorations, build_template, list_unsubscribe_headers
+from relay.rewrite._html import insertion_point, tokenize
 from tests.corpus.check import UNSUB, VALUES, check_rewrite
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

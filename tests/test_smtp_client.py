@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Downstream
-from relay.smtp_client import SmtpConnection, TlsUnavailable, dot_stuffed, smtp_lines
-from relay.transport import Outgoing, SmtpTransport, Status
+from relay.delivery.client import SmtpConnection, TlsUnavailable, dot_stuffed, smtp_lines
+from relay.delivery.transport import Outgoing, SmtpTransport, Status
+from relay.settings import Downstream
 from tests.helpers import CaptureServer, self_signed_context
 
 MESSAGE = b"From: news@shop.example\r\nSubject: hi\r\n\r\n.starts with a dot\r\n..two\r\nend\r\n"

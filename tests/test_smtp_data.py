@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.app import Relay
-from relay.smtp_data import MAX_LINE, DataProblem, discard, read_data
+from relay.smtpd.data import MAX_LINE, DataProblem, discard, read_data
 from tests.conftest import relay_settings
 from tests.helpers import wait_for
 

@@ -9,7 +9,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtp_server import RelaySMTP
+from relay.smtpd.server import RelaySMTP
 
 
 def outcome(parse: Callable[[str], object], arg: str) -> object:

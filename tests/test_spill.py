@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from relay.app import Relay
-from relay.smtp import HEADER_LIMIT
-from relay.smtp_data import HEAD, SPILL_THRESHOLD
+from relay.smtpd.data import HEAD, SPILL_THRESHOLD
+from relay.smtpd.door import HEADER_LIMIT
 from tests.conftest import relay_settings, with_smtp
 from tests.helpers import CaptureServer, wait_for
 from tests.test_auth import session, untrusted

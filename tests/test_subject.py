@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.delivery.transport import OutboxTransport, Outgoing
 from relay.spool import Spool
-from relay.transport import OutboxTransport, Outgoing
 from suppression import (
     MIGRATIONS,
     AddressHasher,

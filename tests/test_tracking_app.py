@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from relay.config import Settings, SigningSettings, StorageSettings
-from relay.runtime import STORE_FILE, Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import STORE_FILE, Stores
 from tracking import PIXEL_GIF, RateLimit, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 

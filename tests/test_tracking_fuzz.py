@@ -16,8 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from relay.config import Settings, SigningSettings, StorageSettings
-from relay.runtime import Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import Stores
 from tracking import PIXEL_GIF, RateLimit, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 

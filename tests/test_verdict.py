@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from relay.config import Settings, SigningSettings, StorageSettings
-from relay.runtime import Stores
+from relay.settings import Settings, SigningSettings, StorageSettings
+from relay.stores import Stores
 from tracking import Judge, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.network import parse_ip
 from tracking.state import TRACKING

@@ -7,7 +7,7 @@ from email.message import Message
 from email.utils import collapse_rfc2231_value
 from typing import TypeAlias
 
-from .mime import MimeError, entity_bounds, header_fields, parse_headers, split_multipart
+from ..mime import MimeError, entity_bounds, header_fields, parse_headers, split_multipart
 
 # A parameter's value as the email package gives it: RFC 2231 ones as (charset, language, text).
 ParamValue: TypeAlias = str | tuple[str | None, str | None, str]

@@ -14,7 +14,7 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from .mime import MimeError
+from ..mime import MimeError
 
 QP_LINE = 76  # RFC 2045 6.7 (5): encoded lines at most 76 characters
 B64_LINE = 76

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .spool import Spilled, SpillFile
+from ..spool import Spilled, SpillFile
 
 log = logging.getLogger("optout.smtp")
 

@@ -11,10 +11,9 @@ from typing import TypeVar
 
 import click
 
-from .cli_common import config_option, settings_from
-from .keys import ensure_private_dir
-from .runtime import SPOOL_FILE
-from .spool import QueueEntry, Spool
+from ..spool import QueueEntry, Spool
+from ..stores import SPOOL_FILE, ensure_private_dir
+from .common import config_option, settings_from
 
 T = TypeVar("T")
 
@@ -111,7 +110,3 @@ def queue_delete(config_path: Path | None, queue_id: str) -> int:
         return 1
     click.echo(f"deleted {queue_id} ({removed} deliveries)")
     return 0
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(queue)

@@ -1,4 +1,4 @@
-"""`optout-relay suppress|subject|purge`: the suppression list and data-subject requests.
+"""`optout-relay suppress ...`: the suppression list.
 
 Every command that changes a suppression records who ran it (`--actor`, default the OS
 user) in the audit log that `suppress show` prints.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import getpass
 import json
 import os
 import sys
@@ -23,27 +22,29 @@ import click
 from suppression import (
     GLOBAL,
     BadRow,
-    DataHolder,
     ImportOptions,
     ImportReport,
     Outcome,
     Reason,
     Suppression,
     SuppressionStore,
-    erase_subject,
-    export_subject,
     import_file,
     parse_age,
     utc_now,
 )
 from suppression.formats import Format
-from suppression.holders import outbox_holder, spool_holder
-from tracking.events import Retention, purge
 
-from .cli_common import PROG, config_option, settings_from, with_stores
-from .config import Settings
-from .runtime import OUTBOX_DIR, SPOOL_FILE, Stores
-from .spool import Spool
+from ..stores import Stores
+from .common import (
+    PROG,
+    actor_of,
+    actor_option,
+    config_option,
+    open_output,
+    output_option,
+    settings_from,
+    with_stores,
+)
 
 T = TypeVar("T")
 
@@ -53,21 +54,11 @@ def suppress() -> None:
     """Manage the suppression list."""
 
 
-@click.group()
-def subject() -> None:
-    """Data-subject requests: export or erase everything held about an address."""
-
-
 scope_option = click.option(
     "--scope",
     default=GLOBAL,
     show_default=True,
     help="'global', 'topic:NAME' or 'sender:DOMAIN'.",
-)
-actor_option = click.option(
-    "--actor",
-    default=None,
-    help="Who made the change, for the audit log (default: the OS user).",
 )
 expires_option = click.option(
     "--expires",
@@ -77,22 +68,12 @@ expires_option = click.option(
 )
 
 
-def _actor(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
 def _expires_at(expires: str | None) -> datetime | None:
     return None if expires is None else datetime.now(UTC) + parse_age(expires)
 
 
 def _with_store(config_path: Path | None, action: Callable[[SuppressionStore], Awaitable[T]]) -> T:
     async def run(stores: Stores) -> T:
-        await stores.suppressions.verify_normalization()
         return await action(stores.suppressions)
 
     return with_stores(settings_from(config_path), run)
@@ -105,9 +86,6 @@ def _describe(entry: Suppression) -> str:
     if entry.key_kind != "hmac":
         parts.append(f"{entry.key_kind} hashed-list entry")
     return ", ".join(parts)
-
-
-# ---- suppress -------------------------------------------------------------------------------
 
 
 @suppress.command("add")
@@ -140,7 +118,7 @@ def suppress_add(
                 scope=scope,
                 reason=Reason(reason),
                 source="cli",
-                actor=_actor(actor),
+                actor=actor_of(actor),
                 expires_at=expires_at,
             )
             for a in addresses
@@ -166,7 +144,7 @@ def suppress_remove(
     """Lift the suppression of ADDRESS. Exits 1 when there was none."""
     removed = _with_store(
         config_path,
-        lambda s: s.remove(address, scope=scope, source="cli", actor=_actor(actor)),
+        lambda s: s.remove(address, scope=scope, source="cli", actor=actor_of(actor)),
     )
     click.echo(f"removed {removed} suppression{'s' if removed != 1 else ''} of {address}")
     return 0 if removed else 1
@@ -260,7 +238,7 @@ def suppress_import(
         scope=scope,
         reason=None if reason is None else Reason(reason),
         expires_at=_expires_at(expires),
-        actor=_actor(actor),
+        actor=actor_of(actor),
         batch_size=batch_size,
     )
     name = "stdin" if file == "-" else Path(file).name
@@ -335,37 +313,20 @@ EXPORT_COLUMNS = (
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
 )
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write to this file (created mode 0600) instead of stdout.",
-)
+@output_option
 def suppress_export(
     config_path: Path | None, scope: str | None, fmt: str, output: Path | None
 ) -> None:
     """Export the suppression list; the CSV can be imported again as it is."""
 
     async def run(store: SuppressionStore) -> int:
-        with _open_output(output) as out:
+        with open_output(output) as out:
             total = await store.count(scope=scope) if output is not None else 0
             return await _write_entries(store.entries(scope=scope), out, fmt, total)
 
     count = _with_store(config_path, run)
     if output is not None:
         click.echo(f"exported {count} suppressions to {output}")
-
-
-@contextlib.contextmanager
-def _open_output(output: Path | None) -> Iterator[IO[str]]:
-    if output is None:
-        yield sys.stdout
-        return
-    # Suppression lists and data-subject exports are personal data: owner-only from the start.
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8", newline="") as out:
-        yield out
 
 
 async def _write_entries(
@@ -449,147 +410,3 @@ def _change_line(change: dict[str, Any]) -> str:
     if detail:
         words.append(json.dumps(detail, ensure_ascii=False, sort_keys=True))
     return " ".join(words)
-
-
-# ---- subject --------------------------------------------------------------------------------
-
-
-async def _with_holders(stores: Stores, action: Callable[[list[DataHolder]], Awaitable[T]]) -> T:
-    """The event log, the spool (when there is one) and the outbox, for a subject request."""
-    settings: Settings = stores.settings
-    await stores.suppressions.verify_normalization()
-    holders = [stores.events.holder()]
-    spool_path = settings.storage.dir / SPOOL_FILE
-    spool = await Spool.open(spool_path) if spool_path.exists() else None
-    try:
-        if spool is not None:
-            holders.append(spool_holder(spool, spool_path))
-        holders.append(outbox_holder(settings.storage.dir / OUTBOX_DIR))
-        return await action(holders)
-    finally:
-        if spool is not None:
-            await spool.close()
-
-
-@subject.command("export")
-@config_option
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write to this file (created mode 0600) instead of stdout.",
-)
-@actor_option
-@click.argument("address")
-def subject_export(
-    config_path: Path | None, output: Path | None, actor: str | None, address: str
-) -> None:
-    """Print everything held about ADDRESS as JSON (GDPR Art. 15)."""
-
-    async def run(stores: Stores) -> dict[str, Any]:
-        return await _with_holders(
-            stores,
-            lambda holders: export_subject(
-                stores.suppressions, address, holders, actor=_actor(actor)
-            ),
-        )
-
-    document = with_stores(settings_from(config_path), run)
-    with _open_output(output) as out:
-        out.write(json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n")
-
-
-@subject.command("erase")
-@config_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@actor_option
-@click.argument("address")
-def subject_erase(config_path: Path | None, yes: bool, actor: str | None, address: str) -> None:
-    """Erase the personal data of ADDRESS everywhere (GDPR Art. 17); keep it suppressed.
-
-    Suppressions, events, spooled mail and outbox files: the plain address goes, a keyed hash
-    stays as a global suppression, and the erasure is recorded.
-    """
-    if not yes:
-        if not sys.stdin.isatty():
-            raise click.UsageError("erasure cannot be undone: pass --yes to confirm")
-        click.confirm(f"Erase all personal data of {address}?", abort=True)
-
-    async def run(stores: Stores) -> Any:
-        return await _with_holders(
-            stores,
-            lambda holders: erase_subject(
-                stores.suppressions, address, holders, actor=_actor(actor)
-            ),
-        )
-
-    report = with_stores(settings_from(config_path), run)
-    tombstone = "added" if report.tombstone is Outcome.ADDED else "already there"
-    click.echo(f"erased {address} (key {report.address_hash}):")
-    click.echo(
-        f"  suppressions: {report.suppressions_kept} kept by key only"
-        f" (global tombstone {tombstone})"
-    )
-    click.echo(f"  contact: {'deleted' if report.contact_deleted else 'none'}")
-    for name, count in report.erased.items():
-        click.echo(f"  {name}: {count} removed")
-    if not report.checkpointed:
-        click.echo(
-            f"{PROG}: warning: a running process kept old pages in the WAL;"
-            " run the erasure again once it is idle",
-            err=True,
-        )
-
-
-# ---- purge ----------------------------------------------------------------------------------
-
-
-def _keep(values: tuple[str, ...]) -> Retention:
-    table: dict[str, object] = {}
-    for value in values:
-        kind, sep, age = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{value!r} is not KIND=AGE", param_hint="'--keep'")
-        table[kind.strip()] = age.strip()
-    try:
-        return Retention.parse(table)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--keep'") from None
-
-
-@click.command("purge")
-@config_option
-@click.option(
-    "--keep",
-    multiple=True,
-    metavar="KIND=AGE",
-    help="Keep KIND (open, click, delivered, ..., contacts) for AGE, e.g. open=180d;"
-    " overrides [retention] in the config. Repeatable.",
-)
-def purge_command(config_path: Path | None, keep: tuple[str, ...]) -> None:
-    """Delete events and contacts older than their retention, and lapsed suppressions."""
-    override = _keep(keep)
-    settings = settings_from(config_path)
-    configured = getattr(settings, "retention", None)
-    retention = (configured if isinstance(configured, Retention) else Retention()).merged(override)
-
-    async def run(stores: Stores) -> Any:
-        await stores.suppressions.verify_normalization()
-        return await purge(stores.events, stores.suppressions, retention)
-
-    report = with_stores(settings, run)
-    if not retention.event_ages() and retention.contacts is None:
-        click.echo("no retention configured ([retention] in the config or --keep KIND=AGE)")
-    events = ", ".join(f"{n} {kind}" for kind, n in report.events.items()) or "none"
-    click.echo(
-        f"purged: events {events}; contacts {report.contacts};"
-        f" lapsed suppressions {report.expired_suppressions}"
-    )
-
-
-def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group."""
-    cli.add_command(suppress)
-    cli.add_command(subject)
-    cli.add_command(purge_command)

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
+from ..pipeline import Pipeline, PreparedMessage
+from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .dsn import Failure, build_dsn, status_of
-from .pipeline import Pipeline, PreparedMessage
-from .spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
 from .transport import Outcome, Outgoing, Status, Transport
 
 log = logging.getLogger("optout.delivery")

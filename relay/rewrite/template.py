@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 
+from ..mime import HeaderField, MimeError, entity_bounds, header_fields, headers_of
 from ._compile import (
     base64_part,
     byte_edits,
@@ -25,22 +26,10 @@ from ._compile import (
     seven_bit,
 )
 from ._encoding import line_ending
-from ._footer import PLACEHOLDER, Edit, html_footer, link_edits, placeholders, text_footer
+from ._footer import Edit, html_footer, link_edits, placeholders, text_footer
 from ._html import sniff_charset
 from ._parts import CteField, Downgrade, Hole, HoleKey, LinkHole, Piece, Switch
 from ._walk import Leaf, Tree, walk
-from .mime import HeaderField, MimeError, entity_bounds, header_fields, headers_of
-
-__all__ = [
-    "PLACEHOLDER",
-    "Decorations",
-    "Hole",
-    "HoleKey",
-    "LinkHole",
-    "Template",
-    "build_template",
-    "list_unsubscribe_headers",
-]
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ import signal
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from ._malloc import return_big_buffers
-from .logs import LogFormat, setup_logging
-from .spool import Partition
+from .._malloc import return_big_buffers
+from ..logs import LogFormat, setup_logging
+from ..spool import Partition
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext
     from multiprocessing.process import BaseProcess
 
-    from .config import Settings
+    from ..settings import Settings
 
 log = logging.getLogger("optout.serve")
 

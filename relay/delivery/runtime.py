@@ -1,5 +1,5 @@
-"""What a delivery process runs: the stores, the spool and the delivery worker, wired from
-the settings. Kept apart from the front door and the HTTP app (relay.app), so that a
+"""What a delivery process runs: the spool, the transport and the delivery worker, wired
+from the settings. Kept apart from the front door and the HTTP app (relay.app), so that a
 delivery child imports neither aiohttp nor aiosmtpd."""
 
 from __future__ import annotations
@@ -8,94 +8,16 @@ import asyncio
 import contextlib
 import socket
 from contextlib import AsyncExitStack
-from pathlib import Path
 from types import TracebackType
 
-from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
-from suppression import AddressHasher, Database, SuppressionError, SuppressionStore
-from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
-from tracking.events import EventStore
-from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
-from .config import Settings
-from .delivery import DeliveryWorker, RetryPolicy
-from .dkim import DkimError, DkimSigner, load_signer
-from .errors import ConfigError
-from .keys import HASH_KEY_FILE, SIGNING_KEY_FILE, ensure_private_dir, load_or_create_secret
-from .pipeline import Pipeline
-from .spool import WHOLE, Partition, Spool
+from ..pipeline import Pipeline
+from ..settings import Settings
+from ..spool import WHOLE, Partition, Spool
+from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
 from .transport import OutboxTransport, SmtpTransport, Transport
-
-STORE_FILE = "optout.db"
-SPOOL_FILE = "spool.db"
-OUTBOX_DIR = "outbox"
-
-
-class Stores:
-    """The suppression list and the event log, opened from the data dir (async context)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._db: Database | None = None
-
-    async def __aenter__(self) -> Stores:
-        data_dir = self.settings.storage.dir
-        ensure_private_dir(data_dir)
-        hasher = AddressHasher(
-            load_or_create_secret(data_dir / HASH_KEY_FILE).encode(),
-            policy=self.settings.suppression,
-        )
-        self._db = await Database.open(
-            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
-        )
-        self.suppressions = SuppressionStore(self._db, hasher)
-        self.events = EventStore(self._db)
-        try:
-            # A changed normalisation would silently stop old entries matching: refuse it.
-            await self.suppressions.verify_normalization()
-        except SuppressionError as exc:
-            await self._db.close()
-            raise ConfigError("suppression", str(exc)) from None
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._db is not None:
-            await self._db.close()
-
-
-def tracking_urls(settings: Settings) -> TrackingUrls:
-    keys = settings.signing.secret_keys or (
-        load_or_create_secret(settings.storage.dir / SIGNING_KEY_FILE),
-    )
-    public_url = settings.http.public_url or f"http://{settings.http.listen}"
-    return TrackingUrls(public_url, Signer(keys))
-
-
-def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
-    """A signer per configured domain; a missing or unsafe key file is a config error."""
-    base = settings.storage.dir
-
-    def under_storage(path: Path) -> Path:
-        return path if path.is_absolute() else base / path
-
-    signers = {}
-    for index, key in enumerate(settings.dkim.keys):
-        try:
-            signers[key.domain] = load_signer(
-                key.domain,
-                key.selector,
-                under_storage(key.key_file),
-                second_selector=key.second_selector,
-                second_key_file=(
-                    under_storage(key.second_key_file) if key.second_key_file else None
-                ),
-            )
-        except DkimError as exc:
-            raise ConfigError(f"dkim.keys[{index}]", str(exc)) from None
-    return signers
+from .worker import DeliveryWorker, RetryPolicy
 
 
 def build_transport(settings: Settings, hostname: str) -> Transport:

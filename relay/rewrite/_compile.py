@@ -14,6 +14,7 @@ import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..mime import MimeError
 from ._encoding import (
     B64_LINE,
     CachedRun,
@@ -25,7 +26,6 @@ from ._encoding import (
 )
 from ._footer import Edit
 from ._parts import Base64Part, Chunk, Dirty, Hole, LinkHole, QPPart, RawPart, Slot
-from .mime import MimeError
 
 CACHE_RUN = 4096  # constant base64 runs at least this long are encoded once per phase
 ENCODINGS = frozenset({"7bit", "8bit", "binary", "quoted-printable", "base64"})

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .accounts import hash_password
+from ..accounts import hash_password
 
 
 @click.group()
@@ -26,7 +26,3 @@ def hash_password_command() -> int:
         return 2
     click.echo(hash_password(password))
     return 0
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(account)

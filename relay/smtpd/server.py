@@ -15,9 +15,9 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword
 
-from .accounts import Account, AuthThrottle, hash_password, verify_password
-from .smtp_data import SPILL_THRESHOLD, DataProblem, discard, read_data
-from .spool import Spilled
+from ..accounts import Account, AuthThrottle, hash_password, verify_password
+from ..spool import Spilled
+from .data import SPILL_THRESHOLD, DataProblem, discard, read_data
 
 log = logging.getLogger("optout.smtp")
 

@@ -13,11 +13,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from suppression import InvalidAddress, SuppressionStore, sender_scopes
 
-from .accounts import Account
-from .config import IPNetwork, SmtpSettings
-from .mime import address_domain, entity_bounds, from_domains, headers_of, parse_headers
-from .smtp_server import RelayEnvelope
-from .spool import Spilled, Spool
+from ..accounts import Account
+from ..mime import address_domain, entity_bounds, from_domains, headers_of, parse_headers
+from ..settings import IPNetwork, SmtpSettings
+from ..spool import Spilled, Spool
+from .server import RelayEnvelope
 
 log = logging.getLogger("optout.smtp")
 

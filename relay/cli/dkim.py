@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from .cli_common import config_option, settings_from
-from .dkim import DkimError, KeyAlgorithm, generate_key
-from .keys import ensure_private_dir
+from ..dkim import DkimError, KeyAlgorithm, generate_key
+from ..stores import ensure_private_dir
+from .common import config_option, settings_from
 
 
 @click.group()
@@ -65,7 +65,3 @@ def keygen(
         err=True,
     )
     return 0
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(dkim)

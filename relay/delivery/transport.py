@@ -10,8 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from .config import Downstream
-from .smtp_client import ConnectionLost, SmtpClientError, SmtpConnection, unverified_tls
+from ..settings import Downstream
+from .client import ConnectionLost, SmtpClientError, SmtpConnection, unverified_tls
 
 
 class Status(StrEnum):

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .mime import crlf_line_breaks
+from ..mime import crlf_line_breaks
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 100  # a server writing more than this is not one to keep talking to

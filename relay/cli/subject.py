@@ -1,0 +1,158 @@
+"""`optout-relay subject ...` and `purge`: data-subject requests (GDPR Arts. 15 and 17)
+and retention."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from suppression import DataHolder, Outcome, erase_subject, export_subject
+from suppression.holders import outbox_holder, spool_holder
+from tracking.events import Retention, purge
+
+from ..spool import Spool
+from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores
+from .common import (
+    PROG,
+    actor_of,
+    actor_option,
+    config_option,
+    open_output,
+    output_option,
+    settings_from,
+    with_stores,
+)
+
+T = TypeVar("T")
+
+
+@click.group()
+def subject() -> None:
+    """Data-subject requests: export or erase everything held about an address."""
+
+
+async def _with_holders(stores: Stores, action: Callable[[list[DataHolder]], Awaitable[T]]) -> T:
+    """The event log, the spool (when there is one) and the outbox, for a subject request."""
+    settings = stores.settings
+    holders = [stores.events.holder()]
+    spool_path = settings.storage.dir / SPOOL_FILE
+    spool = await Spool.open(spool_path) if spool_path.exists() else None
+    try:
+        if spool is not None:
+            holders.append(spool_holder(spool, spool_path))
+        holders.append(outbox_holder(settings.storage.dir / OUTBOX_DIR))
+        return await action(holders)
+    finally:
+        if spool is not None:
+            await spool.close()
+
+
+@subject.command("export")
+@config_option
+@output_option
+@actor_option
+@click.argument("address")
+def subject_export(
+    config_path: Path | None, output: Path | None, actor: str | None, address: str
+) -> None:
+    """Print everything held about ADDRESS as JSON (GDPR Art. 15)."""
+
+    async def run(stores: Stores) -> dict[str, Any]:
+        return await _with_holders(
+            stores,
+            lambda holders: export_subject(
+                stores.suppressions, address, holders, actor=actor_of(actor)
+            ),
+        )
+
+    document = with_stores(settings_from(config_path), run)
+    with open_output(output) as out:
+        out.write(json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+@subject.command("erase")
+@config_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@actor_option
+@click.argument("address")
+def subject_erase(config_path: Path | None, yes: bool, actor: str | None, address: str) -> None:
+    """Erase the personal data of ADDRESS everywhere (GDPR Art. 17); keep it suppressed.
+
+    Suppressions, events, spooled mail and outbox files: the plain address goes, a keyed hash
+    stays as a global suppression, and the erasure is recorded.
+    """
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("erasure cannot be undone: pass --yes to confirm")
+        click.confirm(f"Erase all personal data of {address}?", abort=True)
+
+    async def run(stores: Stores) -> Any:
+        return await _with_holders(
+            stores,
+            lambda holders: erase_subject(
+                stores.suppressions, address, holders, actor=actor_of(actor)
+            ),
+        )
+
+    report = with_stores(settings_from(config_path), run)
+    tombstone = "added" if report.tombstone is Outcome.ADDED else "already there"
+    click.echo(f"erased {address} (key {report.address_hash}):")
+    click.echo(
+        f"  suppressions: {report.suppressions_kept} kept by key only"
+        f" (global tombstone {tombstone})"
+    )
+    click.echo(f"  contact: {'deleted' if report.contact_deleted else 'none'}")
+    for name, count in report.erased.items():
+        click.echo(f"  {name}: {count} removed")
+    if not report.checkpointed:
+        click.echo(
+            f"{PROG}: warning: a running process kept old pages in the WAL;"
+            " run the erasure again once it is idle",
+            err=True,
+        )
+
+
+def _keep(values: tuple[str, ...]) -> Retention:
+    table: dict[str, object] = {}
+    for value in values:
+        kind, sep, age = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not KIND=AGE", param_hint="'--keep'")
+        table[kind.strip()] = age.strip()
+    try:
+        return Retention.parse(table)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--keep'") from None
+
+
+@click.command("purge")
+@config_option
+@click.option(
+    "--keep",
+    multiple=True,
+    metavar="KIND=AGE",
+    help="Keep KIND (open, click, delivered, ..., contacts) for AGE, e.g. open=180d;"
+    " overrides [retention] in the config. Repeatable.",
+)
+def purge_command(config_path: Path | None, keep: tuple[str, ...]) -> None:
+    """Delete events and contacts older than their retention, and lapsed suppressions."""
+    override = _keep(keep)
+    settings = settings_from(config_path)
+    retention = settings.retention.merged(override)
+
+    async def run(stores: Stores) -> Any:
+        return await purge(stores.events, stores.suppressions, retention)
+
+    report = with_stores(settings, run)
+    if not retention.event_ages() and retention.contacts is None:
+        click.echo("no retention configured ([retention] in the config or --keep KIND=AGE)")
+    events = ", ".join(f"{n} {kind}" for kind, n in report.events.items()) or "none"
+    click.echo(
+        f"purged: events {events}; contacts {report.contacts};"
+        f" lapsed suppressions {report.expired_suppressions}"
+    )

@@ -1,0 +1,18 @@
+"""The front door: the SMTP listener marketing tools submit to.
+
+`FrontDoor` is the aiosmtpd handler (who may submit, who may receive, 250 only once the
+spool has the message); `RelaySMTP` the session (enhanced status codes, connection limits,
+AUTH off the event loop, DATA read in chunks and spilled to `incoming/` when big).
+"""
+
+from .door import FrontDoor
+from .server import AuthPolicy, ConnectionLimits, RelaySMTP, reload_certificate, tls_context
+
+__all__ = [
+    "AuthPolicy",
+    "ConnectionLimits",
+    "FrontDoor",
+    "RelaySMTP",
+    "reload_certificate",
+    "tls_context",
+]

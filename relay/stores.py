@@ -1,0 +1,129 @@
+"""Opening what the relay keeps in its data dir: the stores, the secrets, the DKIM signers.
+
+Every file name under `storage.dir` is named here once. Nothing here imports aiohttp,
+aiosmtpd or the delivery machinery: the CLI and a delivery process both start from it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+
+from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
+from suppression import AddressHasher, Database, SuppressionError, SuppressionStore
+from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
+from tracking.events import EventStore
+from tracking.signing import Signer
+from tracking.tokens import TrackingUrls
+
+from .dkim import DkimError, DkimSigner, load_signer
+from .errors import ConfigError
+from .settings import Settings
+
+STORE_FILE = "optout.db"
+SPOOL_FILE = "spool.db"
+OUTBOX_DIR = "outbox"
+SIGNING_KEY_FILE = "signing.key"
+HASH_KEY_FILE = "address-hash.key"
+
+
+class Stores:
+    """The suppression list and the event log, opened from the data dir (async context)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._db: Database | None = None
+
+    async def __aenter__(self) -> Stores:
+        data_dir = self.settings.storage.dir
+        ensure_private_dir(data_dir)
+        hasher = AddressHasher(
+            load_or_create_secret(data_dir / HASH_KEY_FILE).encode(),
+            policy=self.settings.suppression,
+        )
+        self._db = await Database.open(
+            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
+        )
+        self.suppressions = SuppressionStore(self._db, hasher)
+        self.events = EventStore(self._db)
+        try:
+            # A changed normalisation would silently stop old entries matching: refuse it.
+            await self.suppressions.verify_normalization()
+        except SuppressionError as exc:
+            await self._db.close()
+            raise ConfigError("suppression", str(exc)) from None
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            await self._db.close()
+
+
+def tracking_urls(settings: Settings) -> TrackingUrls:
+    keys = settings.signing.secret_keys or (
+        load_or_create_secret(settings.storage.dir / SIGNING_KEY_FILE),
+    )
+    public_url = settings.http.public_url or f"http://{settings.http.listen}"
+    return TrackingUrls(public_url, Signer(keys))
+
+
+def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
+    """A signer per configured domain; a missing or unsafe key file is a config error."""
+    base = settings.storage.dir
+
+    def under_storage(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    signers = {}
+    for index, key in enumerate(settings.dkim.keys):
+        try:
+            signers[key.domain] = load_signer(
+                key.domain,
+                key.selector,
+                under_storage(key.key_file),
+                second_selector=key.second_selector,
+                second_key_file=(
+                    under_storage(key.second_key_file) if key.second_key_file else None
+                ),
+            )
+        except DkimError as exc:
+            raise ConfigError(f"dkim.keys[{index}]", str(exc)) from None
+    return signers
+
+
+def load_or_create_secret(path: Path) -> str:
+    """The secret in `path`, created (mode 0600, 256 random bits) when it does not exist."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_secret(path)
+    except OSError as exc:
+        raise ConfigError("storage.dir", f"cannot create {path}: {exc.strerror}") from None
+    secret = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    return secret
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        secret = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("storage.dir", f"cannot read key file {path}: {exc}") from None
+    if len(secret) < 16:
+        raise ConfigError("storage.dir", f"key file {path} is empty or too short")
+    return secret
+
+
+def ensure_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("storage.dir", f"cannot create {path}: {exc.strerror}") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError("storage.dir", f"{path} is not readable and writable")
