@@ -20,7 +20,8 @@ from tracking.events import purge
 
 from ._malloc import return_big_buffers
 from .accounts import AuthThrottle
-from .delivery import DeliveryProcess, DeliveryRuntime, build_transport
+from .delivery import DeliveryProcess, DeliveryRuntime
+from .delivery import destination as delivery_destination
 from .errors import ConfigError
 from .logs import LogFormat, setup_logging
 from .pipeline import signer_for
@@ -83,6 +84,7 @@ class Relay:
         self._exit = AsyncExitStack()
         self._stopped = False
         self._delivery: DeliveryProcess | None = None
+        self.accounts = settings.account_map()
 
     @classmethod
     async def start(cls, settings: Settings, log_format: LogFormat = "text") -> Relay:
@@ -127,10 +129,17 @@ class Relay:
             # Deliveries now leave the spool in the other process: recount for back-pressure.
             refresher = asyncio.create_task(self._recount(spool), name="spool-recount")
             self._exit.callback(refresher.cancel)
-            destination = build_transport(settings, hostname).describe()
+            destination = delivery_destination(settings)
         else:
             runtime = await self._exit.enter_async_context(
-                DeliveryRuntime(settings, stores=stores, spool=spool, urls=urls)
+                DeliveryRuntime(
+                    settings,
+                    stores=stores,
+                    spool=spool,
+                    urls=urls,
+                    signers=signers,
+                    accounts=self.accounts,
+                )
             )
             notify = runtime.worker.notify
             destination = runtime.transport.describe()
@@ -156,7 +165,7 @@ class Relay:
             settings=settings.smtp,
             max_queued_messages=settings.delivery.max_queued_messages,
             on_spooled=notify,
-            accounts={a.username: a for a in settings.accounts},
+            accounts=self.accounts,
         )
         servers = await self._listen_smtp(front_door, hostname)
         self._exit.push_async_callback(self._close_smtp, servers, front_door)
@@ -185,7 +194,7 @@ class Relay:
                 raise ConfigError("smtp.tls_cert", f"cannot load certificate: {exc}") from None
             self.tls = context
         limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
-        auth = AuthPolicy({a.username: a for a in self.settings.accounts}, AuthThrottle())
+        auth = AuthPolicy(self.accounts, AuthThrottle())
 
         def session(implicit_tls: bool) -> RelaySMTP:
             return RelaySMTP(

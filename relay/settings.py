@@ -31,7 +31,12 @@ class Downstream:
     implicit_tls: bool = False
 
     def __str__(self) -> str:
-        return f"{'smtps' if self.implicit_tls else 'smtp'}://{self.host}:{self.port}"
+        return f"{'smtps' if self.implicit_tls else 'smtp'}://{self.address}"
+
+    @property
+    def address(self) -> str:
+        """host:port, as delivery logs name the MTA (Postfix's relay=)."""
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +133,7 @@ class Settings:
     suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
     retention: Retention = field(default_factory=Retention)
     accounts: tuple[Account, ...] = ()
+
+    def account_map(self) -> dict[str, Account]:
+        """The accounts by username: build it once per process and share it."""
+        return {account.username: account for account in self.accounts}

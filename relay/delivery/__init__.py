@@ -8,7 +8,7 @@ child processes.
 """
 
 from .processes import DeliveryProcess
-from .runtime import DeliveryRuntime, build_transport
+from .runtime import DeliveryRuntime, build_transport, destination
 from .worker import DeliveryWorker, RetryPolicy
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "DeliveryWorker",
     "RetryPolicy",
     "build_transport",
+    "destination",
 ]

@@ -7,17 +7,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 
 from tracking.tokens import TrackingUrls
 
+from ..accounts import Account
+from ..dkim import DkimSigner
 from ..pipeline import Pipeline
 from ..settings import Settings
 from ..spool import WHOLE, Partition, Spool
 from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
-from .transport import OutboxTransport, SmtpTransport, Transport
+from .transport import OutboxTransport, SmtpTransport, Transport, outbox_name
 from .worker import DeliveryWorker, RetryPolicy
+
+
+def destination(settings: Settings) -> str:
+    """Where mail goes, as the transport will name it in logs."""
+    downstream = settings.delivery.downstream
+    return downstream.address if downstream else outbox_name(settings.storage.dir / OUTBOX_DIR)
 
 
 def build_transport(settings: Settings, hostname: str) -> Transport:
@@ -42,9 +51,15 @@ class DeliveryRuntime:
         stores: Stores | None = None,
         spool: Spool | None = None,
         urls: TrackingUrls | None = None,
+        signers: Mapping[str, DkimSigner] | None = None,
+        accounts: Mapping[str, Account] | None = None,
         partition: Partition = WHOLE,
     ) -> None:
+        """What the caller already has (the relay's own stores, spool, URLs, DKIM signers
+        and accounts) is shared; what it does not pass is opened or built here."""
         self.settings = settings
+        self._signers = signers
+        self._accounts = accounts
         self._partition = partition
         self._stores = stores
         self._spool = spool
@@ -67,8 +82,10 @@ class DeliveryRuntime:
                 spool=spool,
                 transport=self.transport,
                 pipeline=Pipeline(
-                    signers=load_dkim_signers(settings),
-                    accounts={a.username: a for a in settings.accounts},
+                    signers=(
+                        load_dkim_signers(settings) if self._signers is None else self._signers
+                    ),
+                    accounts=settings.account_map() if self._accounts is None else self._accounts,
                     clicks=settings.tracking.clicks,
                 ),
                 suppressions=stores.suppressions,

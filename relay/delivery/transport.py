@@ -79,7 +79,7 @@ class SmtpTransport:
         self._slots = asyncio.Semaphore(pool_size)
 
     def describe(self) -> str:
-        return f"{self.downstream.host}:{self.downstream.port}"
+        return self.downstream.address
 
     async def send(self, message: Outgoing) -> Outcome:
         async with self._slots:
@@ -169,6 +169,10 @@ class SmtpTransport:
                 connection.close()
 
 
+def outbox_name(directory: Path) -> str:
+    return f"outbox:{directory}"
+
+
 class OutboxTransport:
     """Final delivery into a folder of .eml files, for running without a downstream MTA."""
 
@@ -177,7 +181,7 @@ class OutboxTransport:
         self.eight_bit_ok = True
 
     def describe(self) -> str:
-        return f"outbox:{self.directory}"
+        return outbox_name(self.directory)
 
     async def send(self, message: Outgoing) -> Outcome:
         try:
