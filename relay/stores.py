@@ -9,6 +9,7 @@ import os
 import secrets
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
 from suppression import AddressHasher, Database, SuppressionError, SuppressionStore
@@ -17,9 +18,11 @@ from tracking.events import EventStore
 from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
-from .dkim import DkimError, DkimSigner, load_signer
 from .errors import ConfigError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .dkim import DkimSigner
 
 STORE_FILE = "optout.db"
 SPOOL_FILE = "spool.db"
@@ -72,6 +75,10 @@ def tracking_urls(settings: Settings) -> TrackingUrls:
 
 def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:
     """A signer per configured domain; a missing or unsafe key file is a config error."""
+    # Imported here: every CLI command opens the stores, none signs, and the cryptography
+    # package is a sixth of the CLI's start-up.
+    from .dkim import DkimError, load_signer
+
     base = settings.storage.dir
 
     def under_storage(path: Path) -> Path:
