@@ -12,7 +12,3 @@ class ConfigError(RelayError):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
-
-
-class SpoolError(RelayError):
-    """The spool could not durably take or update a message."""

@@ -9,13 +9,15 @@ from email.message import Message
 from email.policy import compat32
 from email.utils import getaddresses
 
+from .errors import RelayError
+
 # What the email package's feed parser takes for a header line (its headerRE): a field
 # name of printable ASCII up to a colon, a continuation, or a Unix "From " envelope line.
 _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
-class MimeError(ValueError):
+class MimeError(RelayError, ValueError):
     """The structure of a message or part cannot be followed."""
 
 

@@ -16,13 +16,14 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import RelayError
 from ..mime import crlf_line_breaks
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 100  # a server writing more than this is not one to keep talking to
 
 
-class SmtpClientError(Exception):
+class SmtpClientError(RelayError):
     """The conversation failed: the connection is not to be used again."""
 
 
