@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 PAGE_SIZE = 5000
+EXPIRE_BATCH = 10_000  # entries deleted per write, so a purge never holds the writer long
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,16 +343,16 @@ class SuppressionStore:
         keys = self.hasher.lookup_keys(address)
         return await self._db.read(lambda db: subject_record(db, normalized, keys))
 
-    async def purge_expired(self, now: datetime | None = None, *, batch: int = 10_000) -> int:
+    async def purge_expired(self, now: datetime | None = None) -> int:
         """Delete entries whose expiry has passed (audited as `expire`); the number deleted."""
         cutoff = utc_now() if now is None else format_time(now)
         total = 0
         while True:
             removed = await self._db.write(
-                functools.partial(_expire_batch, cutoff=cutoff, batch=batch)
+                functools.partial(_expire_batch, cutoff=cutoff, batch=EXPIRE_BATCH)
             )
             total += removed
-            if removed < batch:
+            if removed < EXPIRE_BATCH:
                 return total
 
 

@@ -207,20 +207,9 @@ class _Child:
 class EventProcess:
     """Records open and click events through a child process (see the module's doc)."""
 
-    def __init__(
-        self,
-        spec: EventProcessSpec,
-        metrics: Metrics,
-        *,
-        max_pending: int = MAX_PENDING,
-        restart_delay: float = RESTART_DELAY,
-        stop_timeout: float = STOP_TIMEOUT,
-    ) -> None:
+    def __init__(self, spec: EventProcessSpec, metrics: Metrics) -> None:
         self._spec = spec
         self._metrics = metrics
-        self._max_pending = max_pending
-        self._restart_delay = restart_delay
-        self._stop_timeout = stop_timeout
         self._context = multiprocessing.get_context("spawn")
         self._gathering = Gathering()
         self._sent: dict[int, _Sent] = {}  # by batch id, oldest first
@@ -252,7 +241,7 @@ class EventProcess:
     def add(self, item: Pending) -> bool:
         # Once per pixel request: plain attribute and list work only, no further calls.
         gathered = self._gathering.items
-        if self._closing or len(gathered) + self._sent_items >= self._max_pending:
+        if self._closing or len(gathered) + self._sent_items >= MAX_PENDING:
             self._metrics.events_dropped.inc()
             return False
         gathered.append(item)
@@ -280,15 +269,15 @@ class EventProcess:
             return
         self._closing = True
         try:
-            await asyncio.wait_for(self.flush(), self._stop_timeout)
+            await asyncio.wait_for(self.flush(), STOP_TIMEOUT)
         except TimeoutError:
-            log.error("open/click events still unwritten after %.0f s", self._stop_timeout)
+            log.error("open/click events still unwritten after %.0f s", STOP_TIMEOUT)
         self._stopping = True
         self._send()  # with nothing left to send, it closes our end: the child leaves
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), self._stop_timeout)
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
         except TimeoutError:
-            log.error("the event process did not stop in %.0f s; killing it", self._stop_timeout)
+            log.error("the event process did not stop in %.0f s; killing it", STOP_TIMEOUT)
             if self._child is not None:
                 self._child.process.kill()
             await self._task
@@ -345,7 +334,7 @@ class EventProcess:
                     exitcode = None
                 # A stop signalled to the whole process group (systemd) reaches the child
                 # first: wait before calling its exit a failure.
-                await asyncio.sleep(self._restart_delay)
+                await asyncio.sleep(RESTART_DELAY)
                 if self._stopping:
                     return
                 log.error(
@@ -354,7 +343,7 @@ class EventProcess:
                     len(self._gathering) + self._sent_items,
                 )
             else:
-                await asyncio.sleep(self._restart_delay)
+                await asyncio.sleep(RESTART_DELAY)
             if self._stopping:
                 return
             try:
@@ -376,7 +365,7 @@ class EventProcess:
         finally:
             self._child = None
             child.transport.close()
-            exitcode = await _reaped(child.process, kill=False, seconds=self._stop_timeout)
+            exitcode = await _reaped(child.process, kill=False, seconds=STOP_TIMEOUT)
         return exitcode
 
     def _send(self) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+
+MAX_CLIENTS = 100_000  # buckets kept; past that, the refilled and then the oldest go
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,22 +27,14 @@ class RateLimit:
 
 
 class RateLimiter:
-    def __init__(
-        self,
-        limit: RateLimit,
-        *,
-        max_clients: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, limit: RateLimit) -> None:
         self.limit = limit
         self._rate = limit.per_minute / 60.0
-        self._max_clients = max_clients
-        self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
     def take(self, key: str) -> float:
         """0 when the request may go ahead; else the seconds until it may (Retry-After)."""
-        now = self._clock()
+        now = time.monotonic()
         tokens, at = self._buckets.pop(key, (float(self.limit.burst), now))
         tokens = min(float(self.limit.burst), tokens + (now - at) * self._rate)
         if tokens >= 1.0:
@@ -49,7 +42,7 @@ class RateLimiter:
             wait = 0.0
         else:
             wait = (1.0 - tokens) / self._rate
-        if len(self._buckets) >= self._max_clients:
+        if len(self._buckets) >= MAX_CLIENTS:
             self._evict(now)
         self._buckets[key] = (tokens, now)  # re-inserted: the dict's order is recency
         return wait
@@ -67,6 +60,6 @@ class RateLimiter:
         ]
         for key in full:
             del self._buckets[key]
-        if len(self._buckets) >= self._max_clients:
+        if len(self._buckets) >= MAX_CLIENTS:
             for key in list(self._buckets)[: len(self._buckets) // 2]:
                 del self._buckets[key]

@@ -130,12 +130,10 @@ class EventRecorder:
         metrics: Metrics,
         *,
         resolve: Resolver = _no_resolver,
-        max_pending: int = MAX_PENDING,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self.resolve = resolve
-        self._max_pending = max_pending
         self._gathering = Gathering()
         self._inflight: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
@@ -149,7 +147,7 @@ class EventRecorder:
 
     def add(self, event: Pending) -> bool:
         """Queue an event, committed within one write round; False if it had to be dropped."""
-        if len(self._gathering) >= self._max_pending or self._closing:
+        if len(self._gathering) >= MAX_PENDING or self._closing:
             self._metrics.events_dropped.inc()
             return False
         self._gathering.items.append(event)

@@ -70,7 +70,6 @@ class DeliveryWorker:
         concurrency: int,
         hostname: str,
         partition: Partition = WHOLE,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._partition = partition
         self._spool = spool
@@ -81,7 +80,6 @@ class DeliveryWorker:
         self._urls = urls
         self._retry = retry
         self._hostname = hostname
-        self._clock = clock
         self._sends = asyncio.Semaphore(concurrency)
         self._max_messages = concurrency * 4
         self._wakeup = asyncio.Event()
@@ -94,7 +92,6 @@ class DeliveryWorker:
         # Copies sent whose outcome could not be written yet: recorded, never sent again.
         self._unrecorded: dict[int, tuple[Outcome, str | None, str | None]] = {}
         # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
-        self._unreachable_since: float | None = None
         self._failed_connects = 0
         self._paused_until = 0.0
 
@@ -126,7 +123,7 @@ class DeliveryWorker:
         await self._transport.close()
 
     async def _start_due(self) -> None:
-        now = self._clock()
+        now = time.time()
         # Refill once half the loaded messages are done, not after each one: a due-query
         # scans the waiting deliveries, and a backlog makes that cost grow with it.
         if len(self._in_flight) > self._max_messages // 2:
@@ -150,7 +147,7 @@ class DeliveryWorker:
         self._wakeup.set()
 
     async def _sleep(self) -> None:
-        now = self._clock()
+        now = time.time()
         timeout = IDLE_POLL
         if now < self._paused_until:
             timeout = self._paused_until - now  # nothing is sent before then anyway
@@ -165,7 +162,7 @@ class DeliveryWorker:
         while True:
             await asyncio.sleep(REPORT_EVERY)
             if self._spool.waiting:
-                age = await self._spool.oldest_age(self._clock()) or 0.0
+                age = await self._spool.oldest_age(time.time()) or 0.0
                 log.info(
                     "queue: %d messages waiting, oldest %.0f s, %d in flight",
                     self._spool.waiting,
@@ -177,7 +174,7 @@ class DeliveryWorker:
     async def _deliver(self, queue_id: str) -> None:
         message = None
         try:
-            message = await self._spool.load(queue_id, self._clock())
+            message = await self._spool.load(queue_id, time.time())
             if message is None or not message.deliveries:
                 return
             if message.kind == DSN:
@@ -224,7 +221,7 @@ class DeliveryWorker:
             # next passes for a while so a failing disk or a bad message is not a hot loop.
             log.exception("delivery pass failed", extra={"queue_id": queue_id})
             attempts = max((d.attempts for d in message.deliveries), default=0) if message else 0
-            self._cooldown[queue_id] = self._clock() + self._retry.delay(attempts)
+            self._cooldown[queue_id] = time.time() + self._retry.delay(attempts)
             if message is not None:
                 await self._back_off(message)
 
@@ -250,7 +247,7 @@ class DeliveryWorker:
     async def _back_off(self, message: SpooledMessage) -> None:
         """After a local failure: retry later, or fail for good (with a DSN) once it has
         failed too often or waited too long, so no accepted message waits forever."""
-        too_old = self._clock() - message.received_ts >= self._retry.max_age
+        too_old = time.time() - message.received_ts >= self._retry.max_age
         try:
             # Only what is still waiting: copies delivered in this pass are done.
             current = await self._spool.load(message.queue_id, float("inf"))
@@ -266,16 +263,16 @@ class DeliveryWorker:
                     outcome = Outcome(
                         Status.BOUNCED, "554 5.3.0 the relay could not process this message"
                     )
-                    await self._record(message, None, delivery, None, outcome, self._clock())
+                    await self._record(message, None, delivery, None, outcome, time.time())
                 else:
-                    retry_at = self._clock() + self._retry.delay(delivery.attempts)
+                    retry_at = time.time() + self._retry.delay(delivery.attempts)
                     await self._spool.defer(delivery, retry_at, "local error in delivery")
             except Exception:
                 log.exception("cannot defer", extra={"queue_id": message.queue_id})
                 return
 
     def _paused(self) -> bool:
-        return self._stopping or self._clock() < self._paused_until
+        return self._stopping or time.time() < self._paused_until
 
     async def _deliver_one(
         self, message: SpooledMessage, prepared: PreparedMessage, delivery: Delivery
@@ -291,9 +288,7 @@ class DeliveryWorker:
             if unrecorded is not None:
                 # Already sent; only writing its outcome failed. Never send it twice.
                 outcome, campaign, _ = unrecorded
-                await self._record(
-                    message, campaign, delivery, address_hash, outcome, self._clock()
-                )
+                await self._record(message, campaign, delivery, address_hash, outcome, time.time())
                 del self._unrecorded[delivery.id]
                 return
             blocked = await self._blocked(
@@ -328,7 +323,7 @@ class DeliveryWorker:
                 self._urls,
                 self._suppressions.hasher,
             )
-            started = self._clock()
+            started = time.time()
             outcome = await self._transport.send(
                 Outgoing(message.queue_id, message.mail_from, delivery.recipient, content)
             )
@@ -347,7 +342,7 @@ class DeliveryWorker:
         if self._paused():
             return
         async with self._sends:
-            started = self._clock()
+            started = time.time()
             outcome = await self._transport.send(
                 Outgoing(message.queue_id, "", delivery.recipient, message.content)
             )
@@ -361,7 +356,7 @@ class DeliveryWorker:
             return
         self._failed_connects += 1
         pause = self._retry.delay(self._failed_connects - 1)
-        self._paused_until = max(self._paused_until, self._clock() + pause)
+        self._paused_until = max(self._paused_until, time.time() + pause)
         log.warning(
             "%s unreachable; pausing deliveries for %.1f s", self._transport.describe(), pause
         )
@@ -369,7 +364,7 @@ class DeliveryWorker:
     def _expire_if_too_old(self, message: SpooledMessage, outcome: Outcome) -> Outcome:
         if outcome.status is not Status.DEFERRED:
             return outcome
-        age = self._clock() - message.received_ts
+        age = time.time() - message.received_ts
         if age < self._retry.max_age:
             return outcome
         return Outcome(
@@ -402,7 +397,7 @@ class DeliveryWorker:
         attempt = delivery.attempts + 1
         detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
         if outcome.status is Status.DEFERRED:
-            retry_at = self._clock() + self._retry.delay(delivery.attempts)
+            retry_at = time.time() + self._retry.delay(delivery.attempts)
             detail["retry_at"] = _iso(retry_at)
             if address_hash is not None:
                 await self._events.record(
@@ -461,7 +456,7 @@ class DeliveryWorker:
         started: float,
         attempt: int,
     ) -> None:
-        delay = self._clock() - started
+        delay = time.time() - started
         fields = {
             "to": delivery.recipient,
             "relay": self._transport.describe(),

@@ -103,7 +103,6 @@ class DkimSigner:
         *,
         second: tuple[str, PrivateKey] | None = None,
         signed_headers: Iterable[str] = SIGNED_HEADERS,
-        signed_if_present: Iterable[str] = SIGNED_IF_PRESENT,
     ) -> None:
         self.domain = check_domain(domain)
         keys = [(check_selector(selector), private_key)]
@@ -116,7 +115,7 @@ class DkimSigner:
         always = _header_names(signed_headers)
         if "from" not in always:
             raise DkimError("DKIM must sign the From header field (RFC 6376 section 5.4)")
-        optional = [name for name in _header_names(signed_if_present) if name not in always]
+        optional = [name for name in _header_names(SIGNED_IF_PRESENT) if name not in always]
         self._plan = [(name.encode(), True) for name in always]
         self._plan += [(name.encode(), False) for name in optional]
 

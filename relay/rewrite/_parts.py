@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Protocol
 
 from ._encoding import CachedRun, base64_lines, qp_encode
 
@@ -56,10 +55,6 @@ Chunk = bytes | Slot
 
 def join(chunks: Sequence[Chunk], values: Mapping[HoleKey, str]) -> bytes:
     return b"".join(c if isinstance(c, bytes) else c.value(values) for c in chunks)
-
-
-class Renderable(Protocol):
-    def render(self, values: Mapping[HoleKey, str], eight_bit_ok: bool) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)

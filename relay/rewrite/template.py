@@ -75,10 +75,6 @@ class Template:
         out.extend(p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.body)
         return b"".join(out)
 
-    @property
-    def has_holes(self) -> bool:
-        return bool(self.holes)
-
 
 def list_unsubscribe_headers(unsubscribe_url: str, mailto: str | None = None) -> list[bytes]:
     """List-Unsubscribe (https first, then an optional mailto) and the RFC 8058 one-click field.

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import sqlite_utils
 
@@ -89,14 +90,18 @@ class Partition:
     index: int = 0
     count: int = 1
 
+    # Fixed SQL with placeholders only, filled by `params` in this order: count = 1, or the
+    # last hex digit of the queue id (deliveries aliased `d`) mod count = index.
+    WHERE: ClassVar[str] = (
+        "(? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)"
+    )
+
     @property
     def params(self) -> list[int]:
         return [self.count, self.count, self.index]
 
 
 WHOLE = Partition()
-# Fixed SQL with placeholders only: (count = 1) or (last hex digit mod count = index).
-_IN_PARTITION = "(? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)"
 
 
 def new_queue_id() -> str:
@@ -239,11 +244,9 @@ class Spool:
 
         def query(db: sqlite_utils.Database) -> list[tuple[str, int]]:
             rows = db.execute(
-                "SELECT d.queue_id, m.size, MIN(d.next_attempt_at) AS first FROM deliveries d"
+                "SELECT d.queue_id, m.size, MIN(d.next_attempt_at) AS first FROM deliveries d"  # noqa: S608
                 " JOIN messages m USING (queue_id) WHERE d.next_attempt_at <= ?"
-                # partition: count = 1, or the last hex digit mod count = index
-                " AND (? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)"
-                " GROUP BY d.queue_id ORDER BY first LIMIT ?",
+                f" AND {Partition.WHERE} GROUP BY d.queue_id ORDER BY first LIMIT ?",
                 [now, *partition.params, limit + len(excluded)],
             ).fetchall()
             return [(row[0], int(row[1])) for row in rows if row[0] not in excluded][:limit]
@@ -279,8 +282,7 @@ class Spool:
     async def next_attempt_at(self, partition: Partition = WHOLE) -> float | None:
         def query(db: sqlite_utils.Database) -> float | None:
             row = db.execute(
-                "SELECT MIN(next_attempt_at) FROM deliveries d"
-                " WHERE (? = 1 OR (instr('0123456789ABCDEF', substr(d.queue_id, -1)) - 1) % ? = ?)",
+                f"SELECT MIN(next_attempt_at) FROM deliveries d WHERE {Partition.WHERE}",  # noqa: S608
                 partition.params,
             ).fetchone()
             return None if row is None else row[0]
