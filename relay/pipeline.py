@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Protocol
 
-from suppression import GLOBAL, AddressHasher, InvalidScope, parse_scope, sender_scopes
+from suppression import (
+    GLOBAL,
+    AddressHasher,
+    InvalidScope,
+    parse_scope,
+    sender_scopes,
+    topic_scope,
+)
 from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
 from .mime import from_domains, headers_of, parse_headers
 from .rewrite import (
+    UNTOUCHABLE_TYPES,
     Decorations,
     Hole,
     HoleKey,
@@ -31,15 +39,6 @@ from .rewrite import (
 )
 
 log = logging.getLogger("optout.delivery")
-
-UNTOUCHABLE_TOP_LEVEL = frozenset(
-    {
-        "multipart/signed",
-        "multipart/encrypted",
-        "application/pkcs7-mime",
-        "application/x-pkcs7-mime",
-    }
-)
 
 
 @dataclass(slots=True)
@@ -93,7 +92,7 @@ class ReadTopic:
         if not topic:
             return
         try:
-            meta.scope = parse_scope(f"topic:{topic}")
+            meta.scope = topic_scope(topic)
         except InvalidScope:
             meta.decide(self.name, f"ignored unusable topic {topic!r}; scope stays global")
         else:
@@ -125,7 +124,7 @@ class GuardSignedContent:
 
     def process(self, headers: Message, meta: Metadata) -> None:
         ctype = headers.get_content_type()
-        if ctype in UNTOUCHABLE_TOP_LEVEL:
+        if ctype in UNTOUCHABLE_TYPES:
             meta.rewrite_body = False
             meta.decide(self.name, f"{ctype}: body left untouched, headers only")
 
@@ -141,7 +140,7 @@ class ApplyAccountDefaults:
             return
         if account.topic and meta.scope == GLOBAL and headers.get("X-Optout-Topic") is None:
             try:
-                meta.scope = parse_scope(f"topic:{account.topic}")
+                meta.scope = topic_scope(account.topic)
             except InvalidScope:
                 meta.decide(self.name, f"ignored unusable default topic {account.topic!r}")
             else:
@@ -274,14 +273,13 @@ def _signing_domains(block: bytes) -> list[str]:
 class Pipeline:
     def __init__(
         self,
-        steps: tuple[Step, ...] = DEFAULT_STEPS,
+        *,
         signers: Mapping[str, DkimSigner] | None = None,
         accounts: Mapping[str, Account] | None = None,
-        *,
         clicks: bool = False,
     ) -> None:
         """`clicks`: rewrite the HTML links of tracked messages to signed click URLs."""
-        self.steps = (*steps, ChooseDkimKey(signers or {}))
+        self.steps = (*DEFAULT_STEPS, ChooseDkimKey(signers or {}))
         self.accounts = dict(accounts or {})
         self.clicks = clicks
 

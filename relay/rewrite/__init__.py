@@ -7,10 +7,12 @@ private modules of this package.
 
 from ._footer import PLACEHOLDER
 from ._parts import Hole, HoleKey, LinkHole
+from ._walk import UNTOUCHABLE_TYPES
 from .template import Decorations, Template, build_template, list_unsubscribe_headers
 
 __all__ = [
     "PLACEHOLDER",
+    "UNTOUCHABLE_TYPES",
     "Decorations",
     "Hole",
     "HoleKey",
