@@ -13,6 +13,7 @@ import itertools
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import AnyStr
 
 from ..mime import MimeError
 
@@ -22,10 +23,12 @@ _NEEDS_QP = re.compile(rb"[^\t\x20-\x3c\x3e-\x7e]")
 _BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*")
 
 
-def line_ending(data: bytes) -> bytes:
-    """The line break this text uses: CRLF unless its first break is a bare LF."""
-    lf = data.find(b"\n")
-    return b"\n" if lf >= 0 and data[lf - 1 : lf] != b"\r" else b"\r\n"
+def line_ending(text: AnyStr) -> AnyStr:
+    """The line break `text` uses: CRLF unless its first break is a bare LF. One rule for raw
+    bodies and decoded text, so what a footer adds breaks lines as the encoder does."""
+    cr, lf, crlf = (b"\r", b"\n", b"\r\n") if isinstance(text, bytes) else ("\r", "\n", "\r\n")
+    at = text.find(lf)
+    return lf if at >= 0 and text[at - 1 : at] != cr else crlf
 
 
 # Quoted-printable -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 from tracking.tokens import is_redirectable
 
+from ._encoding import line_ending
 from ._html import attribute_value, insertion_point, links
 from ._parts import Hole, HoleKey, LinkHole
 
@@ -91,13 +92,8 @@ def placeholders(text: str, html: bool) -> list[Edit]:
     return [Edit(m.start(), m.end(), (Hole.UNSUBSCRIBE_URL,)) for m in pattern.finditer(text)]
 
 
-def newline_of(text: str) -> str:
-    lf = text.find("\n")
-    return "\n" if lf >= 0 and text[lf - 1 : lf] != "\r" else "\r\n"
-
-
 def html_footer(text: str, unsubscribe: bool, pixel: bool) -> Edit:
-    nl = newline_of(text)
+    nl = line_ending(text)
     added: list[str | Hole] = [nl]
     if unsubscribe:
         added += [_LINK_OPEN, nl, _LINK[0], Hole.UNSUBSCRIBE_URL, _LINK[1], nl, "</div>", nl]
@@ -115,7 +111,7 @@ def text_footer(text: str) -> Edit:
     separator is the one line ending in a space that never flows (RFC 3676 4.3); a blank line
     before it ends any flowed paragraph the sender left open, and no line we add ends in a space.
     """
-    nl = newline_of(text)
+    nl = line_ending(text)
     added: list[str | Hole] = []
     if text and not text.endswith("\n"):
         added.append(nl)
