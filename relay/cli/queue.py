@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import click
 
-from ..spool import QueueEntry, Spool
+from ..spool import QueueEntry, Spool, iso_utc
 from ..stores import SPOOL_FILE, ensure_private_dir
 from .common import config_option, settings_from
 
@@ -32,10 +31,6 @@ def _with_spool(config_path: Path | None, action: Callable[[Spool], Awaitable[T]
     return asyncio.run(run())
 
 
-def _when(moment: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
-
-
 def _describe(entry: QueueEntry) -> list[str]:
     sender = entry.mail_from or "<>"
     lines = [
@@ -44,7 +39,7 @@ def _describe(entry: QueueEntry) -> list[str]:
     ]
     if entry.last_reply:
         lines.append(f"    ({entry.last_reply})")
-    lines.append(f"    next attempt {_when(entry.next_attempt_at)}, attempts {entry.attempts}")
+    lines.append(f"    next attempt {iso_utc(entry.next_attempt_at)}, attempts {entry.attempts}")
     lines.extend(f"    {recipient}" for recipient in entry.recipients)
     return lines
 

@@ -18,7 +18,7 @@ from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..pipeline import Pipeline, PreparedMessage
-from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage
+from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage, iso_utc
 from .dsn import Failure, build_dsn, status_of
 from .transport import Outcome, Outgoing, Status, Transport
 
@@ -50,10 +50,6 @@ class RetryPolicy:
         """Exponential back-off with jitter, so deferred mail does not return in lockstep."""
         base = min(self.initial_delay * 2.0 ** min(attempts, 32), self.max_delay)
         return base * random.uniform(0.8, 1.0)
-
-
-def _iso(moment: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 class DeliveryWorker:
@@ -398,7 +394,7 @@ class DeliveryWorker:
         detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
         if outcome.status is Status.DEFERRED:
             retry_at = time.time() + self._retry.delay(delivery.attempts)
-            detail["retry_at"] = _iso(retry_at)
+            detail["retry_at"] = iso_utc(retry_at)
             if address_hash is not None:
                 await self._events.record(
                     Event(

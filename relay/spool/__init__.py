@@ -10,6 +10,7 @@ from .store import (
     QueueEntry,
     Spool,
     SpooledMessage,
+    iso_utc,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "Spilled",
     "Spool",
     "SpooledMessage",
+    "iso_utc",
 ]

@@ -104,6 +104,12 @@ class Partition:
 WHOLE = Partition()
 
 
+def iso_utc(moment: float) -> str:
+    """A spool time (seconds since the epoch, as next_attempt_at) in ISO 8601 UTC to the
+    second: as the queue listing and deferral events both show when a delivery is next due."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
 def new_queue_id() -> str:
     """A short, unique, Postfix-like queue id for logs and events."""
     return secrets.token_hex(6).upper()
