@@ -1,50 +1,51 @@
+"""Fixtures only; the helpers they use live in tests/helpers.py."""
+
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from relay.app import Relay
-from relay.settings import (
-    DeliverySettings,
-    Downstream,
-    HttpSettings,
-    Listen,
-    Settings,
-    SigningSettings,
-    SmtpSettings,
-    StorageSettings,
+from relay.settings import Settings
+from tests.helpers import (
+    CaptureServer,
+    StartDownstream,
+    StartRelay,
+    free_port,
+    relay_settings,
 )
-from tests.helpers import CaptureServer
-
-SIGNING_KEYS = ("test-signing-key-newest-0123456789", "test-signing-key-older-0123456789")
+from tests.opendkim import OpenDkim
 
 
 @pytest.fixture
-async def downstream() -> AsyncIterator[CaptureServer]:
-    server = await CaptureServer.start()
-    yield server
-    await server.stop()
+async def start_downstream() -> AsyncIterator[StartDownstream]:
+    """Start capture SMTP servers (as `CaptureServer.start`); all stop at teardown."""
+    started: list[CaptureServer] = []
+
+    async def start(
+        *,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+        eight_bit: bool = True,
+        pipelining: bool = True,
+    ) -> CaptureServer:
+        server = await CaptureServer.start(port, tls, eight_bit, pipelining)
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        await server.stop()
 
 
-def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
-    """Settings for a relay on free loopback ports, quick to retry."""
-    return Settings(
-        storage=StorageSettings(dir=data_dir),
-        smtp=SmtpSettings(listen=Listen("127.0.0.1", 0), hostname="relay.test"),
-        http=HttpSettings(listen=Listen("127.0.0.1", 0), public_url="https://mail.shop.example"),
-        delivery=DeliverySettings(
-            downstream=None
-            if downstream_port is None
-            else Downstream("127.0.0.1", downstream_port),
-            retry_initial_delay=0.2,
-            retry_max_delay=1.0,
-            timeout=10.0,
-        ),
-        signing=SigningSettings(secret_keys=SIGNING_KEYS),
-    )
+@pytest.fixture
+async def downstream(start_downstream: StartDownstream) -> CaptureServer:
+    return await start_downstream()
 
 
 @pytest.fixture
@@ -53,14 +54,30 @@ def settings(tmp_path: Path, downstream: CaptureServer) -> Settings:
 
 
 @pytest.fixture
-async def relay(settings: Settings) -> AsyncIterator[Relay]:
-    running = await Relay.start(settings)
-    yield running
-    await running.stop()
+async def start_relay(start_downstream: StartDownstream) -> AsyncIterator[StartRelay]:
+    """Start relays with the given settings; every one still running stops at teardown,
+    before the downstream servers (a test may stop one itself, `Relay.stop` is idempotent)."""
+    started: list[Relay] = []
+
+    async def start(settings: Settings) -> Relay:
+        relay = await Relay.start(settings)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in reversed(started):
+        await relay.stop()
 
 
-def with_smtp(settings: Settings, **changes: object) -> Settings:
-    return replace(settings, smtp=replace(settings.smtp, **changes))
+@pytest.fixture
+async def relay(settings: Settings, start_relay: StartRelay) -> Relay:
+    return await start_relay(settings)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port with nothing listening: a downstream MTA that is down."""
+    return free_port()
 
 
 @pytest.fixture
@@ -69,3 +86,28 @@ def config(tmp_path: Path) -> Path:
     path = tmp_path / "relay.toml"
     path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
     return path
+
+
+@pytest.fixture(scope="module")
+def opendkim() -> OpenDkim:
+    """OpenDKIM's verifier in private namespaces, or a skip saying what is missing."""
+    tool = shutil.which("opendkim-testmsg") or shutil.which(
+        "opendkim-testmsg", path="/usr/sbin:/usr/bin"
+    )
+    if tool is None:
+        pytest.skip("OpenDKIM's verifier is absent: apt-get install opendkim-tools")
+    if not Path("/etc/resolv.conf").exists():
+        pytest.skip("no /etc/resolv.conf to point at the test DNS server")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is needed to give OpenDKIM a private test DNS")
+    probe = subprocess.run(
+        [unshare, "--net", "--mount", "true"], capture_output=True, check=False, timeout=30
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            "cannot create a private network and mount namespace (needs root or user "
+            "namespaces) for the test DNS server OpenDKIM queries: "
+            + probe.stderr.decode(errors="replace").strip()
+        )
+    return OpenDkim(tool, unshare)

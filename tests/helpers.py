@@ -1,19 +1,175 @@
-"""Real parts for tests: a capture SMTP server as the downstream MTA, message builders, polling."""
+"""Real parts for tests: relay settings, a capture SMTP server as the downstream MTA, message
+builders and readers, the CLI as a process, the spool read as a restarted relay would, polling.
+
+Fixtures live in conftest.py; everything a test imports lives here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import email
+import email.policy
+import ipaddress
+import os
 import smtplib
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from email.message import EmailMessage
+from dataclasses import dataclass, field, replace
+from email.message import EmailMessage, Message
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.settings import (
+    DeliverySettings,
+    Downstream,
+    HttpSettings,
+    Listen,
+    Settings,
+    SigningSettings,
+    SmtpSettings,
+    StorageSettings,
+)
+from relay.spool import Spool
+from relay.stores import SPOOL_FILE
+
+if TYPE_CHECKING:
+    from relay.accounts import Account
+    from relay.app import Relay
+
+ROOT = Path(__file__).resolve().parent.parent
+SIGNING_KEYS = ("test-signing-key-newest-0123456789", "test-signing-key-older-0123456789")
+# The conftest fixtures `start_relay` and `start_downstream`, for annotations.
+StartRelay = Callable[[Settings], Awaitable["Relay"]]
+StartDownstream = Callable[..., Awaitable["CaptureServer"]]
+# The password of the test accounts (tests hash it into their `Account`s).
+PASSWORD = "correct horse battery staple"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
+    """Settings for a relay on free loopback ports, quick to retry."""
+    return Settings(
+        storage=StorageSettings(dir=data_dir),
+        smtp=SmtpSettings(listen=Listen("127.0.0.1", 0), hostname="relay.test"),
+        http=HttpSettings(listen=Listen("127.0.0.1", 0), public_url="https://mail.shop.example"),
+        delivery=DeliverySettings(
+            downstream=None
+            if downstream_port is None
+            else Downstream("127.0.0.1", downstream_port),
+            retry_initial_delay=0.2,
+            retry_max_delay=1.0,
+            timeout=10.0,
+        ),
+        signing=SigningSettings(secret_keys=SIGNING_KEYS),
+    )
+
+
+def with_smtp(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, smtp=replace(settings.smtp, **changes))
+
+
+def with_delivery(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, delivery=replace(settings.delivery, **changes))
+
+
+def untrusted(tmp_path: Path, downstream_port: int, accounts: tuple[Account, ...] = ()) -> Settings:
+    """A relay that trusts no loopback client: submission needs AUTH, over TLS (STARTTLS on
+    the SMTP port, or the implicit-TLS port), at most 3 connections per client."""
+    cert, key = self_signed_files(tmp_path, "relay")
+    settings = with_smtp(
+        relay_settings(tmp_path / "data", downstream_port),
+        trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),),  # loopback is not trusted
+        tls_cert=cert,
+        tls_key=key,
+        implicit_tls_listen=Listen("127.0.0.1", 0),
+        max_connections_per_client=3,
+    )
+    return replace(settings, accounts=accounts)
+
+
+# --------------------------------------------------------------------------- ports, processes
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all held at once while asking, so the OS
+    cannot hand out the same one twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[bytes], within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"relay exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A command against the config file `config`, run where it lies."""
+    return run_cli(*args, "--config", str(config), cwd=config.parent)
+
+
+# --------------------------------------------------------------------------- the spool
+
+
+async def spool_depth(data_dir: Path) -> tuple[int, int]:
+    """(messages, deliveries) waiting in the spool of `data_dir`, read through a spool of
+    its own, as another process (a restarted relay, the CLI) would."""
+    spool = await Spool.open(data_dir / SPOOL_FILE)
+    try:
+        return await spool.depth()
+    finally:
+        await spool.close()
+
+
+async def spooled_contents(data_dir: Path) -> list[bytes]:
+    """The content of every message waiting in the spool of `data_dir`, oldest first, read
+    through a spool of its own."""
+    spool = await Spool.open(data_dir / SPOOL_FILE)
+    try:
+        contents = [await spool.content(entry.queue_id) for entry in await spool.entries()]
+    finally:
+        await spool.close()
+    return [content for content in contents if content is not None]
+
+
+# --------------------------------------------------------------------------- the downstream
 
 
 @dataclass
@@ -110,6 +266,9 @@ class CaptureServer:
         await self.server.wait_closed()
 
 
+# --------------------------------------------------------------------------- polling
+
+
 async def wait_for(
     condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0, what: str = ""
 ) -> None:
@@ -124,6 +283,9 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- messages
 
 
 def newsletter(
@@ -148,6 +310,34 @@ def newsletter(
         subtype="html",
     )
     return message
+
+
+def parse(content: bytes) -> Message:
+    return email.message_from_bytes(content, policy=email.policy.compat32)
+
+
+def body_of(message: Message, subtype: str) -> str:
+    for part in message.walk():
+        if part.get_content_type() == f"text/{subtype}":
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            return payload.decode(part.get_content_charset() or "ascii")
+    raise AssertionError(f"no text/{subtype} part")
+
+
+def local_url(relay: Relay, public_url: str) -> str:
+    """The public URL as served by this relay's HTTP listener (what a reverse proxy does)."""
+    host, port = relay.addresses.http
+    path = urlsplit(public_url).path
+    return f"http://{host}:{port}{path}"
+
+
+async def events_of(relay: Relay, kind: str) -> list[dict[str, Any]]:
+    """The relay's events of one type, oldest first."""
+    return [e async for e in relay.stores.events.export() if e["type"] == kind]
+
+
+# --------------------------------------------------------------------------- submission
 
 
 @dataclass
@@ -176,6 +366,35 @@ def submit(
 
 async def asubmit(*args: Any) -> Submission:
     return await asyncio.to_thread(submit, *args)
+
+
+def client_context() -> ssl.SSLContext:
+    """A client TLS context that takes the relay's self-signed test certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
+    return context
+
+
+def session(
+    port: int, *, tls: bool = True, login: str | None = None, password: str = PASSWORD
+) -> smtplib.SMTP:
+    """An SMTP session as a marketing tool opens it: EHLO, STARTTLS, AUTH if `login`."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:
+        client.ehlo("tool.test")
+        if tls:
+            client.starttls(context=client_context())
+            client.ehlo("tool.test")
+        if login:
+            client.login(login, password)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+# --------------------------------------------------------------------------- TLS
 
 
 def self_signed_context(directory: Path) -> ssl.SSLContext:

@@ -3,70 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import smtplib
-import ssl
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from relay.accounts import Account, AuthThrottle, hash_password, verify_password
 from relay.app import Relay
-from relay.settings import Listen, Settings
-from tests.conftest import relay_settings, with_smtp
-from tests.helpers import CaptureServer, newsletter, self_signed_files, wait_for
-from tests.test_config import run_cli
+from tests.helpers import (
+    PASSWORD,
+    ROOT,
+    SIGNING_KEYS,
+    CaptureServer,
+    StartRelay,
+    client_context,
+    free_ports,
+    newsletter,
+    run_cli,
+    self_signed_files,
+    session,
+    untrusted,
+    wait_for,
+    wait_until_listening,
+)
 
-PASSWORD = "correct horse battery staple"
 HASH = hash_password(PASSWORD)
 MAUTIC = Account("mautic", HASH, ("shop.example",), topic="news", track_opens=False)
 RCPT = "quinn@example.org"
 
 
-def client_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
-    return context
-
-
-def untrusted(tmp_path: Path, downstream_port: int) -> Settings:
-    cert, key = self_signed_files(tmp_path, "relay")
-    settings = with_smtp(
-        relay_settings(tmp_path / "data", downstream_port),
-        trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),),  # loopback is not trusted
-        tls_cert=cert,
-        tls_key=key,
-        implicit_tls_listen=Listen("127.0.0.1", 0),
-        max_connections_per_client=3,
-    )
-    return replace(settings, accounts=(MAUTIC,))
-
-
 @pytest.fixture
-async def relay(tmp_path: Path, downstream: CaptureServer) -> AsyncIterator[Relay]:
-    running = await Relay.start(untrusted(tmp_path, downstream.port))
-    yield running
-    await running.stop()
-
-
-def session(
-    port: int, *, tls: bool = True, login: str | None = None, password: str = PASSWORD
-) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
-    try:
-        client.ehlo("tool.test")
-        if tls:
-            client.starttls(context=client_context())
-            client.ehlo("tool.test")
-        if login:
-            client.login(login, password)
-    except BaseException:
-        client.close()
-        raise
-    return client
+async def relay(tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay) -> Relay:
+    """A relay that trusts no client: the mautic account submits, over TLS."""
+    return await start_relay(untrusted(tmp_path, downstream.port, (MAUTIC,)))
 
 
 def mail_from(client: smtplib.SMTP, sender: str) -> tuple[int, bytes]:
@@ -113,7 +82,6 @@ async def test_own_domain_goes_through_with_the_account_defaults(
     copy = downstream.handler.messages[0].content
     assert b"/o/" not in copy  # the account turned open tracking off
     token = copy.split(b"List-Unsubscribe: <")[1].split(b">")[0].rsplit(b"/", 1)[1]
-    from tests.conftest import SIGNING_KEYS
     from tracking import Signer, TrackingUrls
 
     ref = TrackingUrls("https://x", Signer(SIGNING_KEYS)).read_unsubscribe(token.decode())
@@ -236,8 +204,6 @@ def test_hash_password_cli(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.test_config import ROOT
-
     result = subprocess.run(
         [sys.executable, "-m", "relay", "account", "hash-password"],
         input=PASSWORD + "\n",
@@ -272,9 +238,6 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
     import time
 
     from cryptography import x509
-
-    from tests.test_config import ROOT
-    from tests.test_serve import free_ports, wait_until_listening
 
     def common_name() -> str:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -315,10 +278,13 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
 
 
 async def test_start_warns_about_account_domains_without_a_dkim_key(
-    tmp_path: Path, downstream: CaptureServer, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    downstream: CaptureServer,
+    start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level("WARNING", logger="optout.serve"):
-        relay = await Relay.start(untrusted(tmp_path, downstream.port))
+        relay = await start_relay(untrusted(tmp_path, downstream.port, (MAUTIC,)))
         await relay.stop()
     assert "DKIM: no key for shop.example (account mautic): its mail leaves unsigned" in (
         caplog.text

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from relay.app import Relay
-from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
-from tests.test_config import cli
+from tests.helpers import (
+    CaptureServer,
+    StartRelay,
+    asubmit,
+    cli,
+    newsletter,
+    relay_settings,
+    wait_for,
+)
 
 
 def test_add_check_list_remove(config: Path) -> None:
@@ -85,16 +90,14 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 async def test_events_jsonl_has_the_documented_fields(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
     settings = relay_settings(tmp_path / "data", downstream.port)
-    relay = await Relay.start(settings)
-    try:
-        message = newsletter(["ivan@example.org"], headers={"X-Optout-Campaign": "c-42"})
-        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", ["ivan@example.org"])
-        await wait_for(lambda: len(downstream.handler.messages) == 1)
-    finally:
-        await relay.stop()
+    relay = await start_relay(settings)
+    message = newsletter(["ivan@example.org"], headers={"X-Optout-Campaign": "c-42"})
+    await asubmit(relay.addresses.smtp[1], message, "news@shop.example", ["ivan@example.org"])
+    await wait_for(lambda: len(downstream.handler.messages) == 1)
+    await relay.stop()
     config = tmp_path / "relay.toml"
     config.write_text(f'[storage]\ndir = "{settings.storage.dir}"\n')
     result = cli(config, "events", "--format", "jsonl")

@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from relay.app import Relay
-from tests.conftest import relay_settings
-from tests.helpers import asubmit, newsletter, wait_for
-from tests.test_config import run_cli
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers import StartRelay, asubmit, newsletter, relay_settings, run_cli, wait_for
 
 
 @pytest.fixture
-async def queued(tmp_path: Path) -> tuple[Path, list[str]]:
+async def queued(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> tuple[Path, list[str]]:
     """A data dir with two messages deferred because the downstream is down."""
-    relay = await Relay.start(relay_settings(tmp_path / "data", dead_port()))
-    try:
-        for who in ("lena", "mike"):
-            rcpt = f"{who}@example.org"
-            await asubmit(relay.addresses.smtp[1], newsletter([rcpt]), "news@shop.example", [rcpt])
+    relay = await start_relay(relay_settings(tmp_path / "data", closed_port))
+    for who in ("lena", "mike"):
+        rcpt = f"{who}@example.org"
+        await asubmit(relay.addresses.smtp[1], newsletter([rcpt]), "news@shop.example", [rcpt])
 
-        async def both_tried() -> bool:
-            return all(e.attempts >= 1 for e in await relay.spool.entries())
+    async def both_tried() -> bool:
+        return all(e.attempts >= 1 for e in await relay.spool.entries())
 
-        await wait_for(both_tried, what="a first attempt for each")
-        ids = [e.queue_id for e in await relay.spool.entries()]
-    finally:
-        await relay.stop()
+    await wait_for(both_tried, what="a first attempt for each")
+    ids = [e.queue_id for e in await relay.spool.entries()]
+    await relay.stop()  # the CLI works on the data dir of a stopped relay
     config = tmp_path / "relay.toml"
     config.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
     return config, ids

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from relay.settings import Settings, StorageSettings
 from relay.stores import Stores
-from tests.test_config import cli
+from tests.helpers import cli
 from tracking.events import Event, EventType
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -15,25 +12,7 @@ import pytest
 from relay.config import load_settings, parse_settings, section_keys
 from relay.errors import ConfigError
 from relay.settings import Downstream, Listen, Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """A command against the config file `config`, run where it lies."""
-    return run_cli(*args, "--config", str(config), cwd=config.parent)
+from tests.helpers import ROOT, run_cli
 
 
 def test_embedded_defaults_match_the_contract() -> None:

@@ -17,9 +17,7 @@ from collections import Counter
 from email.message import EmailMessage
 from pathlib import Path
 
-from tests.helpers import CaptureServer, wait_for
-from tests.test_config import ROOT
-from tests.test_serve import free_ports, wait_until_listening
+from tests.helpers import ROOT, CaptureServer, free_ports, wait_for, wait_until_listening
 
 MESSAGES = 1500
 CLIENTS = 4
@@ -91,8 +89,9 @@ def start_relay(config: Path, cwd: Path, smtp_port: int) -> subprocess.Popen[byt
     return process
 
 
-async def test_sigkill_at_random_moments_loses_nothing_accepted(tmp_path: Path) -> None:
-    downstream = await CaptureServer.start()
+async def test_sigkill_at_random_moments_loses_nothing_accepted(
+    tmp_path: Path, downstream: CaptureServer
+) -> None:
     smtp_port, http_port = free_ports(2)
     config = tmp_path / "relay.toml"
     config.write_text(
@@ -103,11 +102,7 @@ async def test_sigkill_at_random_moments_loses_nothing_accepted(tmp_path: Path) 
         f"workers = {WORKERS}\nretry_initial_delay = 0.2\nretry_max_delay = 1.0\n"
     )
     load = LoadGenerator(smtp_port)
-    try:
-        relay = await asyncio.to_thread(start_relay, config, tmp_path, smtp_port)
-    except BaseException:
-        await downstream.stop()
-        raise
+    relay = await asyncio.to_thread(start_relay, config, tmp_path, smtp_port)
     clients = [asyncio.create_task(asyncio.to_thread(load.run)) for _ in range(CLIENTS)]
     rng = random.Random(20261129)
     try:
@@ -141,4 +136,3 @@ async def test_sigkill_at_random_moments_loses_nothing_accepted(tmp_path: Path) 
         await asyncio.to_thread(relay.wait)
         for task in clients:
             task.cancel()
-        await downstream.stop()

@@ -2,93 +2,97 @@
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
-import socket
-import sqlite3
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 from relay.app import Relay
-from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, self_signed_context, wait_for
+from tests.helpers import (
+    CaptureServer,
+    StartDownstream,
+    StartRelay,
+    asubmit,
+    events_of,
+    newsletter,
+    relay_settings,
+    self_signed_context,
+    spool_depth,
+    wait_for,
+    with_delivery,
+)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
 
 
-async def events_of(relay: Relay, kind: str) -> list[dict[str, Any]]:
-    return [e async for e in relay.stores.events.export() if e["type"] == kind]
+async def _has(relay: Relay, kind: str) -> bool:
+    return bool(await events_of(relay, kind))
 
 
-def spool_rows(data_dir: Path) -> int:
-    with sqlite3.connect(data_dir / "spool.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+async def _deliveries_waiting_are(relay: Relay, count: int) -> bool:
+    _, deliveries = await relay.spool.depth()
+    return deliveries == count
 
 
-async def test_4xx_stays_spooled_and_is_retried(tmp_path: Path, downstream: CaptureServer) -> None:
+async def _spool_empty(relay: Relay) -> bool:
+    return await _deliveries_waiting_are(relay, 0)
+
+
+async def test_4xx_stays_spooled_and_is_retried(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> None:
     downstream.handler.rcpt_replies[ALICE] = "451 4.7.1 Greylisted, try again later"
-    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
-    try:
-        await asubmit(
-            relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
-        )
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="bob's copy")
-        await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
-        deferred = (await events_of(relay, "deferred"))[0]
-        assert deferred["recipient"] == ALICE
-        assert deferred["detail"]["reply"].startswith("451 4.7.1")
-        assert "retry_at" in deferred["detail"]
-        await wait_for(lambda: _spool_rows_are(tmp_path, 1), what="only alice left in the spool")
+    relay = await start_relay(relay_settings(tmp_path, downstream.port))
+    await asubmit(
+        relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
+    )
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="bob's copy")
+    await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
+    deferred = (await events_of(relay, "deferred"))[0]
+    assert deferred["recipient"] == ALICE
+    assert deferred["detail"]["reply"].startswith("451 4.7.1")
+    assert "retry_at" in deferred["detail"]
+    await wait_for(lambda: _deliveries_waiting_are(relay, 1), what="only alice left in the spool")
 
-        del downstream.handler.rcpt_replies[ALICE]
-        await wait_for(lambda: len(downstream.handler.for_recipient(ALICE)) == 1, what="retry")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-    finally:
-        await relay.stop()
+    del downstream.handler.rcpt_replies[ALICE]
+    await wait_for(lambda: len(downstream.handler.for_recipient(ALICE)) == 1, what="retry")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
 
 
-async def test_dead_downstream_then_back(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    relay = await Relay.start(relay_settings(tmp_path, port))
-    server = None
-    try:
-        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
-        await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
-        deferred = (await events_of(relay, "deferred"))[0]
-        assert "connect" in deferred["detail"]["reply"]
-        server = await CaptureServer.start(port)
-        await wait_for(lambda: len(server.handler.messages) == 1, what="delivery after restart")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-    finally:
-        await relay.stop()
-        if server:
-            await server.stop()
+async def test_dead_downstream_then_back(
+    tmp_path: Path,
+    closed_port: int,
+    start_relay: StartRelay,
+    start_downstream: StartDownstream,
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+    await wait_for(lambda: _has(relay, "deferred"), what="a deferred event")
+    deferred = (await events_of(relay, "deferred"))[0]
+    assert "connect" in deferred["detail"]["reply"]
+    server = await start_downstream(port=closed_port)
+    await wait_for(lambda: len(server.handler.messages) == 1, what="delivery after restart")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
 
 
 async def test_5xx_fails_for_good_and_the_sender_gets_a_dsn(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
     downstream.handler.rcpt_replies[ALICE] = "550 5.1.1 No such user"
-    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
-    try:
-        await asubmit(
-            relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
-        )
-        await wait_for(lambda: len(downstream.handler.messages) == 2, what="bob's copy and a DSN")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-        # The spool row and the event are committed side by side: wait for the event too.
-        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
-        bounced = (await events_of(relay, "bounced"))[0]
-        assert bounced["recipient"] == ALICE
-        assert bounced["detail"]["reply"] == "550 5.1.1 No such user"
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path, downstream.port))
+    await asubmit(
+        relay.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
+    )
+    await wait_for(lambda: len(downstream.handler.messages) == 2, what="bob's copy and a DSN")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
+    # The spool row and the event are committed side by side: wait for the event too.
+    await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
+    bounced = (await events_of(relay, "bounced"))[0]
+    assert bounced["recipient"] == ALICE
+    assert bounced["detail"]["reply"] == "550 5.1.1 No such user"
+    await relay.stop()
     assert len(downstream.handler.for_recipient(BOB)) == 1
     [report] = downstream.handler.for_recipient("news@shop.example")
     assert report.mail_from == "<>"  # the null sender: no DSN loops
@@ -113,134 +117,103 @@ async def test_5xx_fails_for_good_and_the_sender_gets_a_dsn(
     assert "List-Unsubscribe" not in report.content.decode()
 
 
-async def test_no_dsn_for_the_null_sender(tmp_path: Path, downstream: CaptureServer) -> None:
+async def test_no_dsn_for_the_null_sender(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> None:
     downstream.handler.rcpt_replies[ALICE] = "550 5.1.1 No such user"
-    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
-    try:
-        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "", [ALICE])
-        await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-        assert downstream.handler.messages == []
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path, downstream.port))
+    await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "", [ALICE])
+    await wait_for(lambda: _has(relay, "bounced"), what="a bounced event")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
+    assert downstream.handler.messages == []
 
 
-async def test_expired_mail_fails_with_a_dsn(tmp_path: Path, downstream: CaptureServer) -> None:
+async def test_expired_mail_fails_with_a_dsn(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> None:
     downstream.handler.rcpt_replies[ALICE] = "451 4.3.0 Try later"
-    settings = relay_settings(tmp_path, downstream.port)
-    settings = replace(settings, delivery=replace(settings.delivery, max_queue_age=0.3))
-    relay = await Relay.start(settings)
-    try:
-        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
-        await wait_for(lambda: _has(relay, "bounced"), what="expiry")
-        bounced = (await events_of(relay, "bounced"))[0]
-        assert bounced["detail"]["reply"].startswith("4.4.7 message expired")
-        assert bounced["detail"]["reply"].endswith("last reply: 451 4.3.0 Try later")
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the DSN")
-        report = downstream.handler.messages[0].content.decode()
-        assert "Status: 4.4.7" in report
-    finally:
-        await relay.stop()
+    settings = with_delivery(relay_settings(tmp_path, downstream.port), max_queue_age=0.3)
+    relay = await start_relay(settings)
+    await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+    await wait_for(lambda: _has(relay, "bounced"), what="expiry")
+    bounced = (await events_of(relay, "bounced"))[0]
+    assert bounced["detail"]["reply"].startswith("4.4.7 message expired")
+    assert bounced["detail"]["reply"].endswith("last reply: 451 4.3.0 Try later")
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="the DSN")
+    report = downstream.handler.messages[0].content.decode()
+    assert "Status: 4.4.7" in report
 
 
 async def test_spooled_mail_is_delivered_after_a_restart(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, closed_port: int, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = int(sock.getsockname()[1])
-    first = await Relay.start(relay_settings(tmp_path, dead))
+    first = await start_relay(relay_settings(tmp_path, closed_port))
     await asubmit(
         first.addresses.smtp[1], newsletter([ALICE, BOB]), "news@shop.example", [ALICE, BOB]
     )
     await first.stop()
-    assert await asyncio.to_thread(spool_rows, tmp_path) == 2
+    _, deliveries = await spool_depth(tmp_path)
+    assert deliveries == 2
 
-    second = await Relay.start(relay_settings(tmp_path, downstream.port))
-    try:
-        await wait_for(lambda: len(downstream.handler.messages) == 2, what="both after restart")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-    finally:
-        await second.stop()
+    second = await start_relay(relay_settings(tmp_path, downstream.port))
+    await wait_for(lambda: len(downstream.handler.messages) == 2, what="both after restart")
+    await wait_for(lambda: _spool_empty(second), what="an empty spool")
 
 
 async def test_topic_opt_out_is_enforced_at_delivery(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    relay = await Relay.start(relay_settings(tmp_path, downstream.port))
-    try:
-        await relay.stores.suppressions.add(ALICE, scope="topic:news")
-        message = newsletter([ALICE, BOB], headers={"X-Optout-Topic": "news"})
-        result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE, BOB])
-        assert result.refused == {}  # only global opt-outs are known at RCPT
-        await wait_for(lambda: _has(relay, "suppressed"), what="a suppressed event")
-        await wait_for(lambda: _spool_empty(tmp_path), what="an empty spool")
-        assert [m.recipients for m in downstream.handler.messages] == [[BOB]]
-        suppressed = (await events_of(relay, "suppressed"))[0]
-        assert suppressed["recipient"] == ALICE
-        assert suppressed["detail"]["scope"] == "topic:news"
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path, downstream.port))
+    await relay.stores.suppressions.add(ALICE, scope="topic:news")
+    message = newsletter([ALICE, BOB], headers={"X-Optout-Topic": "news"})
+    result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE, BOB])
+    assert result.refused == {}  # only global opt-outs are known at RCPT
+    await wait_for(lambda: _has(relay, "suppressed"), what="a suppressed event")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
+    assert [m.recipients for m in downstream.handler.messages] == [[BOB]]
+    suppressed = (await events_of(relay, "suppressed"))[0]
+    assert suppressed["recipient"] == ALICE
+    assert suppressed["detail"]["scope"] == "topic:news"
 
 
-async def test_outbox_delivery_without_downstream(tmp_path: Path) -> None:
-    relay = await Relay.start(relay_settings(tmp_path, None))
-    try:
-        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
-        outbox = tmp_path / "outbox"
-        await wait_for(lambda: len(list(outbox.glob("*.eml"))) == 1, what="an .eml file")
-        [eml] = outbox.glob("*.eml")
-        content = eml.read_bytes()
-        assert content.startswith(
-            b"Return-Path: <news@shop.example>\r\nX-Original-To: " + ALICE.encode()
-        )
-        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in content
-        assert not list(outbox.glob(".*.tmp"))
-    finally:
-        await relay.stop()
+async def test_outbox_delivery_without_downstream(tmp_path: Path, start_relay: StartRelay) -> None:
+    relay = await start_relay(relay_settings(tmp_path, None))
+    await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+    outbox = tmp_path / "outbox"
+    await wait_for(lambda: len(list(outbox.glob("*.eml"))) == 1, what="an .eml file")
+    [eml] = outbox.glob("*.eml")
+    content = eml.read_bytes()
+    assert content.startswith(
+        b"Return-Path: <news@shop.example>\r\nX-Original-To: " + ALICE.encode()
+    )
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in content
+    assert not list(outbox.glob(".*.tmp"))
 
 
-async def _has(relay: Relay, kind: str) -> bool:
-    return bool(await events_of(relay, kind))
+async def test_starttls_is_used_when_the_mta_offers_it(
+    tmp_path: Path, start_downstream: StartDownstream, start_relay: StartRelay
+) -> None:
+    server = await start_downstream(tls=self_signed_context(tmp_path))
+    relay = await start_relay(relay_settings(tmp_path / "data", server.port))
+    await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
+    await wait_for(lambda: len(server.handler.messages) == 1, what="a copy over TLS")
+    assert server.handler.messages[0].encrypted
 
 
-async def _spool_rows_are(data_dir: Path, count: int) -> bool:
-    return await asyncio.to_thread(spool_rows, data_dir) == count
-
-
-async def _spool_empty(data_dir: Path) -> bool:
-    return await asyncio.to_thread(spool_rows, data_dir) == 0
-
-
-async def test_starttls_is_used_when_the_mta_offers_it(tmp_path: Path) -> None:
-    server = await CaptureServer.start(tls=self_signed_context(tmp_path))
-    relay = await Relay.start(relay_settings(tmp_path / "data", server.port))
-    try:
-        await asubmit(relay.addresses.smtp[1], newsletter([ALICE]), "news@shop.example", [ALICE])
-        await wait_for(lambda: len(server.handler.messages) == 1, what="a copy over TLS")
-        assert server.handler.messages[0].encrypted
-    finally:
-        await relay.stop()
-        await server.stop()
-
-
-async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(tmp_path: Path) -> None:
-    server = await CaptureServer.start(eight_bit=False)
-    relay = await Relay.start(relay_settings(tmp_path / "data", server.port))
-    try:
-        message = EmailMessage()
-        message["From"] = "news@shop.example"
-        message["To"] = ALICE
-        message["Subject"] = "Sommer"
-        message.set_content("Grüße aus dem Laden, 20 % günstiger\n", cte="8bit")
-        message.add_alternative(
-            "<html><body><p>Grüße</p></body></html>", subtype="html", cte="8bit"
-        )
-        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
-        await wait_for(lambda: len(server.handler.messages) == 1, what="a 7-bit copy")
-    finally:
-        await relay.stop()
-        await server.stop()
+async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(
+    tmp_path: Path, start_downstream: StartDownstream, start_relay: StartRelay
+) -> None:
+    server = await start_downstream(eight_bit=False)
+    relay = await start_relay(relay_settings(tmp_path / "data", server.port))
+    message = EmailMessage()
+    message["From"] = "news@shop.example"
+    message["To"] = ALICE
+    message["Subject"] = "Sommer"
+    message.set_content("Grüße aus dem Laden, 20 % günstiger\n", cte="8bit")
+    message.add_alternative("<html><body><p>Grüße</p></body></html>", subtype="html", cte="8bit")
+    await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
+    await wait_for(lambda: len(server.handler.messages) == 1, what="a 7-bit copy")
+    await relay.stop()
     content = server.handler.messages[0].content
     assert content.isascii()
     copy = email.message_from_bytes(content, policy=email.policy.default)
@@ -251,7 +224,7 @@ async def test_8bit_mail_goes_7bit_to_a_downstream_without_8bitmime(tmp_path: Pa
 
 
 async def test_a_header_dkim_cannot_read_is_still_delivered(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
     from relay.dkim import generate_key
     from relay.settings import DkimKey, DkimSettings
@@ -263,15 +236,12 @@ async def test_a_header_dkim_cannot_read_is_still_delivered(
         settings,
         dkim=DkimSettings((DkimKey("shop.example", "s1", Path("dkim/shop.example.s1.pem")),)),
     )
-    relay = await Relay.start(settings)
-    try:
-        raw = (
-            b"From: news@shop.example\r\nTo: alice@example.org\r\nSubject: odd\r\n"
-            b"this header line has no colon\r\n\r\nHello\r\n"
-        )
-        result = await asubmit(relay.addresses.smtp[1], raw, "news@shop.example", [ALICE])
-        assert result.error is None
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the odd message")
-        await wait_for(lambda: _spool_empty(tmp_path / "data"), what="an empty spool")
-    finally:
-        await relay.stop()
+    relay = await start_relay(settings)
+    raw = (
+        b"From: news@shop.example\r\nTo: alice@example.org\r\nSubject: odd\r\n"
+        b"this header line has no colon\r\n\r\nHello\r\n"
+    )
+    result = await asubmit(relay.addresses.smtp[1], raw, "news@shop.example", [ALICE])
+    assert result.error is None
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="the odd message")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")

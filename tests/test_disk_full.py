@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.app import Relay
-from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+from tests.helpers import CaptureServer, StartRelay, asubmit, newsletter, relay_settings, wait_for
 
 RCPT = "nina@example.org"
 
@@ -64,52 +62,46 @@ def big_newsletter() -> EmailMessage:
 
 
 async def test_full_disk_gets_451_then_recovers(
-    small_disk: Path, downstream: CaptureServer
+    small_disk: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    relay = await Relay.start(relay_settings(small_disk / "data", downstream.port))
+    relay = await start_relay(relay_settings(small_disk / "data", downstream.port))
     port = relay.addresses.smtp[1]
-    try:
-        filler = await asyncio.to_thread(fill, small_disk)
-        for _ in range(3):
-            refused = await asubmit(port, big_newsletter(), "news@shop.example", [RCPT])
-            assert refused.reply is not None and refused.reply[0] == 451, refused
-            assert refused.reply[1].startswith(b"4.3.0")
-        assert downstream.handler.messages == []
+    filler = await asyncio.to_thread(fill, small_disk)
+    for _ in range(3):
+        refused = await asubmit(port, big_newsletter(), "news@shop.example", [RCPT])
+        assert refused.reply is not None and refused.reply[0] == 451, refused
+        assert refused.reply[1].startswith(b"4.3.0")
+    assert downstream.handler.messages == []
 
-        filler.unlink()  # space returns
-        accepted = await asubmit(port, big_newsletter(), "news@shop.example", [RCPT])
-        assert accepted.error is None and accepted.refused == {}
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="delivery")
-    finally:
-        await relay.stop()
+    filler.unlink()  # space returns
+    accepted = await asubmit(port, big_newsletter(), "news@shop.example", [RCPT])
+    assert accepted.error is None and accepted.refused == {}
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="delivery")
 
 
 async def test_sent_copies_are_not_sent_again_while_their_outcome_cannot_be_written(
-    small_disk: Path, downstream: CaptureServer
+    small_disk: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
     downstream.handler.rcpt_replies[RCPT] = "451 4.3.0 Not yet"
-    relay = await Relay.start(relay_settings(small_disk / "data", downstream.port))
-    try:
-        accepted = await asubmit(
-            relay.addresses.smtp[1], newsletter([RCPT]), "news@shop.example", [RCPT]
-        )
-        assert accepted.error is None
+    relay = await start_relay(relay_settings(small_disk / "data", downstream.port))
+    accepted = await asubmit(
+        relay.addresses.smtp[1], newsletter([RCPT]), "news@shop.example", [RCPT]
+    )
+    assert accepted.error is None
 
-        async def deferred_once() -> bool:
-            return any(e.attempts for e in await relay.spool.entries())
+    async def deferred_once() -> bool:
+        return any(e.attempts for e in await relay.spool.entries())
 
-        await wait_for(deferred_once, what="a first deferral")
-        filler = await asyncio.to_thread(fill, small_disk)
-        del downstream.handler.rcpt_replies[RCPT]  # the MTA takes it; recording it fails
-        await wait_for(lambda: len(downstream.handler.messages) >= 1, what="the copy")
-        # An observation window, not a wait for readiness: resends would show up here
-        # (before the fix, hundreds of copies arrived within a second).
-        await asyncio.sleep(1.5)
-        copies_while_full = len(downstream.handler.messages)
-        filler.unlink()
-        await wait_for(lambda: relay.spool.waiting == 0, within=30, what="an empty spool")
-        # Not a storm of resends: the copy was sent once, its outcome written later.
-        assert copies_while_full == 1
-        assert len(downstream.handler.messages) == 1
-    finally:
-        await relay.stop()
+    await wait_for(deferred_once, what="a first deferral")
+    filler = await asyncio.to_thread(fill, small_disk)
+    del downstream.handler.rcpt_replies[RCPT]  # the MTA takes it; recording it fails
+    await wait_for(lambda: len(downstream.handler.messages) >= 1, what="the copy")
+    # An observation window, not a wait for readiness: resends would show up here
+    # (before the fix, hundreds of copies arrived within a second).
+    await asyncio.sleep(1.5)
+    copies_while_full = len(downstream.handler.messages)
+    filler.unlink()
+    await wait_for(lambda: relay.spool.waiting == 0, within=30, what="an empty spool")
+    # Not a storm of resends: the copy was sent once, its outcome written later.
+    assert copies_while_full == 1
+    assert len(downstream.handler.messages) == 1

@@ -1,25 +1,16 @@
 """DKIM signing: every signature verifies with dkimpy and with OpenDKIM, is the one dkimpy makes
 for the same inputs, and breaks when a signed field is added; keys are owner-only files.
 
-OpenDKIM's verifier (opendkim-testmsg, Debian package opendkim-tools) looks keys up in DNS only.
-The test runs it in a private network and mount namespace (unshare) where /etc/resolv.conf points
-at a tiny DNS server on that namespace's own loopback that answers with the generated TXT records:
-no traffic leaves the namespace. It is skipped when the tool or the namespaces are unavailable.
+OpenDKIM's verifier runs with a private DNS that serves only the generated TXT records (see
+tests/opendkim.py); those tests are skipped when the tool or the namespaces are unavailable.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
-import shutil
-import socket
 import stat
-import struct
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +37,7 @@ from relay.dkim import (
     parse_private_key,
     signing_domains,
 )
+from tests.opendkim import OpenDkim
 
 DOMAIN = "shop.example"
 RSA_SELECTOR = "s2025"
@@ -543,73 +535,6 @@ def test_random_whitespace_matches_dkimpy_and_verifies(
 # --------------------------------------------------------------------------- OpenDKIM
 
 
-@dataclass(frozen=True)
-class Verdict:
-    returncode: int
-    stderr: str
-
-    @property
-    def passed(self) -> bool:
-        return self.returncode == 0 and not self.stderr
-
-
-@dataclass(frozen=True)
-class OpenDkim:
-    tool: str
-    unshare: str
-
-    def verify(
-        self, messages: Sequence[bytes], records: Sequence[DkimTxtRecord], folder: Path
-    ) -> list[Verdict]:
-        """opendkim-testmsg's verdict on each message, with `records` as the only DNS."""
-        paths = []
-        for number, message in enumerate(messages):
-            path = folder / f"message-{number}.eml"
-            path.write_bytes(message)
-            paths.append(str(path))
-        job = folder / "job.json"
-        job.write_text(
-            json.dumps(
-                {
-                    "tool": self.tool,
-                    "folder": str(folder),
-                    "records": {r.name: list(r.strings) for r in records},
-                    "messages": paths,
-                }
-            )
-        )
-        root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "PYTHONPATH": str(root)}
-        command = [self.unshare, "--net", "--mount", "--", sys.executable, __file__, str(job)]
-        done = subprocess.run(command, capture_output=True, env=env, timeout=120, check=False)
-        assert done.returncode == 0, done.stderr.decode(errors="replace")
-        return [Verdict(v["returncode"], v["stderr"]) for v in json.loads(done.stdout)]
-
-
-@pytest.fixture(scope="module")
-def opendkim() -> OpenDkim:
-    tool = shutil.which("opendkim-testmsg") or shutil.which(
-        "opendkim-testmsg", path="/usr/sbin:/usr/bin"
-    )
-    if tool is None:
-        pytest.skip("OpenDKIM's verifier is absent: apt-get install opendkim-tools")
-    if not Path("/etc/resolv.conf").exists():
-        pytest.skip("no /etc/resolv.conf to point at the test DNS server")
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare (util-linux) is needed to give OpenDKIM a private test DNS")
-    probe = subprocess.run(
-        [unshare, "--net", "--mount", "true"], capture_output=True, check=False, timeout=30
-    )
-    if probe.returncode != 0:
-        pytest.skip(
-            "cannot create a private network and mount namespace (needs root or user "
-            "namespaces) for the test DNS server OpenDKIM queries: "
-            + probe.stderr.decode(errors="replace").strip()
-        )
-    return OpenDkim(tool, unshare)
-
-
 def only_field(block: bytes, index: int) -> bytes:
     return split_fields(block)[index]
 
@@ -659,56 +584,6 @@ def test_opendkim_rejects_added_list_headers_and_changed_bodies(
     for name, verdict in verdicts.items():
         assert not verdict.passed, name
         assert "Bad signature" in verdict.stderr, (name, verdict)
-
-
-def _namespace_main(job_file: str) -> None:
-    """Inside `unshare --net --mount`: loopback up, /etc/resolv.conf -> 127.0.0.1, a DNS server
-    there answering TXT queries from the job's records, then opendkim-testmsg on each message."""
-    import fcntl
-
-    job = json.loads(Path(job_file).read_text())
-    folder = Path(job["folder"])
-    records: dict[str, list[str]] = {k.lower(): v for k, v in job["records"].items()}
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`
-        request = struct.pack("16sH14s", b"lo", 0, b"")
-        flags = struct.unpack("16sH14s", fcntl.ioctl(s, 0x8913, request))[1]  # SIOCGIFFLAGS
-        fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))  # IFF_UP
-    resolv = folder / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-    subprocess.run(["mount", "--bind", str(resolv), "/etc/resolv.conf"], check=True)
-
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 53))
-
-    def answer(query: bytes) -> bytes:
-        labels, i = [], 12
-        while query[i]:
-            labels.append(query[i + 1 : i + 1 + query[i]].decode())
-            i += 1 + query[i]
-        qtype = struct.unpack("!H", query[i + 1 : i + 3])[0]
-        question = query[12 : i + 5]
-        strings = records.get(".".join(labels).lower())
-        if strings is None or qtype != 16:
-            return query[:2] + struct.pack("!HHHHH", 0x8583, 1, 0, 0, 0) + question
-        rdata = b"".join(bytes([len(s)]) + s.encode() for s in strings)
-        record = b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 60, len(rdata)) + rdata
-        return query[:2] + struct.pack("!HHHHH", 0x8580, 1, 1, 0, 0) + question + record
-
-    def serve() -> None:
-        while True:
-            query, peer = server.recvfrom(4096)
-            server.sendto(answer(query), peer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    verdicts = []
-    for path in job["messages"]:
-        with open(path, "rb") as message:
-            done = subprocess.run(
-                [job["tool"]], stdin=message, capture_output=True, timeout=60, check=False
-            )
-        verdicts.append({"returncode": done.returncode, "stderr": done.stderr.decode().strip()})
-    print(json.dumps(verdicts))
 
 
 # --------------------------------------------------------------------------- signer errors
@@ -941,7 +816,3 @@ def test_parse_private_key_takes_pem_bytes(keys: Keys) -> None:
 
 def test_signer_repr_shows_no_key(signer: DkimSigner) -> None:
     assert repr(signer) == f"DkimSigner(domain='{DOMAIN}', selectors=('{RSA_SELECTOR}',))"
-
-
-if __name__ == "__main__":  # the OpenDKIM test runs this file inside its namespaces
-    _namespace_main(sys.argv[1])

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from relay.app import Relay
 from relay.dkim import dns_record, load_private_key
 from relay.settings import DkimKey, DkimSettings, Settings
-from tests import test_dkim
-from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
-from tests.test_config import run_cli
-from tests.test_dkim import OpenDkim
+from tests.helpers import (
+    CaptureServer,
+    StartRelay,
+    asubmit,
+    newsletter,
+    relay_settings,
+    run_cli,
+    wait_for,
+)
+from tests.opendkim import OpenDkim
 
-opendkim_fixture = test_dkim.opendkim  # makes the `opendkim` fixture available here
 dkim = pytest.importorskip("dkim", reason="dkimpy (test extra) verifies the signatures")
 
 RECIPIENTS = ["olga@example.org", "paul@example.org"]
@@ -34,7 +37,9 @@ def txt_of(zone_line: str) -> bytes:
     return "".join(part for part in inside.split('"')[1::2]).encode()
 
 
-async def relayed_copies(tmp_path: Path, downstream: CaptureServer) -> tuple[list[bytes], bytes]:
+async def relayed_copies(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> tuple[list[bytes], bytes]:
     """Two personalised copies the relay signed, and the TXT record keygen printed."""
     config = tmp_path / "relay.toml"
     config.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
@@ -50,21 +55,18 @@ async def relayed_copies(tmp_path: Path, downstream: CaptureServer) -> tuple[lis
         settings,
         dkim=DkimSettings((DkimKey("shop.example", "s2026", Path("dkim/shop.example.s2026.pem")),)),
     )
-    relay = await Relay.start(settings)
-    try:
-        message = newsletter(RECIPIENTS, headers={"Date": formatdate(localtime=True)})
-        result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", RECIPIENTS)
-        assert result.refused == {}
-        await wait_for(lambda: len(downstream.handler.messages) == 2, what="two signed copies")
-    finally:
-        await relay.stop()
+    relay = await start_relay(settings)
+    message = newsletter(RECIPIENTS, headers={"Date": formatdate(localtime=True)})
+    result = await asubmit(relay.addresses.smtp[1], message, "news@shop.example", RECIPIENTS)
+    assert result.refused == {}
+    await wait_for(lambda: len(downstream.handler.messages) == 2, what="two signed copies")
     return [m.content for m in downstream.handler.messages], record
 
 
 async def test_copies_are_signed_over_the_list_headers(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    copies, record = await relayed_copies(tmp_path, downstream)
+    copies, record = await relayed_copies(tmp_path, downstream, start_relay)
 
     def dns(name: bytes, timeout: int = 5) -> bytes:
         assert name == b"s2026._domainkey.shop.example."
@@ -86,16 +88,16 @@ async def test_copies_are_signed_over_the_list_headers(
 
 
 async def test_copies_verify_with_opendkim(
-    tmp_path: Path, downstream: CaptureServer, opendkim_fixture: OpenDkim
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay, opendkim: OpenDkim
 ) -> None:
-    copies, _ = await relayed_copies(tmp_path, downstream)
+    copies, _ = await relayed_copies(tmp_path, downstream, start_relay)
     key = load_private_key(tmp_path / "data" / "dkim" / "shop.example.s2026.pem")
     record = dns_record("shop.example", "s2026", key)
     forged = [
         c.replace(b"\r\n\r\n", b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n\r\n", 1)
         for c in copies
     ]
-    checks = opendkim_fixture.verify([*copies, *forged], [record], tmp_path)
+    checks = opendkim.verify([*copies, *forged], [record], tmp_path)
     assert [v.passed for v in checks] == [True, True, False, False], checks
 
 
@@ -115,20 +117,17 @@ def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 async def test_a_sender_signature_the_rewrite_breaks_is_a_warning_event(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    relay = await Relay.start(relay_settings(tmp_path / "data", downstream.port))
-    try:
-        message = newsletter(["rita@example.org"])
-        message["DKIM-Signature"] = (
-            "v=1; a=rsa-sha256; c=relaxed/relaxed; d=shop.example; s=old; h=from:subject;"
-            " bh=AAAA; b=BBBB"
-        )
-        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", ["rita@example.org"])
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
-        warnings = [e async for e in relay.stores.events.export() if e["type"] == "warning"]
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path / "data", downstream.port))
+    message = newsletter(["rita@example.org"])
+    message["DKIM-Signature"] = (
+        "v=1; a=rsa-sha256; c=relaxed/relaxed; d=shop.example; s=old; h=from:subject;"
+        " bh=AAAA; b=BBBB"
+    )
+    await asubmit(relay.addresses.smtp[1], message, "news@shop.example", ["rita@example.org"])
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
+    warnings = [e async for e in relay.stores.events.export() if e["type"] == "warning"]
     assert len(warnings) == 1
     assert "d=shop.example" in warnings[0]["detail"]["warning"]
     assert warnings[0]["recipient"] is None

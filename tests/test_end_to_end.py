@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import re
-from email.message import Message
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from relay.app import Relay
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+from relay.stores import Stores
+from tests.helpers import (
+    CaptureServer,
+    StartRelay,
+    asubmit,
+    body_of,
+    local_url,
+    newsletter,
+    parse,
+    relay_settings,
+    wait_for,
+)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
-
-
-def parse(content: bytes) -> Message:
-    return email.message_from_bytes(content, policy=email.policy.compat32)
-
-
-def body_of(message: Message, subtype: str) -> str:
-    for part in message.walk():
-        if part.get_content_type() == f"text/{subtype}":
-            payload = part.get_payload(decode=True)
-            assert isinstance(payload, bytes)
-            return payload.decode(part.get_content_charset() or "ascii")
-    raise AssertionError(f"no text/{subtype} part")
-
-
-def local_url(relay: Relay, public_url: str) -> str:
-    """The public URL as served by this relay's HTTP listener (what a reverse proxy does)."""
-    host, port = relay.addresses.http
-    path = urlsplit(public_url).path
-    return f"http://{host}:{port}{path}"
 
 
 async def test_two_recipients_get_their_own_copies_and_one_click_stops_the_next(
@@ -126,46 +114,37 @@ async def test_two_recipients_get_their_own_copies_and_one_click_stops_the_next(
 
 
 async def test_tracked_clicks_redirect_only_to_the_signed_url(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    from dataclasses import replace
-
-    from tests.conftest import relay_settings
-
     settings = relay_settings(tmp_path / "data", downstream.port)
     settings = replace(settings, tracking=replace(settings.tracking, clicks=True))
-    relay = await Relay.start(settings)
-    try:
-        message = newsletter([ALICE])
-        html = message.get_body(("html",))
-        assert html is not None
-        html.set_content(
-            '<html><body><a href="https://shop.example/spring?x=1&amp;y=2">Shop</a>'
-            '<a href="mailto:help@shop.example">Help</a></body></html>',
-            subtype="html",
-        )
-        await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
-        await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
-        body = body_of(parse(downstream.handler.messages[0].content), "html")
-        [click] = re.findall(r'href="(https://mail\.shop\.example/c/[^"]+)"', body)
-        assert 'href="mailto:help@shop.example"' in body
-        async with aiohttp.ClientSession() as http:
-            async with http.get(local_url(relay, click), allow_redirects=False) as response:
-                assert response.status in (302, 303, 307)
-                assert response.headers["Location"] == "https://shop.example/spring?x=1&y=2"
-            forged = click[:-3] + ("AAA" if not click.endswith("AAA") else "BBB")
-            async with http.get(local_url(relay, forged), allow_redirects=False) as response:
-                assert response.status == 404
-                assert "Location" not in response.headers
-    finally:
-        await relay.stop()
+    relay = await start_relay(settings)
+    message = newsletter([ALICE])
+    html = message.get_body(("html",))
+    assert html is not None
+    html.set_content(
+        '<html><body><a href="https://shop.example/spring?x=1&amp;y=2">Shop</a>'
+        '<a href="mailto:help@shop.example">Help</a></body></html>',
+        subtype="html",
+    )
+    await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
+    await wait_for(lambda: len(downstream.handler.messages) == 1, what="the copy")
+    body = body_of(parse(downstream.handler.messages[0].content), "html")
+    [click] = re.findall(r'href="(https://mail\.shop\.example/c/[^"]+)"', body)
+    assert 'href="mailto:help@shop.example"' in body
+    async with aiohttp.ClientSession() as http:
+        async with http.get(local_url(relay, click), allow_redirects=False) as response:
+            assert response.status in (302, 303, 307)
+            assert response.headers["Location"] == "https://shop.example/spring?x=1&y=2"
+        forged = click[:-3] + ("AAA" if not click.endswith("AAA") else "BBB")
+        async with http.get(local_url(relay, forged), allow_redirects=False) as response:
+            assert response.status == 404
+            assert "Location" not in response.headers
+    await relay.stop()
     clicks = [e for e in await _events(tmp_path) if e["type"] == "click"]
     assert len(clicks) == 1
 
 
 async def _events(tmp_path: Path) -> list[dict[str, object]]:
-    from relay.stores import Stores
-    from tests.conftest import relay_settings
-
     async with Stores(relay_settings(tmp_path / "data", None)) as stores:
         return [e async for e in stores.events.export()]

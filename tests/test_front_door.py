@@ -5,27 +5,26 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import smtplib
-import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
-from relay.app import Relay
-from relay.settings import Settings
-from tests.conftest import relay_settings, with_smtp
-from tests.helpers import asubmit, newsletter
+from tests.helpers import (
+    StartRelay,
+    asubmit,
+    newsletter,
+    relay_settings,
+    spool_depth,
+    spooled_contents,
+    with_delivery,
+    with_smtp,
+)
 
 RCPT = "erin@example.org"
 
 
-async def start(settings: Settings) -> Relay:
-    return await Relay.start(settings)
-
-
-def spooled_messages(data_dir: Path) -> int:
-    with sqlite3.connect(data_dir / "spool.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+async def spooled_messages(data_dir: Path) -> int:
+    """Messages in the spool, read through a spool of its own, as a restarted relay would."""
+    messages, _ = await spool_depth(data_dir)
+    return messages
 
 
 def converse(port: int, *commands: bytes) -> list[tuple[int, bytes]]:
@@ -45,187 +44,153 @@ def converse(port: int, *commands: bytes) -> list[tuple[int, bytes]]:
         return replies
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port with nothing listening: a downstream MTA that is down."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def test_250_only_after_the_message_is_in_the_spool(tmp_path: Path, closed_port: int) -> None:
-    relay = await start(relay_settings(tmp_path, closed_port))
-    try:
-        result = await asubmit(
-            relay.addresses.smtp[1], newsletter([RCPT]), "news@shop.example", [RCPT]
-        )
-        assert result.refused == {}
-        # Read by another connection, as a restarted process would.
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 1
-    finally:
-        await relay.stop()
+async def test_250_only_after_the_message_is_in_the_spool(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    result = await asubmit(relay.addresses.smtp[1], newsletter([RCPT]), "news@shop.example", [RCPT])
+    assert result.refused == {}
+    # Read by another connection, as a restarted process would.
+    assert await spooled_messages(tmp_path) == 1
 
 
-async def test_untrusted_client_needs_authentication(tmp_path: Path) -> None:
+async def test_untrusted_client_needs_authentication(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
     settings = with_smtp(
         relay_settings(tmp_path, None), trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),)
     )
-    relay = await start(settings)
-    try:
-        replies = await asyncio.to_thread(
-            converse, relay.addresses.smtp[1], b"MAIL FROM:<news@shop.example>"
-        )
-        assert replies[0][0] == 530
-        assert replies[0][1].startswith(b"5.7.0")
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 0
-    finally:
-        await relay.stop()
+    relay = await start_relay(settings)
+    replies = await asyncio.to_thread(
+        converse, relay.addresses.smtp[1], b"MAIL FROM:<news@shop.example>"
+    )
+    assert replies[0][0] == 530
+    assert replies[0][1].startswith(b"5.7.0")
+    assert await spooled_messages(tmp_path) == 0
 
 
-async def test_too_many_recipients_get_452(tmp_path: Path) -> None:
-    relay = await start(with_smtp(relay_settings(tmp_path, None), max_recipients=2))
-    try:
-        replies = await asyncio.to_thread(
-            converse,
-            relay.addresses.smtp[1],
-            b"MAIL FROM:<news@shop.example>",
-            b"RCPT TO:<a@example.org>",
-            b"RCPT TO:<b@example.org>",
-            b"RCPT TO:<c@example.org>",
-        )
-        assert [code for code, _ in replies] == [250, 250, 250, 452]
-        assert replies[3][1].startswith(b"4.5.3")
-    finally:
-        await relay.stop()
+async def test_too_many_recipients_get_452(tmp_path: Path, start_relay: StartRelay) -> None:
+    relay = await start_relay(with_smtp(relay_settings(tmp_path, None), max_recipients=2))
+    replies = await asyncio.to_thread(
+        converse,
+        relay.addresses.smtp[1],
+        b"MAIL FROM:<news@shop.example>",
+        b"RCPT TO:<a@example.org>",
+        b"RCPT TO:<b@example.org>",
+        b"RCPT TO:<c@example.org>",
+    )
+    assert [code for code, _ in replies] == [250, 250, 250, 452]
+    assert replies[3][1].startswith(b"4.5.3")
 
 
-async def test_oversized_messages_get_552_declared_or_not(tmp_path: Path) -> None:
-    relay = await start(with_smtp(relay_settings(tmp_path, None), max_message_size=2000))
+async def test_oversized_messages_get_552_declared_or_not(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(with_smtp(relay_settings(tmp_path, None), max_message_size=2000))
     port = relay.addresses.smtp[1]
-    try:
-        declared = await asyncio.to_thread(
-            converse, port, b"MAIL FROM:<news@shop.example> SIZE=5000"
-        )
-        assert declared[0][0] == 552
-        assert declared[0][1].startswith(b"5.3.4")
-        big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
-        actual = await asyncio.to_thread(
-            converse,
-            port,
-            b"MAIL FROM:<news@shop.example>",
-            f"RCPT TO:<{RCPT}>".encode(),
-            b"DATA\r\n" + big * 50 + b".\r\n",
-        )
-        assert actual[-1][0] == 552
-        assert actual[-1][1].startswith(b"5.3.4")
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 0
-    finally:
-        await relay.stop()
+    declared = await asyncio.to_thread(converse, port, b"MAIL FROM:<news@shop.example> SIZE=5000")
+    assert declared[0][0] == 552
+    assert declared[0][1].startswith(b"5.3.4")
+    big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
+    actual = await asyncio.to_thread(
+        converse,
+        port,
+        b"MAIL FROM:<news@shop.example>",
+        f"RCPT TO:<{RCPT}>".encode(),
+        b"DATA\r\n" + big * 50 + b".\r\n",
+    )
+    assert actual[-1][0] == 552
+    assert actual[-1][1].startswith(b"5.3.4")
+    assert await spooled_messages(tmp_path) == 0
 
 
-async def test_unwritable_spool_answers_451_never_250(tmp_path: Path, closed_port: int) -> None:
-    relay = await start(relay_settings(tmp_path, closed_port))
+async def test_unwritable_spool_answers_451_never_250(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
     port = relay.addresses.smtp[1]
-    try:
-        # The spool's own SQLite connection turned read-only, as on a read-only filesystem.
-        await relay.spool._db.write(lambda db: db.execute("PRAGMA query_only = ON"))
-        refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
-        assert refused.reply is not None
-        assert refused.reply[0] == 451
-        assert refused.reply[1].startswith(b"4.3.0")
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 0
-    finally:
-        await relay.stop()
+    # The spool's own SQLite connection turned read-only, as on a read-only filesystem.
+    await relay.spool._db.write(lambda db: db.execute("PRAGMA query_only = ON"))
+    refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+    assert refused.reply is not None
+    assert refused.reply[0] == 451
+    assert refused.reply[1].startswith(b"4.3.0")
+    assert await spooled_messages(tmp_path) == 0
 
 
-async def test_bare_lf_dot_does_not_end_data(tmp_path: Path, closed_port: int) -> None:
-    relay = await start(relay_settings(tmp_path, closed_port))
-    try:
-        content = b"Subject: smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@x>\r\n.\r\n"
-        replies = await asyncio.to_thread(
-            converse,
-            relay.addresses.smtp[1],
-            b"MAIL FROM:<news@shop.example>",
-            f"RCPT TO:<{RCPT}>".encode(),
-            b"DATA\r\n" + content,
-        )
-        assert replies[-1][0] == 250
-        with sqlite3.connect(tmp_path / "spool.db") as db:
-            [(stored,)] = db.execute("SELECT content FROM messages").fetchall()
-        assert b"first\n.\nMAIL FROM:<evil@x>" in stored
-    finally:
-        await relay.stop()
+async def test_bare_lf_dot_does_not_end_data(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    content = b"Subject: smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@x>\r\n.\r\n"
+    replies = await asyncio.to_thread(
+        converse,
+        relay.addresses.smtp[1],
+        b"MAIL FROM:<news@shop.example>",
+        f"RCPT TO:<{RCPT}>".encode(),
+        b"DATA\r\n" + content,
+    )
+    assert replies[-1][0] == 250
+    [stored] = await spooled_contents(tmp_path)
+    assert b"first\n.\nMAIL FROM:<evil@x>" in stored
 
 
-async def test_bad_recipient_syntax_is_refused(tmp_path: Path) -> None:
-    relay = await start(relay_settings(tmp_path, None))
-    try:
-        replies = await asyncio.to_thread(
-            converse,
-            relay.addresses.smtp[1],
-            b"MAIL FROM:<news@shop.example>",
-            b"RCPT TO:<no-at-sign>",
-        )
-        assert replies[1][0] in (501, 553)
-    finally:
-        await relay.stop()
+async def test_bad_recipient_syntax_is_refused(tmp_path: Path, start_relay: StartRelay) -> None:
+    relay = await start_relay(relay_settings(tmp_path, None))
+    replies = await asyncio.to_thread(
+        converse,
+        relay.addresses.smtp[1],
+        b"MAIL FROM:<news@shop.example>",
+        b"RCPT TO:<no-at-sign>",
+    )
+    assert replies[1][0] in (501, 553)
 
 
-async def test_a_full_spool_pushes_back_with_451(tmp_path: Path, closed_port: int) -> None:
-    settings = relay_settings(tmp_path, closed_port)
-    settings = replace(settings, delivery=replace(settings.delivery, max_queued_messages=2))
-    relay = await start(settings)
+async def test_a_full_spool_pushes_back_with_451(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    settings = with_delivery(relay_settings(tmp_path, closed_port), max_queued_messages=2)
+    relay = await start_relay(settings)
     port = relay.addresses.smtp[1]
-    try:
-        for _ in range(2):
-            accepted = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
-            assert accepted.error is None
-        refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
-        assert refused.reply is not None
-        assert refused.reply[0] == 451
-        assert refused.reply[1].startswith(b"4.3.1")
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 2
-        # Room again once a message leaves the spool.
-        [entry, _] = await relay.spool.entries()
-        await relay.spool.delete(entry.queue_id)
-        again = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
-        assert again.error is None
-    finally:
-        await relay.stop()
+    for _ in range(2):
+        accepted = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+        assert accepted.error is None
+    refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+    assert refused.reply is not None
+    assert refused.reply[0] == 451
+    assert refused.reply[1].startswith(b"4.3.1")
+    assert await spooled_messages(tmp_path) == 2
+    # Room again once a message leaves the spool.
+    [entry, _] = await relay.spool.entries()
+    await relay.spool.delete(entry.queue_id)
+    again = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+    assert again.error is None
 
 
 async def test_an_opt_out_from_one_sender_refuses_only_that_sender(
-    tmp_path: Path, closed_port: int
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
 ) -> None:
-    relay = await start(relay_settings(tmp_path, closed_port))
-    try:
-        await relay.stores.suppressions.add(RCPT, scope="sender:shop.example")
-        port = relay.addresses.smtp[1]
-        refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
-        assert refused.refused[RCPT][0] == 550
-        other = await asubmit(port, newsletter([RCPT]), "hello@bakery.example", [RCPT])
-        assert other.refused == {} and other.error is None
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    await relay.stores.suppressions.add(RCPT, scope="sender:shop.example")
+    port = relay.addresses.smtp[1]
+    refused = await asubmit(port, newsletter([RCPT]), "news@shop.example", [RCPT])
+    assert refused.refused[RCPT][0] == 550
+    other = await asubmit(port, newsletter([RCPT]), "hello@bakery.example", [RCPT])
+    assert other.refused == {} and other.error is None
 
 
 async def test_a_line_over_998_octets_is_refused_and_nothing_is_kept(
-    tmp_path: Path, closed_port: int
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
 ) -> None:
-    relay = await start(relay_settings(tmp_path, closed_port))
-    try:
-        content = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n.\r\n"
-        replies = await asyncio.to_thread(
-            converse,
-            relay.addresses.smtp[1],
-            b"MAIL FROM:<news@shop.example>",
-            f"RCPT TO:<{RCPT}>".encode(),
-            b"DATA\r\n" + content,
-        )
-        assert replies[-1][0] == 500
-        assert replies[-1][1].startswith(b"5.5.2")
-        assert await asyncio.to_thread(spooled_messages, tmp_path) == 0
-    finally:
-        await relay.stop()
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    content = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n.\r\n"
+    replies = await asyncio.to_thread(
+        converse,
+        relay.addresses.smtp[1],
+        b"MAIL FROM:<news@shop.example>",
+        f"RCPT TO:<{RCPT}>".encode(),
+        b"DATA\r\n" + content,
+    )
+    assert replies[-1][0] == 500
+    assert replies[-1][1].startswith(b"5.5.2")
+    assert await spooled_messages(tmp_path) == 0

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -16,35 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import newsletter, submit
-from tests.test_config import ROOT
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: all held at once while asking, so the OS
-    cannot hand out the same one twice."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def wait_until_listening(port: int, process: subprocess.Popen[bytes], within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"relay exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
+from tests.helpers import ROOT, free_ports, newsletter, submit, wait_until_listening
 
 
 def poll(condition: object, within: float = 20) -> None:

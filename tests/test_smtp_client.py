@@ -14,7 +14,7 @@ import pytest
 from relay.delivery.client import SmtpConnection, TlsUnavailable, dot_stuffed, smtp_lines
 from relay.delivery.transport import Outgoing, SmtpTransport, Status
 from relay.settings import Downstream
-from tests.helpers import CaptureServer, self_signed_context
+from tests.helpers import CaptureServer, StartDownstream, self_signed_context
 
 MESSAGE = b"From: news@shop.example\r\nSubject: hi\r\n\r\n.starts with a dot\r\n..two\r\nend\r\n"
 
@@ -132,8 +132,10 @@ async def test_a_refused_recipient_is_reported_and_the_connection_goes_on(
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
-async def test_aiosmtpd_receives_the_message_as_smtp_carries_it(pipelining: bool) -> None:
-    capture = await CaptureServer.start(pipelining=pipelining)
+async def test_aiosmtpd_receives_the_message_as_smtp_carries_it(
+    pipelining: bool, start_downstream: StartDownstream
+) -> None:
+    capture = await start_downstream(pipelining=pipelining)
     connection = await connect(capture.port)
     try:
         assert connection.supports("pipelining") is pipelining
@@ -147,13 +149,12 @@ async def test_aiosmtpd_receives_the_message_as_smtp_carries_it(pipelining: bool
         assert captured.content == b"Subject: lf\r\n\r\n.dot first\r\nlast line without a break\r\n"
     finally:
         await connection.quit()
-        await capture.stop()
 
 
 async def test_starttls_is_used_when_offered_and_refusals_come_back_by_stage(
-    tmp_path: Path,
+    tmp_path: Path, start_downstream: StartDownstream
 ) -> None:
-    capture = await CaptureServer.start(tls=self_signed_context(tmp_path))
+    capture = await start_downstream(tls=self_signed_context(tmp_path))
     capture.handler.rcpt_replies["full@example.org"] = "452 4.2.2 mailbox full"
     connection = await connect(capture.port)
     try:
@@ -166,17 +167,14 @@ async def test_starttls_is_used_when_offered_and_refusals_come_back_by_stage(
         assert capture.handler.messages[0].encrypted
     finally:
         await connection.quit()
-        await capture.stop()
 
 
-async def test_required_tls_without_starttls_is_refused_before_any_mail() -> None:
-    capture = await CaptureServer.start()
-    try:
-        with pytest.raises(TlsUnavailable):
-            await connect(capture.port, require_tls=True)
-        assert capture.handler.messages == []
-    finally:
-        await capture.stop()
+async def test_required_tls_without_starttls_is_refused_before_any_mail(
+    downstream: CaptureServer,
+) -> None:
+    with pytest.raises(TlsUnavailable):
+        await connect(downstream.port, require_tls=True)
+    assert downstream.handler.messages == []
 
 
 async def test_a_temporary_refusal_defers(strict: tuple[PipeliningOnly, int]) -> None:

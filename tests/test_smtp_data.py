@@ -10,20 +10,16 @@ import asyncio
 import os
 import smtplib
 import socket
-import sqlite3
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.app import Relay
 from relay.smtpd.data import MAX_LINE, DataProblem, discard, read_data
-from tests.conftest import relay_settings
-from tests.helpers import wait_for
+from tests.helpers import StartRelay, relay_settings, spooled_contents, wait_for, with_smtp
 
 # Read data goes through memory only (None), or is spilled to a file past a few octets.
 THRESHOLDS = [None, 0, 1, 2, 3, 5, 40]
@@ -316,39 +312,35 @@ def pipelined_session(port: int, message: bytes) -> list[bytes]:
         return replies
 
 
-async def test_pipelined_messages_are_each_spooled_whole(tmp_path: Path) -> None:
-    relay = await Relay.start(relay_settings(tmp_path, None))
-    try:
-        message = b"From: news@shop.example\r\nSubject: one\r\n\r\n..dot\r\n" + b"z" * 900 + b"\r\n"
-        replies = await asyncio.to_thread(pipelined_session, relay.addresses.smtp[1], message)
-        codes = [r[:3] for r in replies]
-        # Each message's 250 is read with the next batch of pipelined replies.
-        assert b" ".join(codes) == b"220 250 250 250 354 250 250 250 354 250 221"
-        with sqlite3.connect(tmp_path / "spool.db") as db:
-            stored = [row[0] for row in db.execute("SELECT content FROM messages")]
-        assert stored == [message.replace(b"..dot", b".dot")] * 2
-    finally:
-        await relay.stop()
+async def test_pipelined_messages_are_each_spooled_whole(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))  # the mail stays spooled
+    message = b"From: news@shop.example\r\nSubject: one\r\n\r\n..dot\r\n" + b"z" * 900 + b"\r\n"
+    replies = await asyncio.to_thread(pipelined_session, relay.addresses.smtp[1], message)
+    codes = [r[:3] for r in replies]
+    # Each message's 250 is read with the next batch of pipelined replies.
+    assert b" ".join(codes) == b"220 250 250 250 354 250 250 250 354 250 221"
+    stored = await spooled_contents(tmp_path)
+    assert stored == [message.replace(b"..dot", b".dot")] * 2
 
 
-async def test_too_much_data_gets_552_and_the_session_goes_on(tmp_path: Path) -> None:
+async def test_too_much_data_gets_552_and_the_session_goes_on(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
     limit = 10_000
-    base = relay_settings(tmp_path, None)
-    relay = await Relay.start(replace(base, smtp=replace(base.smtp, max_message_size=limit)))
-    try:
+    relay = await start_relay(with_smtp(relay_settings(tmp_path, None), max_message_size=limit))
 
-        def session() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
-            with smtplib.SMTP("127.0.0.1", relay.addresses.smtp[1], timeout=10) as client:
-                client.ehlo("client.test")
-                client.docmd("MAIL FROM:<news@shop.example>")
-                client.docmd("RCPT TO:<erin@example.org>")
-                client.docmd("DATA")
-                client.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (limit // 1000 + 1))
-                client.send(b".\r\n")
-                return client.getreply(), client.noop()
+    def session() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", relay.addresses.smtp[1], timeout=10) as client:
+            client.ehlo("client.test")
+            client.docmd("MAIL FROM:<news@shop.example>")
+            client.docmd("RCPT TO:<erin@example.org>")
+            client.docmd("DATA")
+            client.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (limit // 1000 + 1))
+            client.send(b".\r\n")
+            return client.getreply(), client.noop()
 
-        too_big, after = await asyncio.to_thread(session)
-        assert too_big[0] == 552 and too_big[1].startswith(b"5.3.4")
-        assert after[0] == 250
-    finally:
-        await relay.stop()
+    too_big, after = await asyncio.to_thread(session)
+    assert too_big[0] == 552 and too_big[1].startswith(b"5.3.4")
+    assert after[0] == 250

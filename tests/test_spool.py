@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from relay.app import Relay
 from relay.spool import COPY_CHUNK, Partition, Spilled, SpillFile, Spool
-from tests.conftest import relay_settings
-from tests.helpers import CaptureServer, asubmit, newsletter, wait_for
+from tests.helpers import (
+    CaptureServer,
+    StartRelay,
+    asubmit,
+    newsletter,
+    relay_settings,
+    wait_for,
+    with_delivery,
+)
 
 
 async def test_partitions_split_the_spool_without_overlap(tmp_path: Path) -> None:
@@ -39,21 +44,17 @@ async def test_partitions_split_the_spool_without_overlap(tmp_path: Path) -> Non
 
 
 async def test_two_delivery_processes_send_each_message_once(
-    tmp_path: Path, downstream: CaptureServer
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
 ) -> None:
-    settings = relay_settings(tmp_path, downstream.port)
-    settings = replace(settings, delivery=replace(settings.delivery, processes=2))
-    relay = await Relay.start(settings)
+    relay = await start_relay(with_delivery(relay_settings(tmp_path, downstream.port), processes=2))
     recipients = [f"user{i}@example.org" for i in range(24)]
-    try:
-        for recipient in recipients:
-            await asubmit(
-                relay.addresses.smtp[1], newsletter([recipient]), "news@shop.example", [recipient]
-            )
-        await wait_for(lambda: len(downstream.handler.messages) >= 24, what="24 copies")
-        await wait_for(lambda: relay.spool.waiting == 0, what="an empty spool")
-    finally:
-        await relay.stop()
+    for recipient in recipients:
+        await asubmit(
+            relay.addresses.smtp[1], newsletter([recipient]), "news@shop.example", [recipient]
+        )
+    await wait_for(lambda: len(downstream.handler.messages) >= 24, what="24 copies")
+    await wait_for(lambda: relay.spool.waiting == 0, what="an empty spool")
+    await relay.stop()
     assert sorted(m.recipients[0] for m in downstream.handler.messages) == sorted(recipients)
 
 
