@@ -2,7 +2,15 @@
 
 from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
 from .audit import AuditRecord
-from .database import Database, Migration, format_time, row_dicts, utc_now, zeroing
+from .database import (
+    Database,
+    Migration,
+    format_time,
+    fsync_directory,
+    row_dicts,
+    utc_now,
+    zeroing,
+)
 from .entries import Entry, Outcome
 from .errors import (
     ImportFormatError,
@@ -62,6 +70,7 @@ __all__ = [
     "erase_subject",
     "export_subject",
     "format_time",
+    "fsync_directory",
     "import_file",
     "normalize_address",
     "parse_age",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -344,6 +345,16 @@ def zeroing(db: sqlite_utils.Database) -> Iterator[None]:
 def checkpoint_truncate(db: sqlite_utils.Database) -> bool:
     busy, _log, _done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return not busy
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the creation, renaming or removal of a file in `directory` durable: the name is
+    in the directory, so a crash can undo it until the directory itself is fsynced."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def row_dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

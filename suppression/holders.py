@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 from pathlib import Path
 from typing import Protocol
 
 from .addresses import digest_texts
+from .database import fsync_directory
 from .subject import DataHolder, Subject
 
 
@@ -94,17 +94,9 @@ def outbox_holder(directory: Path) -> DataHolder:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             if paths:
-                _fsync_dir(directory)
+                fsync_directory(directory)
             return len(paths)
 
         return await asyncio.to_thread(delete)
 
     return DataHolder("outbox", export, erase)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

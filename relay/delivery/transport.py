@@ -10,6 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from suppression import fsync_directory
+
 from ..settings import Downstream
 from .client import ConnectionLost, SmtpClientError, SmtpConnection, unverified_tls
 
@@ -206,11 +208,7 @@ class OutboxTransport:
             os.fsync(file.fileno())
         final = self.directory / name
         os.replace(temporary, final)
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        fsync_directory(self.directory)
         return final
 
     async def close(self) -> None:

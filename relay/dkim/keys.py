@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Literal
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from suppression import fsync_directory
 
 from .errors import DkimKeyError
 from .signer import PrivateKey, algorithm_of, check_domain, check_selector
@@ -169,13 +172,6 @@ def _write_new_private_file(path: Path, data: bytes) -> None:
     except OSError as exc:
         path.unlink(missing_ok=True)
         raise DkimKeyError(f"cannot write DKIM key file {path}: {exc.strerror}") from None
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    # The key itself is on disk; a folder that cannot be fsynced is no reason to refuse it.
+    with contextlib.suppress(OSError):
+        fsync_directory(path.parent)
