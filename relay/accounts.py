@@ -6,8 +6,9 @@ import base64
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
+
+from .errors import RelayError
 
 # scrypt at N=2^14, r=8, p=1: about 50 ms and 16 MiB per check, RFC 7914's interactive choice.
 SCRYPT_N = 2**14
@@ -16,7 +17,7 @@ SCRYPT_P = 1
 _PREFIX = "scrypt"
 
 
-class PasswordHashError(ValueError):
+class PasswordHashError(RelayError, ValueError):
     """A stored password hash that is not one this relay writes."""
 
 
@@ -78,57 +79,3 @@ class Account:
     def may_send_as(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
         return any(domain == d or domain.endswith("." + d) for d in self.from_domains)
-
-
-@dataclass(slots=True)
-class _Failures:
-    count: int
-    first: float
-
-
-class AuthThrottle:
-    """Slows, then refuses, a client address that keeps failing AUTH (password guessing).
-
-    A success does not clear the count: logging in to one account must not buy more
-    guesses at another. The window forgets old failures instead."""
-
-    def __init__(
-        self,
-        *,
-        slow_after: int = 3,
-        lock_after: int = 6,
-        window: float = 900.0,
-        delay: float = 1.0,
-    ) -> None:
-        self.slow_after = slow_after
-        self.lock_after = lock_after
-        self.window = window
-        self.delay = delay
-        self._failures: dict[str, _Failures] = {}
-
-    def _current(self, client: str, now: float) -> _Failures | None:
-        entry = self._failures.get(client)
-        if entry is not None and now - entry.first > self.window:
-            del self._failures[client]
-            return None
-        return entry
-
-    def locked(self, client: str, now: float | None = None) -> bool:
-        entry = self._current(client, time.monotonic() if now is None else now)
-        return entry is not None and entry.count >= self.lock_after
-
-    def penalty(self, client: str, now: float | None = None) -> float:
-        """Seconds to wait before answering this client's next AUTH."""
-        entry = self._current(client, time.monotonic() if now is None else now)
-        return self.delay if entry is not None and entry.count >= self.slow_after else 0.0
-
-    def failed(self, client: str, now: float | None = None) -> None:
-        moment = time.monotonic() if now is None else now
-        entry = self._current(client, moment)
-        if entry is None:
-            self._failures[client] = _Failures(1, moment)
-        else:
-            entry.count += 1
-        if len(self._failures) > 100_000:  # bound memory under a distributed attack
-            oldest = min(self._failures, key=lambda c: self._failures[c].first)
-            del self._failures[oldest]

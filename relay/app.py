@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from aiohttp import web
 
@@ -19,7 +20,6 @@ from tracking import RateLimit, TrackingUrls, create_app
 from tracking.events import purge
 
 from ._malloc import return_big_buffers
-from .accounts import AuthThrottle
 from .delivery import DeliveryProcess, DeliveryRuntime
 from .delivery import destination as delivery_destination
 from .errors import ConfigError
@@ -167,7 +167,7 @@ class Relay:
             on_spooled=notify,
             accounts=self.accounts,
         )
-        servers = await self._listen_smtp(front_door, hostname)
+        servers = await self._listen_smtp(front_door, hostname, spool.incoming)
         self._exit.push_async_callback(self._close_smtp, servers, front_door)
         server = servers[0]
         self.addresses = Addresses(
@@ -183,8 +183,11 @@ class Relay:
             settings.storage.dir,
         )
 
-    async def _listen_smtp(self, front_door: FrontDoor, hostname: str) -> list[asyncio.Server]:
-        """The submission listener, plus the implicit-TLS one when configured."""
+    async def _listen_smtp(
+        self, front_door: FrontDoor, hostname: str, spill_dir: Path
+    ) -> list[asyncio.Server]:
+        """The submission listener, plus the implicit-TLS one when configured. Big messages
+        are spilled to `spill_dir` as they arrive."""
         smtp = self.settings.smtp
         context = None
         if smtp.tls_cert is not None and smtp.tls_key is not None:
@@ -194,13 +197,14 @@ class Relay:
                 raise ConfigError("smtp.tls_cert", f"cannot load certificate: {exc}") from None
             self.tls = context
         limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
-        auth = AuthPolicy(self.accounts, AuthThrottle())
+        auth = AuthPolicy(self.accounts)
 
         def session(implicit_tls: bool) -> RelaySMTP:
             return RelaySMTP(
                 front_door,
                 limits=limits,
                 auth=auth,
+                spill_dir=spill_dir,
                 implicit_tls=implicit_tls,
                 hostname=hostname,
                 data_size_limit=smtp.max_message_size,

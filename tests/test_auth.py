@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.accounts import Account, AuthThrottle, hash_password, verify_password
+from relay.accounts import Account, hash_password, verify_password
 from relay.app import Relay
+from relay.smtpd import AuthThrottle
 from tests.helpers import (
     PASSWORD,
     ROOT,

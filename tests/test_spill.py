@@ -12,7 +12,7 @@ from pathlib import Path
 
 from relay.accounts import Account, hash_password
 from relay.smtpd.data import HEAD, SPILL_THRESHOLD
-from relay.smtpd.door import HEADER_LIMIT
+from relay.smtpd.senders import HEADER_LIMIT
 from tests.helpers import (
     PASSWORD,
     CaptureServer,

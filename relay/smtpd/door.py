@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -14,18 +13,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from suppression import InvalidAddress, SuppressionStore, sender_scopes
 
 from ..accounts import Account
-from ..mime import address_domain, entity_bounds, from_domains, headers_of, parse_headers
+from ..mime import address_domain
 from ..settings import IPNetwork, SmtpSettings
 from ..spool import Spilled, Spool
+from .data import DataProblem
+from .senders import from_refusal
 from .server import RelayEnvelope
 
 log = logging.getLogger("optout.smtp")
-
-# How much of a spilled message is read for its header section when that is longer than
-# the head kept in memory. A longer header section is refused: its From could not be checked.
-HEADER_LIMIT = 1024 * 1024
-HEADERS_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
-NO_FROM = "550 5.7.1 Message has no From address this account may send as"
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -50,24 +45,6 @@ def _username(session: Session) -> str | None:
 
 def _client(session: Session) -> str:
     return f"{session.host_name or 'unknown'}[{session.peer[0] if session.peer else '?'}]"
-
-
-def _whole_header_section(start: bytes, size: int) -> bytes | None:
-    """The header section of a message of `size` octets that begins with `start`; None if
-    `start` may end inside it (no blank line in it, and more of the message follows)."""
-    header_end, body_start = entity_bounds(start)
-    return start[:header_end] if header_end < body_start or len(start) == size else None
-
-
-async def header_block(message: bytes | Spilled) -> bytes | None:
-    """The message's header section; None if it is longer than HEADER_LIMIT."""
-    if isinstance(message, bytes):
-        return headers_of(message)
-    found = _whole_header_section(message.head, message.size)
-    if found is None:
-        start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
-        found = _whole_header_section(start, message.size)
-    return found
 
 
 def received_message(envelope: Envelope) -> bytes | Spilled:
@@ -102,12 +79,6 @@ class FrontDoor:
         self._accepting = 0
         self._idle = asyncio.Event()
         self._idle.set()
-
-    @property
-    def incoming(self) -> Path:
-        """Where RelaySMTP spills messages too big to hold in memory: next to the spool,
-        which sweeps what a stopped process left there."""
-        return self._spool.incoming
 
     def _account(self, session: Session) -> Account | None:
         username = _username(session)
@@ -190,83 +161,72 @@ class FrontDoor:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = received_message(envelope)
-        size = len(content) if isinstance(content, bytes) else content.size
+        message = received_message(envelope)
         account = self._account(session)
         if account is not None:
-            try:
-                block = await header_block(content)
-            except OSError as exc:
-                log.error(
-                    "NOQUEUE: cannot read spilled message from=<%s>: %s", envelope.mail_from, exc
-                )
-                return (
-                    "451 4.3.0 Requested action aborted: cannot store the message, try again later"
-                )
-            if block is None:
-                log.info(
-                    "NOQUEUE: reject: DATA from %s: 552 5.3.4 header section over %d octets",
-                    _client(session),
-                    HEADER_LIMIT,
-                )
-                return HEADERS_TOO_BIG
-            domains = from_domains(parse_headers(block))
-            if not domains:
-                # Without a From address there is no domain to allow: the account could
-                # otherwise send as anyone a mail client makes of the header (rule 1).
-                log.info(
-                    "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s sent no readable From",
-                    _client(session),
-                    account.username,
-                )
-                return NO_FROM
-            foreign = sorted(d for d in domains if not account.may_send_as(d))
-            if foreign:
-                log.info(
-                    "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s",
-                    _client(session),
-                    account.username,
-                    ", ".join(foreign),
-                )
-                return f"550 5.7.1 From domain {foreign[0]} not allowed for this account"
+            refusal = await from_refusal(
+                account, message, client=_client(session), mail_from=envelope.mail_from
+            )
+            if refusal is not None:
+                return refusal
+        queue_id = await self._spool_message(session, envelope, message, account)
+        if queue_id is None:
+            return DataProblem.CANNOT_STORE.value
+        _log_queued(session, envelope, message, queue_id)
+        self._on_spooled()
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def _spool_message(
+        self,
+        session: Session,
+        envelope: Envelope,
+        message: bytes | Spilled,
+        account: Account | None,
+    ) -> str | None:
+        """The message's queue id once the spool has it durably; None (logged) if it could
+        not take it. Counted while it runs, so that `drain` waits for its reply."""
         # aiosmtpd keeps the null sender (RFC 5321 §4.5.5) as "<>"; the spool stores "".
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         self._accepting += 1
         self._idle.clear()
         try:
-            queue_id = await self._spool.accept(
+            return await self._spool.accept(
                 sender,
                 list(envelope.rcpt_tos),
-                content,
+                message,
                 _client(session),
                 account=None if account is None else account.username,
             )
         except Exception as exc:
             log.error("NOQUEUE: cannot spool message from=<%s>: %s", envelope.mail_from, exc)
-            return "451 4.3.0 Requested action aborted: cannot store the message, try again later"
+            return None
         finally:
             self._accepting -= 1
             if not self._accepting:
                 self._idle.set()
-        log.info(
-            "client=%s, from=<%s>, size=%d, nrcpt=%d (queued)",
-            _client(session),
-            envelope.mail_from,
-            size,
-            len(envelope.rcpt_tos),
-            extra={
-                "queue_id": queue_id,
-                "fields": {
-                    "client": _client(session),
-                    "from": envelope.mail_from,
-                    "size": size,
-                    "nrcpt": len(envelope.rcpt_tos),
-                },
-            },
-        )
-        self._on_spooled()
-        return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def drain(self) -> None:
         """Wait until no message is half-way into the spool."""
         await self._idle.wait()
+
+
+def _log_queued(
+    session: Session, envelope: Envelope, message: bytes | Spilled, queue_id: str
+) -> None:
+    size = len(message) if isinstance(message, bytes) else message.size
+    log.info(
+        "client=%s, from=<%s>, size=%d, nrcpt=%d (queued)",
+        _client(session),
+        envelope.mail_from,
+        size,
+        len(envelope.rcpt_tos),
+        extra={
+            "queue_id": queue_id,
+            "fields": {
+                "client": _client(session),
+                "from": envelope.mail_from,
+                "size": size,
+                "nrcpt": len(envelope.rcpt_tos),
+            },
+        },
+    )

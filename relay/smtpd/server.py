@@ -1,12 +1,14 @@
-"""aiosmtpd's server as the relay needs it: enhanced status codes, connection limits, and
-AUTH checked off the event loop with a throttle against password guessing."""
+"""aiosmtpd's server as the relay needs it: enhanced status codes, connection limits, DATA
+read in chunks (spilled to a file when big), and AUTH checked off the event loop.
+
+It overrides a few of aiosmtpd's private methods, each for one reason its docstring gives;
+everything else is aiosmtpd's."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-import secrets
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,9 +17,9 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword
 
-from ..accounts import Account, AuthThrottle, hash_password, verify_password
 from ..spool import Spilled
-from .data import SPILL_THRESHOLD, DataProblem, discard, read_data
+from .auth import AuthPolicy
+from .data import SPILL_THRESHOLD, DataProblem, DataResult, discard, read_data
 
 log = logging.getLogger("optout.smtp")
 
@@ -29,12 +31,10 @@ _REPLIES = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "503 Already authenticated": "503 5.5.1 Already authenticated",
 }
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 # <local@domain> with a dot-atom local part (RFC 5321 §4.1.2) and a plain ASCII domain: what
 # nearly every MAIL and RCPT carries. Anything else goes to aiosmtpd's full parser.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(rf"\s*<({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
-AUTH_LOCKED = "454 4.7.0 Too many failed authentications from your address, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 
 
@@ -54,12 +54,6 @@ class ConnectionLimits:
         self.open[client] -= 1
         if self.open[client] <= 0:
             del self.open[client]
-
-
-@dataclass(slots=True)
-class AuthPolicy:
-    accounts: dict[str, Account]
-    throttle: AuthThrottle
 
 
 @dataclass(slots=True)
@@ -91,7 +85,9 @@ def reload_certificate(context: ssl.SSLContext, cert: Path, key: Path) -> None:
 
 
 class RelaySMTP(SMTP):
-    """One SMTP session. `implicit_tls`: the listener wrapped the socket in TLS already."""
+    """One SMTP session. `implicit_tls`: the listener wrapped the socket in TLS already.
+    `spill_dir`: where messages bigger than `spill_threshold` go as they arrive (the
+    spool's incoming/, which it sweeps at start); None keeps every message in memory."""
 
     # aiosmtpd sizes its StreamReader's buffer from this, and uses it for nothing else we
     # keep: DATA is read by `read_data`, which applies RFC 5321's line limit itself. A
@@ -102,7 +98,7 @@ class RelaySMTP(SMTP):
     # of the above): with a hundred clients sending big messages at once, these buffers
     # were a quarter of the front door's memory.
     receive_size = 32 * 1024
-    # Messages bigger than this are spilled to a file as they arrive (see smtp_data).
+    # Messages bigger than this are spilled to a file as they arrive (see smtp_DATA).
     spill_threshold = SPILL_THRESHOLD
 
     def __init__(
@@ -111,20 +107,20 @@ class RelaySMTP(SMTP):
         *,
         limits: ConnectionLimits,
         auth: AuthPolicy,
+        spill_dir: Path | None = None,
         implicit_tls: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._auth = auth
+        self._spill_dir = spill_dir
         self.implicit_tls = implicit_tls
         self._admitted: str | None = None
-        # Where the handler wants big messages spilled (FrontDoor: the spool's incoming/);
-        # a handler without one gets every message in memory.
-        incoming = getattr(handler, "incoming", None)
-        self._incoming = incoming if isinstance(incoming, Path) else None
 
     def _create_envelope(self) -> Envelope:
+        """aiosmtpd's envelope factory (called at each new transaction), overridden so the
+        envelope has room for a spilled message."""
         return RelayEnvelope()
 
     def _client_ip(self) -> str:
@@ -156,22 +152,30 @@ class RelaySMTP(SMTP):
         super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
+        """aiosmtpd's session, which begins with the greeting: overridden so a connection
+        over the limits gets a 421 instead (`connection_made` cannot reply yet)."""
         if self._admitted is None:
-            log.warning("reject: connection from %s: too many connections", self._client_ip())
-            await super().push(TOO_MANY_CONNECTIONS)
-            if self.transport is not None:
-                self.transport.close()
+            await self._refuse_connection()
             return
         await super()._handle_client()
 
+    async def _refuse_connection(self) -> None:
+        log.warning("reject: connection from %s: too many connections", self._client_ip())
+        await super().push(TOO_MANY_CONNECTIONS)
+        if self.transport is not None:
+            self.transport.close()
+
     async def push(self, status: AnyStr) -> None:
+        """Every reply goes out here: aiosmtpd's own wording for the limits it enforces is
+        replaced by our contract's, with enhanced status codes."""
         if isinstance(status, str):
             await super().push(_REPLIES.get(status, status))
         else:
             await super().push(status)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA command with a reader that holds a message once, not per line."""
+        """aiosmtpd's DATA command with a reader that holds a message once, not per line,
+        and spills a big one to `spill_dir`."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -182,11 +186,21 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = await self._read_message()
+        if data is None:
+            return
+        if data.problem is not None:
+            await self._refuse_data(data.problem)
+        else:
+            await self._hand_over(data)
+
+    async def _read_message(self) -> DataResult | None:
+        """The message up to its end marker; None once the client has gone away."""
         try:
-            data = await read_data(
+            return await read_data(
                 self._reader,
                 self.data_size_limit,
-                spill_to=self._incoming,
+                spill_to=self._spill_dir,
                 threshold=self.spill_threshold,
             )
         except (asyncio.CancelledError, asyncio.IncompleteReadError) as lost:
@@ -194,15 +208,16 @@ class RelaySMTP(SMTP):
             self._writer.close()
             if isinstance(lost, asyncio.CancelledError):
                 raise
-            return
-        if data.problem is not None:
-            if data.problem is DataProblem.CANNOT_STORE:
-                log.error(
-                    "NOQUEUE: reject: DATA from %s: %s", self._client_ip(), data.problem.value
-                )
-            await self.push(data.problem.value)
-            self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
-            return
+            return None
+
+    async def _refuse_data(self, problem: DataProblem) -> None:
+        if problem is DataProblem.CANNOT_STORE:
+            log.error("NOQUEUE: reject: DATA from %s: %s", self._client_ip(), problem.value)
+        await self.push(problem.value)
+        self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
+
+    async def _hand_over(self, data: DataResult) -> None:
+        """The handler's DATA hook answers for the message, as in aiosmtpd."""
         envelope = self.envelope
         assert isinstance(envelope, RelayEnvelope)
         envelope.content = envelope.original_content = data.content
@@ -236,7 +251,9 @@ class RelaySMTP(SMTP):
     # ---- AUTH: aiosmtpd parses PLAIN and LOGIN; the password check runs in a thread ----
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
-        # Called synchronously by aiosmtpd's auth_PLAIN/auth_LOGIN: only collect the data.
+        """aiosmtpd's password check, called synchronously by its auth_PLAIN and auth_LOGIN
+        with the credentials they parsed: overridden only to collect them, since scrypt
+        would block the event loop; `_checked` makes the check in a thread."""
         return AuthResult(success=False, handled=False, auth_data=_Pending(auth_data))
 
     async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
@@ -248,23 +265,4 @@ class RelaySMTP(SMTP):
     async def _checked(self, parsed: AuthResult) -> AuthResult:
         if not isinstance(parsed.auth_data, _Pending):
             return parsed  # aiosmtpd already answered (bad base64, client gave up)
-        client = self._client_ip()
-        throttle = self._auth.throttle
-        if throttle.locked(client):
-            return AuthResult(success=False, handled=False, message=AUTH_LOCKED)
-        delay = throttle.penalty(client)
-        if delay:
-            await asyncio.sleep(delay)  # slows guessing down; the session stays usable
-        credentials = parsed.auth_data.credentials
-        username = credentials.login.decode("utf-8", "replace")
-        account = self._auth.accounts.get(username)
-        # An unknown username costs the same scrypt check, so timing does not tell them apart.
-        stored = account.password_hash if account is not None else _DUMMY_HASH
-        matches = await asyncio.to_thread(verify_password, credentials.password, stored)
-        valid = account is not None and matches
-        if not valid:
-            throttle.failed(client)
-            log.warning("AUTH failed for %r from %s", username, client)
-            return AuthResult(success=False, handled=False)
-        log.info("AUTH ok: %s from %s", username, client)
-        return AuthResult(success=True, auth_data=username)
+        return await self._auth.check(self._client_ip(), parsed.auth_data.credentials)

@@ -1,0 +1,238 @@
+"""The front door on its own: a `FrontDoor` over a real spool and suppression list, served
+by `RelaySMTP` on a loopback port, driven with the stdlib client as a marketing tool would.
+No relay process around it: no delivery, no tracking app, no config file."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import smtplib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from relay.accounts import Account, hash_password
+from relay.settings import IPNetwork, SmtpSettings
+from relay.smtpd import AuthPolicy, ConnectionLimits, FrontDoor, RelaySMTP
+from relay.smtpd.data import SPILL_THRESHOLD
+from relay.spool import Spool
+from suppression import MIGRATIONS, AddressHasher, Database, SuppressionStore
+
+SENDER = "news@shop.example"
+RCPT = "erin@example.org"
+PASSWORD = "door test password"
+# An account that may send as shop.example only.
+SHOP = Account("shop", hash_password(PASSWORD), ("shop.example",))
+# Trusts a documentation network, so that a client on loopback must log in.
+UNTRUSTED: tuple[IPNetwork, ...] = (ipaddress.ip_network("192.0.2.0/24"),)
+# Twice the spill threshold, in lines a client may send (RFC 5321's 998 octets): a message
+# whose end arrives in the same read that crosses the threshold is never spilled.
+BIG_BODY = (b"x" * 998 + b"\r\n") * (2 * SPILL_THRESHOLD // 1000)
+
+OpenDoor = Callable[..., Awaitable[int]]
+
+
+def message(from_header: bytes = b"Shop <news@shop.example>", body: bytes = b"Hello\r\n") -> bytes:
+    return (
+        b"From: " + from_header + b"\r\nTo: " + RCPT.encode() + b"\r\nSubject: hello\r\n"
+        b"Message-ID: <door-test@shop.example>\r\n\r\n" + body
+    )
+
+
+def subdirectories(directory: Path) -> list[str]:
+    return [entry.name for entry in os.scandir(directory) if entry.is_dir()]
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    opened = await Spool.open(tmp_path / "spool.db")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def suppressions(tmp_path: Path) -> AsyncIterator[SuppressionStore]:
+    database = await Database.open(tmp_path / "optout.db", MIGRATIONS)
+    yield SuppressionStore(database, AddressHasher(b"door-test-key-0123456789abcdef"))
+    await database.close()
+
+
+@pytest.fixture
+async def open_door(spool: Spool, suppressions: SuppressionStore) -> AsyncIterator[OpenDoor]:
+    """Serve a front door on a free loopback port (its port); all close at teardown."""
+    servers: list[asyncio.Server] = []
+
+    async def open_(
+        *,
+        trusted: tuple[IPNetwork, ...] = SmtpSettings().trusted_networks,
+        accounts: tuple[Account, ...] = (),
+        spill_dir: Path | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> int:
+        by_name = {account.username: account for account in accounts}
+        door = FrontDoor(
+            spool=spool,
+            suppressions=suppressions,
+            settings=SmtpSettings(trusted_networks=trusted),
+            max_queued_messages=100,
+            on_spooled=lambda: None,
+            accounts=by_name,
+        )
+        auth = AuthPolicy(by_name)
+        admitted = limits or ConnectionLimits(total=10, per_client=10)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: RelaySMTP(
+                door,
+                limits=admitted,
+                auth=auth,
+                spill_dir=spill_dir,
+                hostname="door.test",
+                # The test logs in over plain TCP: TLS before AUTH is test_auth.py's.
+                auth_require_tls=False,
+            ),
+            "127.0.0.1",
+            0,
+        )
+        servers.append(server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    yield open_
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def connect(port: int, *, login: str | None = None) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:
+        client.ehlo("tool.test")
+        if login is not None:
+            client.login(login, PASSWORD)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def send(port: int, content: bytes, *, login: str | None = None) -> tuple[int, bytes | str]:
+    """The reply to the end of DATA (the session then QUITs, as a tool does)."""
+    with connect(port, login=login) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RCPT)[0] == 250
+        try:
+            return client.data(content)
+        except smtplib.SMTPDataError as refused:
+            return refused.smtp_code, refused.smtp_error
+
+
+async def test_a_trusted_clients_message_is_spooled_under_the_queue_id_it_is_told(
+    open_door: OpenDoor, spool: Spool
+) -> None:
+    port = await open_door()
+
+    reply = await asyncio.to_thread(send, port, message())
+
+    [entry] = await spool.entries()
+    assert reply == (250, f"2.0.0 Ok: queued as {entry.queue_id}".encode())
+    assert (entry.mail_from, entry.recipients) == (SENDER, (RCPT,))
+    assert await spool.content(entry.queue_id) == message()
+
+
+async def test_a_recipient_who_opted_out_is_refused_at_rcpt(
+    open_door: OpenDoor, suppressions: SuppressionStore, spool: Spool
+) -> None:
+    await suppressions.add(RCPT)
+    port = await open_door()
+
+    def rcpt() -> tuple[int, bytes]:
+        with connect(port) as client:
+            assert client.mail(SENDER)[0] == 250
+            return client.rcpt(RCPT)
+
+    assert await asyncio.to_thread(rcpt) == (
+        550,
+        f"5.7.1 <{RCPT}>: Recipient has opted out of this sender's mail".encode(),
+    )
+    assert await spool.entries() == []
+
+
+async def test_an_untrusted_client_must_log_in_before_mail(open_door: OpenDoor) -> None:
+    port = await open_door(trusted=UNTRUSTED, accounts=(SHOP,))
+
+    def mail(login: str | None) -> tuple[int, bytes]:
+        with connect(port, login=login) as client:
+            return client.mail(SENDER)
+
+    assert await asyncio.to_thread(mail, None) == (530, b"5.7.0 Authentication required")
+    assert (await asyncio.to_thread(mail, "shop"))[0] == 250
+
+
+@pytest.mark.parametrize(
+    ("from_header", "expected"),
+    [
+        (b"CEO <ceo@bank.example>", b"5.7.1 From domain bank.example not allowed for this account"),
+        (b"undisclosed", b"5.7.1 Message has no From address this account may send as"),
+    ],
+    ids=["foreign domain", "no address"],
+)
+async def test_an_account_is_refused_at_data_unless_from_is_its_own(
+    open_door: OpenDoor, spool: Spool, from_header: bytes, expected: bytes
+) -> None:
+    port = await open_door(trusted=UNTRUSTED, accounts=(SHOP,))
+
+    reply = await asyncio.to_thread(send, port, message(from_header), login="shop")
+
+    assert reply == (550, expected)
+    assert await spool.entries() == []
+
+
+async def test_a_big_message_goes_through_the_spill_dir_it_is_given_and_leaves_it_empty(
+    open_door: OpenDoor, spool: Spool, tmp_path: Path
+) -> None:
+    spill_dir = tmp_path / "spill"
+    port = await open_door(spill_dir=spill_dir)
+    big = message(body=BIG_BODY)
+    assert len(big) > SPILL_THRESHOLD
+
+    reply = await asyncio.to_thread(send, port, big)
+
+    [entry] = await spool.entries()
+    assert reply == (250, f"2.0.0 Ok: queued as {entry.queue_id}".encode())
+    assert await spool.content(entry.queue_id) == big
+    # The first write of a spill creates the directory: this one, not the spool's incoming/.
+    assert subdirectories(tmp_path) == ["spill"]
+    assert os.listdir(spill_dir) == []
+
+
+async def test_without_a_spill_dir_a_big_message_is_held_in_memory(
+    open_door: OpenDoor, spool: Spool, tmp_path: Path
+) -> None:
+    port = await open_door()
+    big = message(body=BIG_BODY)
+
+    reply = await asyncio.to_thread(send, port, big)
+
+    [entry] = await spool.entries()
+    assert reply == (250, f"2.0.0 Ok: queued as {entry.queue_id}".encode())
+    assert await spool.content(entry.queue_id) == big
+    assert subdirectories(tmp_path) == []  # no spill file was made anywhere
+
+
+async def test_a_connection_over_the_limit_is_refused_with_421(open_door: OpenDoor) -> None:
+    port = await open_door(limits=ConnectionLimits(total=1, per_client=1))
+
+    def second_connection() -> tuple[int, bytes | str]:
+        with connect(port), pytest.raises(smtplib.SMTPConnectError) as refused:
+            connect(port)
+        return refused.value.smtp_code, refused.value.smtp_error
+
+    assert await asyncio.to_thread(second_connection) == (
+        421,
+        b"4.7.0 Too many connections, try again later",
+    )
+    # The refused connection took no slot, and the first gave its own back.
+    assert await asyncio.to_thread(lambda: connect(port).quit()[0]) == 221
