@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -18,6 +17,7 @@ from tracking.events import Retention
 
 from .accounts import Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
+from .names import domain_name, selector_name
 from .settings import (
     DeliverySettings,
     DkimKey,
@@ -37,11 +37,14 @@ from .settings import (
 def _policy_domains(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, f"must be an array of domains, not {_type_name(value)}")
-    domains = tuple(_string(v, key).lower().rstrip(".") for v in value)
-    for domain in domains:
-        if not _DOMAIN.match(domain):
-            raise ConfigError(key, f"{domain!r} is not a domain name")
-    return domains
+    return tuple(_domain(v, key) for v in value)
+
+
+def _domain(value: Any, key: str) -> str:
+    try:
+        return domain_name(_string(value, key))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
 
 
 def _retention(value: Any, key: str) -> Retention:
@@ -173,10 +176,6 @@ def _secret_keys(value: Any, key: str) -> tuple[str, ...]:
     return keys
 
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62})$", re.IGNORECASE)
-
-
 def _dkim_keys(value: Any, key: str) -> tuple[DkimKey, ...]:
     if not isinstance(value, list):
         raise ConfigError(
@@ -194,16 +193,14 @@ def _dkim_keys(value: Any, key: str) -> tuple[DkimKey, ...]:
         for name in ("domain", "selector", "key_file"):
             if name not in entry:
                 raise ConfigError(f"{where}.{name}", "is required")
-        domain = _string(entry["domain"], f"{where}.domain").lower().rstrip(".")
-        if not _DOMAIN.match(domain):
-            raise ConfigError(f"{where}.domain", f"{domain!r} is not a domain name")
+        domain = _domain(entry["domain"], f"{where}.domain")
         selectors = {}
         for name in ("selector", "second_selector"):
             if name in entry:
-                selector = _string(entry[name], f"{where}.{name}")
-                if not _SELECTOR.match(selector):
-                    raise ConfigError(f"{where}.{name}", f"{selector!r} is not a DKIM selector")
-                selectors[name] = selector
+                try:
+                    selectors[name] = selector_name(_string(entry[name], f"{where}.{name}"))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}.{name}", str(exc)) from None
         if ("second_selector" in entry) != ("second_key_file" in entry):
             raise ConfigError(f"{where}.second_key_file", "goes with second_selector, both or none")
         second_file = entry.get("second_key_file")
@@ -253,16 +250,13 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
         domains = entry["from_domains"]
         if not isinstance(domains, list) or not domains:
             raise ConfigError(f"{where}.from_domains", "must be a non-empty array of domains")
-        for domain in domains:
-            if not _DOMAIN.match(_string(domain, f"{where}.from_domains").lower()):
-                raise ConfigError(f"{where}.from_domains", f"{domain!r} is not a domain name")
         topic = entry.get("topic")
         tracking = entry.get("tracking", True)
         accounts.append(
             Account(
                 username=_string(entry["username"], f"{where}.username"),
                 password_hash=password_hash,
-                from_domains=tuple(d.lower().rstrip(".") for d in domains),
+                from_domains=tuple(_domain(d, f"{where}.from_domains") for d in domains),
                 topic=None if topic is None else _string(topic, f"{where}.topic"),
                 track_opens=_boolean(tracking, f"{where}.tracking"),
             )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.accounts import hash_password
 from relay.config import load_settings, parse_settings, section_keys
 from relay.errors import ConfigError
 from relay.settings import Downstream, Listen, Settings
@@ -77,6 +78,40 @@ def test_bad_values_name_their_key(document: dict[str, object], key: str) -> Non
     with pytest.raises(ConfigError) as caught:
         parse_settings(document)
     assert caught.value.key == key
+
+
+def test_accounts_and_dkim_keys_read_domain_names_by_one_rule(tmp_path: Path) -> None:
+    (tmp_path / "tls.pem").write_text("")  # accounts need TLS; the files are read at start
+    tls = {"tls_cert": str(tmp_path / "tls.pem"), "tls_key": str(tmp_path / "tls.pem")}
+    account = {"username": "shop", "password_hash": hash_password("pw"), "from_domains": []}
+    key = {"selector": "S2026", "key_file": "k.pem"}
+    for written, meant in [
+        ("Shop.Example.", "shop.example"),
+        ("bücher.example", "xn--bcher-kva.example"),
+    ]:
+        settings = parse_settings(
+            {
+                "smtp": tls,
+                "accounts": [{**account, "from_domains": [written]}],
+                "dkim": {"keys": [{**key, "domain": written}]},
+                "suppression": {"ignore_dots_domains": [written]},
+            }
+        )
+        assert settings.accounts[0].from_domains == (meant,)
+        assert settings.dkim.keys[0].domain == meant
+        assert settings.dkim.keys[0].selector == "s2026"
+        assert settings.suppression.ignore_dots_domains == (meant,)
+    for bad in ("localhost", "shop..example", "-shop.example", "shop_example.com"):
+        for document, where in [
+            (
+                {"smtp": tls, "accounts": [{**account, "from_domains": [bad]}]},
+                "accounts[0].from_domains",
+            ),
+            ({"dkim": {"keys": [{**key, "domain": bad}]}}, "dkim.keys[0].domain"),
+        ]:
+            with pytest.raises(ConfigError) as caught:
+                parse_settings(document)
+            assert caught.value.key == where
 
 
 def test_storage_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
