@@ -1,0 +1,139 @@
+"""The delivery worker on its own: a `DeliveryWorker` over a real spool, suppression list and
+event log, sending over the real SMTP transport to a capture server. No relay around it: no
+front door, no delivery process, no config file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.delivery import DeliveryWorker, RetryPolicy
+from relay.delivery.transport import SmtpTransport
+from relay.pipeline import Pipeline
+from relay.settings import Downstream
+from relay.spool import Spool
+from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
+from suppression import AddressHasher, Database, Reason, SuppressionStore
+from tests.helpers import SIGNING_KEYS, CaptureServer, StartDownstream, newsletter, wait_for
+from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
+from tracking.events import EventStore
+from tracking.signing import Signer
+from tracking.tokens import TrackingUrls
+
+SENDER = "news@shop.example"
+PUBLIC_URL = "https://mail.shop.example"
+
+
+class Stores:
+    def __init__(self, spool: Spool, suppressions: SuppressionStore, events: EventStore) -> None:
+        self.spool = spool
+        self.suppressions = suppressions
+        self.events = events
+
+    async def events_of(self, kind: str) -> list[dict[str, Any]]:
+        return [e async for e in self.events.export() if e["type"] == kind]
+
+
+@pytest.fixture
+async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
+    spool = await Spool.open(tmp_path / "spool.db")
+    database = await Database.open(
+        tmp_path / "optout.db", SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
+    )
+    hasher = AddressHasher(b"worker-test-key-0123456789abcdef")
+    yield Stores(spool, SuppressionStore(database, hasher), EventStore(database))
+    await database.close()
+    await spool.close()
+
+
+RunWorker = Callable[[CaptureServer], Awaitable[DeliveryWorker]]
+
+
+@pytest.fixture
+async def run_worker(stores: Stores) -> AsyncIterator[RunWorker]:
+    """Run a worker delivering to the given capture server until the test ends."""
+    running: list[tuple[DeliveryWorker, asyncio.Task[None]]] = []
+
+    async def run(downstream: CaptureServer) -> DeliveryWorker:
+        worker = DeliveryWorker(
+            spool=stores.spool,
+            transport=SmtpTransport(
+                Downstream("127.0.0.1", downstream.port),
+                pool_size=2,
+                timeout=10,
+                local_hostname="relay.test",
+            ),
+            pipeline=Pipeline(),
+            suppressions=stores.suppressions,
+            events=stores.events,
+            urls=TrackingUrls(PUBLIC_URL, Signer(SIGNING_KEYS)),
+            retry=RetryPolicy(initial_delay=60, max_delay=3600, max_age=86400),
+            concurrency=2,
+            hostname="relay.test",
+        )
+        running.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield run
+    for worker, task in running:
+        await worker.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def spool_message(stores: Stores, *recipients: str) -> str:
+    message = newsletter(list(recipients), headers={"X-Optout-Campaign": "spring"})
+    return await stores.spool.accept(SENDER, recipients, message.as_bytes(), "test")
+
+
+async def test_a_spooled_message_leaves_decorated_and_the_spool_empties(
+    stores: Stores, downstream: CaptureServer, run_worker: RunWorker
+) -> None:
+    queue_id = await spool_message(stores, "ann@example.org")
+    await run_worker(downstream)
+    await wait_for(lambda: bool(downstream.handler.messages), what="the copy")
+    [copy] = downstream.handler.messages
+    assert copy.mail_from == SENDER
+    assert copy.recipients == ["ann@example.org"]
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in copy.content
+    assert f"<{PUBLIC_URL}/u/".encode() in copy.content
+    assert b"X-Optout-Campaign" not in copy.content
+    await wait_for(lambda: stores.events_of("delivered"), what="the delivered event")
+    [delivered] = await stores.events_of("delivered")
+    assert (delivered["message_id"], delivered["campaign"]) == (queue_id, "spring")
+    assert delivered["recipient"] == "ann@example.org"
+    assert await stores.spool.depth() == (0, 0)
+
+
+async def test_an_opt_out_that_arrives_while_mail_waits_stops_its_copy(
+    stores: Stores, downstream: CaptureServer, run_worker: RunWorker
+) -> None:
+    await spool_message(stores, "ann@example.org", "bob@example.org")
+    await stores.suppressions.add("bob@example.org", reason=Reason.UNSUBSCRIBE)
+    await run_worker(downstream)
+    await wait_for(lambda: stores.events_of("suppressed"), what="the suppressed event")
+    await wait_for(lambda: stores.events_of("delivered"), what="ann's copy")
+    assert [m.recipients for m in downstream.handler.messages] == [["ann@example.org"]]
+    [suppressed] = await stores.events_of("suppressed")
+    assert suppressed["recipient"] == "bob@example.org"
+    assert await stores.spool.depth() == (0, 0)
+
+
+async def test_a_4xx_keeps_the_copy_spooled_for_a_later_attempt(
+    stores: Stores, start_downstream: StartDownstream, run_worker: RunWorker
+) -> None:
+    downstream = await start_downstream()
+    downstream.handler.rcpt_replies["ann@example.org"] = "451 4.2.0 Mailbox busy"
+    queue_id = await spool_message(stores, "ann@example.org")
+    await run_worker(downstream)
+    await wait_for(lambda: stores.events_of("deferred"), what="the deferred event")
+    [entry] = await stores.spool.entries(queue_id)
+    assert entry.attempts == 1
+    assert entry.last_reply is not None and entry.last_reply.startswith("451 4.2.0")
+    assert downstream.handler.messages == []
