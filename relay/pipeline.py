@@ -47,6 +47,8 @@ class Metadata:
 
     queue_id: str
     mail_from: str
+    # The message's RFC 5322 Message-ID as its events name it; None while it has none.
+    message_id: str | None = None
     campaign: str | None = None
     scope: str = GLOBAL
     track_opens: bool = True
@@ -72,6 +74,26 @@ class Step(Protocol):
 def _header(headers: Message, name: str) -> str | None:
     value = headers.get(name)
     return " ".join(str(value).split()) if value is not None else None
+
+
+MAX_MESSAGE_ID = 998  # a header line's limit (RFC 5322 2.1.1): longer is not a Message-ID
+
+
+def message_id_of(headers: Message) -> str | None:
+    """The Message-ID as written, `<left@right>`, unfolded; None when absent or unusable.
+
+    Only the first `<...>` is taken: a comment or a second id after it is no part of it.
+    """
+    value = _header(headers, "Message-ID")
+    if not value:
+        return None
+    start = value.find("<")
+    end = value.find(">", start + 1)
+    if start >= 0 and end > start + 1:
+        value = value[start : end + 1]
+    if len(value) > MAX_MESSAGE_ID or not value.isprintable():
+        return None
+    return value
 
 
 class ReadCampaign:
@@ -290,6 +312,7 @@ class Pipeline:
         meta.account = self.accounts.get(account) if account else None
         block = headers_of(raw)
         headers = parse_headers(block)
+        meta.message_id = message_id_of(headers)
         for step in self.steps:
             step.process(headers, meta)
         if meta.from_domain and meta.from_domain in _signing_domains(block):

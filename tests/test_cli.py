@@ -106,7 +106,8 @@ async def test_events_jsonl_has_the_documented_fields(
     assert event["type"] == "delivered"
     assert event["recipient"] == "ivan@example.org"
     assert event["campaign"] == "c-42"
-    assert len(event["message_id"]) == 12
+    assert len(event["queue_id"]) == 12
+    assert event["message_id"] == "<spring-2026@shop.example>"
     assert event["at"].endswith("Z") and event["at"][:4].isdigit()
 
 

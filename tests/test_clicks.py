@@ -169,7 +169,7 @@ async def test_a_personalised_copy_redirects_to_exactly_the_senders_urls(
         assert response.headers["Referrer-Policy"] == "no-referrer"
     recorded = await clicks(client, stores)
     assert [e["detail"]["url"] for e in recorded] == TRACKED
-    assert all(e["recipient"] == ALICE and e["message_id"] == "QID-1" for e in recorded)
+    assert all(e["recipient"] == ALICE and e["queue_id"] == "QID-1" for e in recorded)
     assert all(e["machine"] is False for e in recorded)
 
 

@@ -70,8 +70,8 @@ def make_client(aiohttp_client: Any, stores: Stores, urls: TrackingUrls) -> Clie
     return make
 
 
-def pixel(stores: Stores, urls: TrackingUrls, message_id: str = "Q1") -> str:
-    ref = RecipientRef(stores.suppressions.hasher.hash(ADDRESS), "global", "spring", message_id)
+def pixel(stores: Stores, urls: TrackingUrls, queue_id: str = "Q1") -> str:
+    ref = RecipientRef(stores.suppressions.hasher.hash(ADDRESS), "global", "spring", queue_id)
     return urls.pixel_url(ref).removeprefix(PUBLIC)
 
 
@@ -90,7 +90,7 @@ def open_rows(tmp_path: Path) -> list[tuple[Any, ...]]:
     """The opens committed, as another connection to the file sees them."""
     with sqlite3.connect(tmp_path / STORE_FILE) as db:
         return db.execute(
-            "SELECT message_id, machine, detail FROM events WHERE type = 'open' ORDER BY id"
+            "SELECT queue_id, machine, detail FROM events WHERE type = 'open' ORDER BY id"
         ).fetchall()
 
 

@@ -95,7 +95,7 @@ async def test_one_click_urlencoded_suppresses_at_once_without_redirect(
     found = await stores.suppressions.check(ADDRESS)
     assert found is not None and found.address == ADDRESS
     [event] = await events(stores)
-    assert (event["type"], event["recipient"], event["campaign"], event["message_id"]) == (
+    assert (event["type"], event["recipient"], event["campaign"], event["queue_id"]) == (
         "unsubscribe",
         ADDRESS,
         "spring",
@@ -397,7 +397,7 @@ async def test_pixel_always_answers_the_image_and_records_only_valid_opens(
         ("open", True, "google-image-proxy"),
     ]
     assert opens[0]["recipient"] == ADDRESS
-    assert (opens[0]["campaign"], opens[0]["message_id"]) == ("spring", "Q1")
+    assert (opens[0]["campaign"], opens[0]["queue_id"]) == ("spring", "Q1")
 
 
 async def test_an_open_seconds_after_delivery_is_a_machine(

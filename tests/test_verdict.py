@@ -98,7 +98,7 @@ async def test_recorded_fetches_through_the_app(aiohttp_client: Any, stores: Sto
         response = await client.get(pixel, headers=headers, skip_auto_headers=["User-Agent"])
         assert response.status == 200
     await client.app[TRACKING].recorder.flush()
-    recorded = {e["message_id"]: e async for e in stores.events.export()}
+    recorded = {e["queue_id"]: e async for e in stores.events.export()}
     for index, case in enumerate(cases):
         event = recorded[f"Q{index}"]
         expected = (True, case["reason"]) if "reason" in case else (False, "human")

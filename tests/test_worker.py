@@ -106,7 +106,8 @@ async def test_a_spooled_message_leaves_decorated_and_the_spool_empties(
     assert b"X-Optout-Campaign" not in copy.content
     await wait_for(lambda: stores.events_of("delivered"), what="the delivered event")
     [delivered] = await stores.events_of("delivered")
-    assert (delivered["message_id"], delivered["campaign"]) == (queue_id, "spring")
+    assert (delivered["queue_id"], delivered["campaign"]) == (queue_id, "spring")
+    assert delivered["message_id"] == "<spring-2026@shop.example>"
     assert delivered["recipient"] == "ann@example.org"
     assert await stores.spool.depth() == (0, 0)
 

@@ -180,7 +180,7 @@ def beacon_event(
         kind,
         ref.address_hash,
         ref.campaign,
-        ref.message_id,
+        ref.queue_id,
         verdict.machine,
         detail,
         event_time(fetch.at),

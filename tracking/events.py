@@ -27,6 +27,8 @@ from suppression import (
     zeroing,
 )
 
+from .signing import DEFAULT_MAX_AGE as TOKEN_MAX_AGE
+
 
 class EventType(StrEnum):
     OPEN = "open"
@@ -44,13 +46,19 @@ _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """`queue_id` is the relay's name for the message (the one tokens carry); `message_id`
+    its RFC 5322 Message-ID. An event that has the queue id but not the Message-ID (an open,
+    a click: tokens stay small and carry no header text) gets it when it is recorded, from
+    an earlier event of the same message that had both."""
+
     type: EventType
     address_hash: str | None
     campaign: str | None = None
-    message_id: str | None = None
+    queue_id: str | None = None
     machine: bool | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
     at: str = field(default_factory=utc_now)
+    message_id: str | None = None
 
 
 def _create_events(db: sqlite_utils.Database) -> None:
@@ -73,7 +81,31 @@ def _create_events(db: sqlite_utils.Database) -> None:
     db.table("events").create_index(["campaign", "type"])
 
 
-MIGRATIONS = (Migration("tracking/0001-events", _create_events),)
+_QUEUE_AND_MESSAGE_IDS = [
+    # Until now message_id held the relay's queue id: it moves to its own column, and
+    # message_id is the RFC 5322 Message-ID, unknown for events recorded before.
+    "ALTER TABLE events ADD COLUMN queue_id TEXT",
+    "UPDATE events SET queue_id = message_id, message_id = NULL",
+    "CREATE INDEX events_queue_id ON events (queue_id)",
+    # queue id -> Message-ID, for events whose token names only the queue id. A row per
+    # message (not per recipient), so it outlives the purge of the events that brought it.
+    """CREATE TABLE event_messages (
+        queue_id TEXT PRIMARY KEY,
+        message_id TEXT NOT NULL,
+        at TEXT NOT NULL
+    ) WITHOUT ROWID""",
+]
+
+
+def _queue_and_message_ids(db: sqlite_utils.Database) -> None:
+    for statement in _QUEUE_AND_MESSAGE_IDS:
+        db.execute(statement)
+
+
+MIGRATIONS = (
+    Migration("tracking/0001-events", _create_events),
+    Migration("tracking/0002-queue-and-message-ids", _queue_and_message_ids),
+)
 
 PAGE_SIZE = 1000
 PURGE_BATCH = 10_000
@@ -159,6 +191,15 @@ class EventStore:
             " LIMIT ?)"
         )
         return await self._purge(sql, [cutoff, cutoff, PURGE_BATCH])
+
+    async def purge_message_ids(self, older_than: datetime) -> int:
+        """Forget the Message-IDs of messages sent before `older_than`: no token of theirs
+        can bring an event back any more."""
+        sql = (
+            "DELETE FROM event_messages WHERE queue_id IN (SELECT queue_id"
+            " FROM event_messages WHERE at < ? LIMIT ?)"
+        )
+        return await self._purge(sql, [format_time(older_than), PURGE_BATCH])
 
     async def _purge(self, sql: str, params: list[object]) -> int:
         """Repeat a bounded DELETE until a batch comes back short: short write transactions
@@ -255,13 +296,14 @@ async def purge(
     if retention.contacts is not None:
         report.contacts = await events.purge_contacts(moment - retention.contacts)
     report.expired_suppressions = await suppressions.purge_expired(moment)
+    await events.purge_message_ids(moment - TOKEN_MAX_AGE)
     return report
 
 
 # contacts belongs to the suppression package; an erased contact shows as null.
 _EVENT_ROWS = (
-    "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.message_id,"
-    " e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
+    "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.queue_id,"
+    " e.message_id, e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
 )
 
 
@@ -271,16 +313,26 @@ def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dic
 
 
 def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
+    events = list(events)
+    known = {e.queue_id: (e.queue_id, e.message_id, e.at) for e in events if e.message_id}
+    if known:
+        db.conn.executemany(
+            "INSERT OR IGNORE INTO event_messages (queue_id, message_id, at) VALUES (?, ?, ?)",
+            [row for queue_id, row in known.items() if queue_id],
+        )
     db.conn.executemany(
-        "INSERT INTO events (type, at, address_hash, campaign, message_id, machine, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (type, at, address_hash, campaign, queue_id, message_id, machine,"
+        " detail) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT message_id FROM event_messages"
+        " WHERE queue_id = ?)), ?, ?)",
         [
             (
                 str(e.type),
                 e.at,
                 e.address_hash,
                 e.campaign,
+                e.queue_id,
                 e.message_id,
+                None if e.message_id is not None else e.queue_id,
                 None if e.machine is None else int(e.machine),
                 json.dumps(dict(e.detail), separators=(",", ":")) if e.detail else None,
             )
@@ -300,6 +352,7 @@ def _as_public(row: dict[str, Any]) -> dict[str, Any]:
         "at": row["at"],
         "recipient": row["recipient"],
         "campaign": row["campaign"],
+        "queue_id": row["queue_id"],
         "message_id": row["message_id"],
     }
     if row["type"] in _MACHINE_VERDICT:

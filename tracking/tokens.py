@@ -34,15 +34,19 @@ def is_redirectable(url: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RecipientRef:
-    """A recipient of one message, named by keyed hash: no address is in any token."""
+    """A recipient of one message, named by keyed hash: no address is in any token.
+
+    The message is named by the relay's queue id (12 characters), not its Message-ID, which
+    is long and the sender's text; events look the Message-ID up when they are recorded.
+    """
 
     address_hash: str
     scope: str = GLOBAL
     campaign: str | None = None
-    message_id: str | None = None
+    queue_id: str | None = None
 
     def payload(self) -> list[str | None]:
-        return [self.address_hash, self.scope, self.campaign, self.message_id]
+        return [self.address_hash, self.scope, self.campaign, self.queue_id]
 
     @classmethod
     def from_payload(cls, payload: Any) -> RecipientRef:
@@ -97,9 +101,9 @@ class TrackingUrls:
         token = self._signer.sign(Namespace.OPEN, ref.payload())
         return f"{self.public_url}{OPEN_PATH}{token}{PIXEL_SUFFIX}"
 
-    def link_token(self, message_id: str, url: str) -> str:
+    def link_token(self, queue_id: str, url: str) -> str:
         """The per-message half of a click URL: signs exactly one destination (once per link)."""
-        return self._signer.sign(Namespace.LINK, [message_id, url])
+        return self._signer.sign(Namespace.LINK, [queue_id, url])
 
     def click_prefix(self, ref: RecipientRef) -> str:
         """The per-recipient half of every click URL of a copy; a link token follows it."""
@@ -108,8 +112,8 @@ class TrackingUrls:
 
     def click_url(self, ref: RecipientRef, url: str) -> str:
         """One click URL on its own (the pipeline joins prefix and link tokens itself)."""
-        assert ref.message_id is not None
-        return self.click_prefix(ref) + self.link_token(ref.message_id, url)
+        assert ref.queue_id is not None
+        return self.click_prefix(ref) + self.link_token(ref.queue_id, url)
 
     def read_unsubscribe(self, token: str) -> RecipientRef:
         return self.check_unsubscribe(token).ref
@@ -134,7 +138,7 @@ class TrackingUrls:
             or not isinstance(link[1], str)
         ):
             raise BadToken("malformed link")
-        message_id, url = link
-        if reading.ref.message_id is None or message_id != reading.ref.message_id:
+        queue_id, url = link
+        if reading.ref.queue_id is None or queue_id != reading.ref.queue_id:
             raise BadToken("link of another message")
         return Click(reading, url)

@@ -131,12 +131,10 @@ async def _suppress(
     if added:
         # Idempotent: a repeated POST finds the entry in place and records nothing new.
         await tracking.events.record(
-            Event(
-                EventType.UNSUBSCRIBE, ref.address_hash, ref.campaign, ref.message_id, None, proof
-            )
+            Event(EventType.UNSUBSCRIBE, ref.address_hash, ref.campaign, ref.queue_id, None, proof)
         )
         tracking.metrics.unsubscribes.labels(method, scope.partition(":")[0]).inc()
-        log.info("unsubscribe recorded", extra={"queue_id": ref.message_id, "method": method})
+        log.info("unsubscribe recorded", extra={"queue_id": ref.queue_id, "method": method})
     return page(
         request,
         "done.html",
@@ -163,5 +161,5 @@ async def _undo(request: web.Request, reading: Reading, scope: str) -> web.Respo
     )
     if removed:
         tracking.metrics.undos.inc()
-        log.info("unsubscribe undone", extra={"queue_id": ref.message_id})
+        log.info("unsubscribe undone", extra={"queue_id": ref.queue_id})
     return page(request, "undone.html", scope=scope, topic=topic_of(scope))

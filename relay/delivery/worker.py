@@ -199,6 +199,7 @@ class DeliveryWorker:
                             prepared.meta.campaign,
                             queue_id,
                             detail={"warning": warning},
+                            message_id=prepared.meta.message_id,
                         )
                         for warning in prepared.meta.warnings
                     )
@@ -284,7 +285,15 @@ class DeliveryWorker:
             if unrecorded is not None:
                 # Already sent; only writing its outcome failed. Never send it twice.
                 outcome, campaign, _ = unrecorded
-                await self._record(message, campaign, delivery, address_hash, outcome, time.time())
+                await self._record(
+                    message,
+                    campaign,
+                    delivery,
+                    address_hash,
+                    outcome,
+                    time.time(),
+                    message_id=meta.message_id,
+                )
                 del self._unrecorded[delivery.id]
                 return
             blocked = await self._blocked(
@@ -298,6 +307,7 @@ class DeliveryWorker:
                         meta.campaign,
                         message.queue_id,
                         detail={"scope": blocked},
+                        message_id=meta.message_id,
                     )
                 )
                 await self._spool.finish(delivery)
@@ -327,7 +337,15 @@ class DeliveryWorker:
             self._note_reachability(outcome)
             outcome = self._expire_if_too_old(message, outcome)
             try:
-                await self._record(message, meta.campaign, delivery, address_hash, outcome, started)
+                await self._record(
+                    message,
+                    meta.campaign,
+                    delivery,
+                    address_hash,
+                    outcome,
+                    started,
+                    message_id=meta.message_id,
+                )
             except Exception:
                 if outcome.status is not Status.DEFERRED:
                     self._unrecorded[delivery.id] = (outcome, meta.campaign, address_hash)
@@ -389,6 +407,8 @@ class DeliveryWorker:
         address_hash: str | None,
         outcome: Outcome,
         started: float,
+        *,
+        message_id: str | None = None,
     ) -> None:
         attempt = delivery.attempts + 1
         detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
@@ -398,7 +418,12 @@ class DeliveryWorker:
             if address_hash is not None:
                 await self._events.record(
                     Event(
-                        EventType.DEFERRED, address_hash, campaign, message.queue_id, detail=detail
+                        EventType.DEFERRED,
+                        address_hash,
+                        campaign,
+                        message.queue_id,
+                        detail=detail,
+                        message_id=message_id,
                     )
                 )
             await self._spool.defer(delivery, retry_at, outcome.reply)
@@ -411,7 +436,14 @@ class DeliveryWorker:
             await asyncio.gather(
                 self._spool.finish(delivery),
                 self._events.record(
-                    Event(kind, address_hash, campaign, message.queue_id, detail=detail)
+                    Event(
+                        kind,
+                        address_hash,
+                        campaign,
+                        message.queue_id,
+                        detail=detail,
+                        message_id=message_id,
+                    )
                 )
                 if address_hash is not None
                 else asyncio.sleep(0),
