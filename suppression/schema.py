@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sqlite_utils
 
+from . import audit
 from .addresses import DEFAULT_POLICY
-from .database import Migration
+from .database import Migration, utc_now
+from .reasons import stronger
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:
@@ -101,7 +103,58 @@ def _keys_expiry_audit(db: sqlite_utils.Database) -> None:
         )
 
 
+def _canonical_scopes(db: sqlite_utils.Database) -> None:
+    """Entries stored under a scope with a trailing newline (the old check let one through)
+    never matched their scope: move each to the canonical scope, merged with an entry
+    already there as a new entry would be (stronger reason, earliest start), audited."""
+    now = utc_now()
+    broken = db.execute(
+        "SELECT address_hash, scope, reason, created_at, expires_at FROM suppressions"
+        " WHERE scope GLOB '*[' || char(9, 10, 13, 32) || ']*'"
+    ).fetchall()
+    for key, scope, reason, created_at, expires_at in broken:
+        canonical = "".join(scope.split())
+        there = db.execute(
+            "SELECT reason, created_at, expires_at FROM suppressions"
+            " WHERE address_hash = ? AND scope = ?",
+            [key, canonical],
+        ).fetchone()
+        if there is None:
+            db.execute(
+                "UPDATE suppressions SET scope = ?, updated_at = ?"
+                " WHERE address_hash = ? AND scope = ?",
+                [canonical, now, key, scope],
+            )
+        else:
+            db.execute(
+                "UPDATE suppressions SET reason = ?, created_at = ?, expires_at = ?,"
+                " updated_at = ? WHERE address_hash = ? AND scope = ?",
+                [
+                    stronger(there[0], reason),
+                    min(there[1], created_at),
+                    None if there[2] is None or expires_at is None else max(there[2], expires_at),
+                    now,
+                    key,
+                    canonical,
+                ],
+            )
+            db.execute(
+                "DELETE FROM suppressions WHERE address_hash = ? AND scope = ?", [key, scope]
+            )
+        audit.record(
+            db,
+            "repair",
+            address_hash=key,
+            scope=canonical,
+            reason=reason,
+            source="migration",
+            detail={"stored_scope": scope},
+            at=now,
+        )
+
+
 MIGRATIONS = (
     Migration("suppression/0001-suppressions-and-contacts", _create_tables),
     Migration("suppression/0002-keys-expiry-audit", _keys_expiry_audit),
+    Migration("suppression/0003-canonical-scopes", _canonical_scopes),
 )

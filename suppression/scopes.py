@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import re
+import unicodedata
 
 from .addresses import split_address
 from .errors import InvalidAddress, InvalidScope
 
 GLOBAL = "global"
-_SCOPE = re.compile(r"^(global|topic:[\w.\-]{1,64}|sender:[\w.\-@+]{1,255})$", re.IGNORECASE)
+# Matched whole (fullmatch): `$` would let a trailing newline through, to be stored as given.
+_SCOPE = re.compile(r"global|topic:[\w.\-]{1,64}|sender:[\w.\-@+]{1,255}", re.IGNORECASE)
 
 
 def parse_scope(scope: str) -> str:
     """Validate and canonicalise a scope: `global`, `topic:NAME` or `sender:DOMAIN|ACCOUNT`.
 
-    Scopes compare case-insensitively; a sender domain is kept in its IDNA ASCII form so that
-    `sender:bücher.example` and `sender:xn--bcher-kva.example` are one scope.
+    Scopes compare case-insensitively and in Unicode NFC, so one name has one spelling; a
+    sender domain is kept in its IDNA ASCII form so that `sender:bücher.example` and
+    `sender:xn--bcher-kva.example` are one scope. Nothing else is forgiven: whitespace
+    (a trailing newline too) or a control character makes the scope invalid.
     """
-    if not _SCOPE.match(scope):
+    if not scope.isascii():
+        scope = unicodedata.normalize("NFC", scope)
+    if _SCOPE.fullmatch(scope) is None:
         raise InvalidScope(scope)
     kind, _, name = scope.partition(":")
     if kind.lower() == "sender" and not name.isascii() and "@" not in name:
