@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from itsdangerous import TimestampSigner
 
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import STORE_FILE, Stores
@@ -193,6 +194,31 @@ async def test_the_event_names_the_key_that_signed_the_token_never_the_key(
     assert any((h.detail or {}).get("key_id") == old.key_ids[0] for h in record.history), (
         record.history
     )
+
+
+@pytest.mark.parametrize("days", [61, 366])
+async def test_an_old_unsubscribe_link_still_opts_out(
+    client: TestClient[Any, Any],
+    stores: Stores,
+    urls: TrackingUrls,
+    monkeypatch: pytest.MonkeyPatch,
+    days: int,
+) -> None:
+    """CASL asks 60 days, CAN-SPAM 30, our contract a year: a link from mail sent 61 days (or
+    a year and a day) ago still works, one-click and page alike."""
+    signed_at = int(time.time()) - days * 86400
+    monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: signed_at)
+    token_url = urls.unsubscribe_url(ref(stores))
+    monkeypatch.undo()
+    assert urls.check_unsubscribe(token_url.rpartition("/")[2]).signed_at == signed_at
+    page = await client.get(path(token_url))
+    assert page.status == 200 and "<button" in await page.text()
+    response = await client.post(path(token_url), data=ONE_CLICK, allow_redirects=False)
+    assert response.status == 200
+    found = await stores.suppressions.check(ADDRESS)
+    assert found is not None and found.reason == "unsubscribe"
+    [event] = await events(stores)
+    assert (event["type"], event["detail"]["method"]) == ("unsubscribe", "one-click")
 
 
 @pytest.mark.parametrize("data", [{"List-Unsubscribe": "Maybe"}, {}, {"list-unsubscribe": "x"}])
