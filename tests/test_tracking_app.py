@@ -544,6 +544,53 @@ async def test_metrics_are_refused_to_the_internet(client: TestClient[Any, Any])
     assert response.status == 404
 
 
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        # The client's own line first, the proxy's own line after it (HAProxy's forwardfor).
+        [("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-For", "203.0.113.5")],
+        # Hops the proxy passed on that are no address: the client is unknown, not the proxy.
+        [("X-Forwarded-For", "garbage")],
+        [("X-Forwarded-For", "unknown, 127.0.0.1")],
+        [("X-Forwarded-For", "203.0.113.5,,")],
+        [("X-Forwarded-For", "")],
+    ],
+)
+async def test_metrics_stay_closed_whatever_the_client_forwards(
+    client: TestClient[Any, Any], forwarded: list[tuple[str, str]]
+) -> None:
+    assert (await client.get("/metrics")).status == 200  # the operator, on loopback
+    response = await client.get("/metrics", headers=forwarded)
+    assert response.status == 404
+
+
+async def test_the_proxy_line_names_the_client_however_many_lines_come(
+    make_client: Client, stores: Stores, urls: TrackingUrls
+) -> None:
+    """A client rotating a forged first line is still one client, kept by the network its
+    proxy saw; one sending garbage is an unknown client, limited like the others."""
+    client = await make_client(
+        rate_limit=RateLimit(per_minute=6, burst=2), clock=AN_HOUR_LATER, store_ip=True
+    )
+    url = path(urls.unsubscribe_url(ref(stores)))
+    statuses = []
+    for forged in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        headers = [("X-Forwarded-For", forged), ("X-Forwarded-For", "203.0.113.9")]
+        statuses.append((await client.post(url, data={"confirm": "yes"}, headers=headers)).status)
+    assert statuses == [200, 200, 429]
+    statuses = []
+    for garbage in ("x", "y", "z"):
+        headers = {"X-Forwarded-For": garbage}
+        statuses.append((await client.post(url, data={"confirm": "yes"}, headers=headers)).status)
+    assert statuses == [200, 200, 429]
+    pixel = path(urls.pixel_url(ref(stores)))
+    two_lines = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")]
+    await client.get(pixel, headers=[("User-Agent", HUMAN_AGENT), *two_lines])
+    await client.get(pixel, headers={"User-Agent": HUMAN_AGENT, "X-Forwarded-For": "garbage"})
+    opens = [e for e in await events(stores, client) if e["type"] == "open"]
+    assert [e["detail"].get("ip") for e in opens] == ["203.0.113.0/24", None]
+
+
 async def test_security_headers_on_every_kind_of_answer(
     client: TestClient[Any, Any], stores: Stores, urls: TrackingUrls
 ) -> None:

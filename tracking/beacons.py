@@ -14,7 +14,7 @@ from multidict import istr
 from .errors import BadToken
 from .events import Event, EventType
 from .metrics import Tally
-from .network import IPAddress, Ranges, client_address, networks, truncated
+from .network import IPAddress, Ranges, client_address, forwarded_for, networks, truncated
 from .tokens import Reading, TrackingUrls
 from .verdict import Judge, Verdict
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 MAX_STORED_AGENT = 256
 # Header names as multidict keys made once: a lookup by a plain str folds its case each time.
 _USER_AGENT = istr("User-Agent")
-_FORWARDED_FOR = istr("X-Forwarded-For")
 _SEC_PURPOSE = istr("Sec-Purpose")
 _PURPOSE = istr("Purpose")
 _X_PURPOSE = istr("X-Purpose")
@@ -123,7 +122,7 @@ def raw_fetch(request: web.Request, token: str, at: float) -> RawFetch:
     return (
         token,
         headers.get(_USER_AGENT),
-        headers.get(_FORWARDED_FOR),
+        forwarded_for(headers),
         headers.get(_SEC_PURPOSE)
         or headers.get(_PURPOSE)
         or headers.get(_X_PURPOSE)

@@ -8,8 +8,11 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 
+from multidict import MultiMapping, istr
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+FORWARDED_FOR = istr("X-Forwarded-For")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -76,20 +79,33 @@ def networks(texts: Sequence[str], label: str = "listed") -> Ranges:
     return Ranges({label: texts})
 
 
+def forwarded_for(headers: MultiMapping[str]) -> str | None:
+    """Every X-Forwarded-For line of a request, joined in order as one list of hops. A proxy
+    may add a line of its own instead of extending the client's, so reading only the first
+    line would let the client name itself."""
+    lines = headers.getall(FORWARDED_FOR, None)
+    if lines is None:
+        return None
+    return lines[0] if len(lines) == 1 else ",".join(lines)
+
+
 def client_address(
     peer: str | None, forwarded_for: str | None, trusted: Ranges
 ) -> IPAddress | None:
     """The client's address: the peer's, unless the peer is a trusted proxy; then the rightmost
-    address in X-Forwarded-For that is not itself a trusted proxy (anything to its left is
-    whatever the client chose to send, so it is never believed)."""
+    hop in X-Forwarded-For (all its lines, `forwarded_for`) that is not itself a trusted proxy
+    (anything to its left is whatever the client chose to send, so it is never believed).
+
+    A hop that is no address (garbage, "unknown", an empty entry) ends the walk with None: the
+    client is then unknown, and untrusted. It is never taken to be the proxy that passed the
+    request on, which would open the operator's routes (/metrics) to anyone behind it.
+    """
     address = parse_ip(peer)
     if address is None or forwarded_for is None or address not in trusted:
         return address
     for hop in reversed(forwarded_for.split(",")):
         candidate = parse_ip(hop)
-        if candidate is None:
-            return address
-        if candidate not in trusted:
+        if candidate is None or candidate not in trusted:
             return candidate
         address = candidate
     return address

@@ -16,7 +16,7 @@ from suppression import SuppressionStore
 from .beacons import Beacons
 from .events import EventStore
 from .metrics import Metrics
-from .network import IPAddress, Ranges, client_address
+from .network import IPAddress, Ranges, client_address, forwarded_for
 from .ratelimit import RateLimiter
 from .recorder import Recorder
 from .tokens import TrackingUrls
@@ -64,6 +64,6 @@ def client_of(request: web.Request, tracking: Tracking) -> IPAddress | None:
     """The client's address (behind a trusted proxy, the one it forwarded for)."""
     return client_address(
         request.remote,
-        request.headers.get("X-Forwarded-For"),
+        forwarded_for(request.headers),
         tracking.options.trusted_proxies,
     )
