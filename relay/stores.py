@@ -18,7 +18,7 @@ from tracking.events import EventStore
 from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingStore
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -34,12 +34,25 @@ HASH_KEY_FILE = "address-hash.key"
 class Stores:
     """The suppression list and the event log, opened from the data dir (async context)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create: bool = True) -> None:
+        """`create`: make the data dir, store and keys when missing; else MissingStore
+        (a command that only reads must not leave an empty store behind)."""
         self.settings = settings
+        self._create = create
         self._db: Database | None = None
 
     async def __aenter__(self) -> Stores:
         data_dir = self.settings.storage.dir
+        if (data_dir / STORE_FILE).is_file():
+            if not (data_dir / HASH_KEY_FILE).is_file():
+                # A new key would silently stop every stored suppression matching.
+                raise ConfigError(
+                    "storage.dir",
+                    f"{data_dir / HASH_KEY_FILE} is missing beside {STORE_FILE}: restore it"
+                    " from a backup (the stored suppressions are keyed by it)",
+                )
+        elif not self._create:
+            raise MissingStore(data_dir)
         ensure_private_dir(data_dir)
         hasher = AddressHasher(
             load_or_create_secret(data_dir / HASH_KEY_FILE).encode(),

@@ -115,6 +115,7 @@ def test_a_corrupt_database_is_one_line_and_exit_1(config: Path) -> None:
     data = config.parent / "data"
     data.mkdir(mode=0o700)
     (data / "optout.db").write_bytes(b"this is not an SQLite database at all, " * 20)
+    (data / "address-hash.key").write_text("a-key-of-the-right-length-0123456789\n")
     result = cli(config, "suppress", "list")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import ConfigError
-from .common import PROG
+from ..errors import ConfigError, MissingStore
+from .common import CONFIG_ENV, PROG, remember_config
 
 # name -> "module:attribute" of its click command, relative to this package.
 COMMANDS = {
@@ -47,8 +48,17 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="optout-relay", prog_name=PROG)
-def cli() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help=f"TOML config file, for every command (also accepted after the command;"
+    f" default: ${CONFIG_ENV}, else the embedded defaults).",
+)
+def cli(config_path: Path | None) -> None:
     """Email marketing compliance relay: suppression, one-click unsubscribe, open tracking."""
+    remember_config(config_path)
 
 
 def _fail(message: str, code: int) -> None:
@@ -62,6 +72,8 @@ def _known_error(exc: Exception) -> tuple[str, int] | None:
     loaded cannot have been raised."""
     if isinstance(exc, ConfigError):
         return f"config: {exc}", 2
+    if isinstance(exc, MissingStore):
+        return str(exc), 2
     suppression = sys.modules.get("suppression")
     if suppression is not None and isinstance(exc, suppression.SuppressionError):
         return str(exc), 2

@@ -21,12 +21,16 @@ from ..stores import Stores
 T = TypeVar("T")
 PROG = "optout-relay"
 
+CONFIG_ENV = "OPTOUT_RELAY_CONFIG"
+_CONFIG_META = "optout_relay.config"
+
 config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="TOML config file (default: the embedded defaults).",
+    help=f"TOML config file (also accepted before the command;"
+    f" default: ${CONFIG_ENV}, else the embedded defaults).",
 )
 actor_option = click.option(
     "--actor",
@@ -35,15 +39,41 @@ actor_option = click.option(
 )
 
 
+def remember_config(config_path: Path | None) -> None:
+    """`--config` given before the command: kept for the command to find (`config_file`)."""
+    context = click.get_current_context(silent=True)
+    if context is not None and config_path is not None:
+        context.meta[_CONFIG_META] = config_path
+
+
+def config_file(config_path: Path | None) -> Path | None:
+    """The config file to read: `--config` after the command or before it (the same file
+    if both), else $OPTOUT_RELAY_CONFIG, else none (the embedded defaults)."""
+    context = click.get_current_context(silent=True)
+    before = None if context is None else context.meta.get(_CONFIG_META)
+    if config_path is not None and before is not None and config_path != before:
+        raise click.UsageError(f"--config given twice: {before} and {config_path}")
+    chosen = config_path or before
+    if chosen is None and os.environ.get(CONFIG_ENV):
+        chosen = Path(os.environ[CONFIG_ENV])
+    return chosen
+
+
 def settings_from(config_path: Path | None) -> Settings:
-    return load_settings(config_path)
+    return load_settings(config_file(config_path))
 
 
-def with_stores(settings: Settings, action: Callable[[Stores], Awaitable[T]]) -> T:
-    """Run `action` on the opened stores (their normalisation checked) and close them."""
+def with_stores(
+    settings: Settings, action: Callable[[Stores], Awaitable[T]], *, create: bool = True
+) -> T:
+    """Run `action` on the opened stores (their normalisation checked) and close them.
+
+    `create=False` for a command that only reads: no store is then MissingStore (exit 2),
+    not a new empty one.
+    """
 
     async def run() -> T:
-        async with Stores(settings) as stores:
+        async with Stores(settings, create=create) as stores:
             return await action(stores)
 
     return asyncio.run(run())

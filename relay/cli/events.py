@@ -21,4 +21,4 @@ def events(config_path: Path | None, fmt: str) -> None:
         async for event in stores.events.export():
             click.echo(json.dumps(event, ensure_ascii=False))
 
-    with_stores(settings_from(config_path), export)
+    with_stores(settings_from(config_path), export, create=False)

@@ -70,7 +70,7 @@ def subject_export(
             ),
         )
 
-    document = with_stores(settings_from(config_path), run)
+    document = with_stores(settings_from(config_path), run, create=False)
     with open_output(output) as out:
         out.write(json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n")
 

@@ -72,11 +72,18 @@ def _expires_at(expires: str | None) -> datetime | None:
     return None if expires is None else datetime.now(UTC) + parse_age(expires)
 
 
-def _with_store(config_path: Path | None, action: Callable[[SuppressionStore], Awaitable[T]]) -> T:
+def _with_store(
+    config_path: Path | None,
+    action: Callable[[SuppressionStore], Awaitable[T]],
+    *,
+    create: bool = False,
+) -> T:
+    """Run `action` on the suppression store; only `add` and `import` create a missing one."""
+
     async def run(stores: Stores) -> T:
         return await action(stores.suppressions)
 
-    return with_stores(settings_from(config_path), run)
+    return with_stores(settings_from(config_path), run, create=create)
 
 
 def _describe(entry: Suppression) -> str:
@@ -129,7 +136,8 @@ def suppress_add(
         Outcome.STRENGTHENED: "strengthened",
         Outcome.UNCHANGED: "already suppressed",
     }
-    for address, outcome in zip(addresses, _with_store(config_path, add), strict=True):
+    outcomes = _with_store(config_path, add, create=True)
+    for address, outcome in zip(addresses, outcomes, strict=True):
         click.echo(f"{words[outcome]}: {address} ({scope})")
 
 
@@ -256,7 +264,7 @@ def suppress_import(
     # import scanning fresh tuples that can never form a cycle.
     gc.disable()
     try:
-        report = _with_store(config_path, run)
+        report = _with_store(config_path, run, create=True)
     finally:
         gc.enable()
     click.echo(
