@@ -30,6 +30,9 @@ from .errors import BadToken
 DEFAULT_MAX_AGE = timedelta(days=730)
 # Longer than any token the relay makes (a click token carries a URL of at most 2 KB).
 MAX_TOKEN_LENGTH = 4096
+# A truncated MAC is still 2^-64 per forgery attempt at its shortest; at most the digest.
+MIN_SHORT_MAC = 8
+SHORT_MAC_LIMIT = 20
 _JSON = json.JSONDecoder()
 _TO_STANDARD = bytes.maketrans(b"-_+/", b"+/-_")  # "+" and "/" must not pass as themselves
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -43,6 +46,11 @@ class Namespace(StrEnum):
     OPEN = "optout.open"
     CLICK = "optout.click"  # the recipient half of a click URL
     LINK = "optout.link"  # the link half: one destination URL of one message
+    # Compact MACs (`Signer.short_mac`) over a copy id, for addresses at the feedback domain
+    # and the reference header: each kind its own, so one never passes as another.
+    RETURN_PATH = "optout.return-path"  # the per-copy envelope sender (VERP)
+    MAILTO = "optout.mailto"  # the List-Unsubscribe mailto: address
+    FEEDBACK_REF = "optout.feedback-ref"  # CFBL-Feedback-ID, for complaint reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,27 @@ class Signer:
         if age > self._max_age or age < 0:
             raise BadToken("expired")
         return Verified(_load(payload_part), signed_at, signed_by)
+
+    def short_mac(self, namespace: Namespace, value: bytes, size: int) -> bytes:
+        """The first `size` octets of the newest key's MAC of `value` in `namespace`: the
+        same key derivation as the tokens, for places too small for a whole token (an
+        address's local part has 64 octets, RFC 5321 §4.5.3.1.1)."""
+        if not MIN_SHORT_MAC <= size <= SHORT_MAC_LIMIT:
+            raise ValueError(f"a short MAC has {MIN_SHORT_MAC} to {SHORT_MAC_LIMIT} octets")
+        state = self._macs[namespace][0][0].copy()
+        state.update(value)
+        return bytes(state.digest()[:size])
+
+    def check_short_mac(self, namespace: Namespace, value: bytes, mac: bytes) -> str | None:
+        """The id of the listed key whose short MAC of `value` is `mac`; None for a forgery."""
+        if not MIN_SHORT_MAC <= len(mac) <= SHORT_MAC_LIMIT:
+            return None
+        for keyed, kid in self._macs[namespace]:
+            state = keyed.copy()
+            state.update(value)
+            if hmac.compare_digest(state.digest()[: len(mac)], mac):
+                return str(kid)
+        return None
 
     def _self_test(self) -> None:
         probe = ["self-test", None, "\u00e9" * 40]  # long enough to be compressed
