@@ -75,6 +75,7 @@ class Account:
     from_domains: tuple[str, ...]
     topic: str | None = None
     track_opens: bool = True
+    feedback_domain: str | None = None  # this account's bounces and complaints come here
 
     def may_send_as(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")

@@ -35,7 +35,7 @@ from .smtpd import (
     tls_context,
 )
 from .spool import Spool
-from .stores import SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
+from .stores import SPOOL_FILE, Stores, load_dkim_signers, signer, tracking_urls
 
 log = logging.getLogger("optout.serve")
 
@@ -48,6 +48,7 @@ class Addresses:
     smtp: tuple[str, int]
     http: tuple[str, int]
     smtps: tuple[str, int] | None = None
+    feedback: tuple[str, int] | None = None
 
 
 def tracking_app(
@@ -99,7 +100,8 @@ class Relay:
     async def _start(self) -> None:
         settings = self.settings
         stores = await self._exit.enter_async_context(Stores(settings))
-        urls = tracking_urls(settings)
+        signed_by = signer(settings)
+        urls = tracking_urls(settings, signed_by)
         spool = await Spool.open(settings.storage.dir / SPOOL_FILE, receiving=True)
         self._exit.push_async_callback(spool.close)
         self.spool = spool
@@ -169,11 +171,28 @@ class Relay:
         )
         servers = await self._listen_smtp(front_door, hostname, spool.incoming)
         self._exit.push_async_callback(self._close_smtp, servers, front_door)
+        feedback = None
+        if settings.feedback.intake:
+            # Imported here: without [feedback] listen, serve loads none of it.
+            from .feedback.listener import FeedbackListener
+            from .feedback.tokens import CopyTokens
+
+            listener = await FeedbackListener.start(
+                settings,
+                stores.suppressions.database,
+                urls,
+                CopyTokens(signed_by),
+                hostname=hostname,
+                tls=self.tls,
+            )
+            self._exit.push_async_callback(listener.stop)
+            feedback = listener.address
         server = servers[0]
         self.addresses = Addresses(
             smtp=_host_port(server.sockets[0].getsockname()),
             http=_host_port(runner.addresses[0]),
             smtps=_host_port(servers[1].sockets[0].getsockname()) if len(servers) > 1 else None,
+            feedback=feedback,
         )
         log.info(
             "listening: smtp=%s http=%s, delivering to %s, data in %s",

@@ -8,11 +8,12 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from suppression import NormalizationPolicy
+from suppression import InvalidAge, NormalizationPolicy, parse_age
 from tracking.events import Retention
 
 from .accounts import Account, PasswordHashError, check_password_hash
@@ -23,6 +24,7 @@ from .settings import (
     DkimKey,
     DkimSettings,
     Downstream,
+    FeedbackSettings,
     HttpSettings,
     IPNetwork,
     Listen,
@@ -45,6 +47,13 @@ def _domain(value: Any, key: str) -> str:
         return domain_name(_string(value, key))
     except ValueError as exc:
         raise ConfigError(key, str(exc)) from None
+
+
+def _duration(value: Any, key: str) -> timedelta:
+    try:
+        return parse_age(_string(value, key))
+    except InvalidAge:
+        raise ConfigError(key, f'must be a duration such as "14d" (got {value!r})') from None
 
 
 def _retention(value: Any, key: str) -> Retention:
@@ -237,7 +246,14 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
         if not isinstance(entry, dict):
             raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
         for name in entry:
-            if name not in ("username", "password_hash", "from_domains", "topic", "tracking"):
+            if name not in (
+                "username",
+                "password_hash",
+                "from_domains",
+                "topic",
+                "tracking",
+                "feedback_domain",
+            ):
                 raise ConfigError(f"{where}.{name}", "unknown key")
         for name in ("username", "password_hash", "from_domains"):
             if name not in entry:
@@ -259,6 +275,11 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                 from_domains=tuple(_domain(d, f"{where}.from_domains") for d in domains),
                 topic=None if topic is None else _string(topic, f"{where}.topic"),
                 track_opens=_boolean(tracking, f"{where}.tracking"),
+                feedback_domain=(
+                    _domain(entry["feedback_domain"], f"{where}.feedback_domain")
+                    if "feedback_domain" in entry
+                    else None
+                ),
             )
         )
     names = [a.username for a in accounts]
@@ -338,6 +359,26 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),
+    "feedback": (
+        FeedbackSettings,
+        {
+            "listen": _listen,
+            "domain": _domain,
+            "soft_bounce_limit": _positive_int,
+            "soft_bounce_window": _duration,
+            "soft_bounce_hold": _duration,
+            "max_message_size": _positive_int,
+            "max_recipients": _positive_int,
+            "max_connections": _positive_int,
+            "max_connections_per_client": _positive_int,
+            "rate_per_minute": _positive_number,
+            "rate_burst": _positive_int,
+            "max_pending": _positive_int,
+            "keep_reports": _duration,
+            "keep_copies": _duration,
+            "policy_alert": _positive_int,
+        },
+    ),
     "dkim": (DkimSettings, {"keys": _dkim_keys}),
     "suppression": (
         NormalizationPolicy,
@@ -396,6 +437,8 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(
             "delivery.retry_max_delay", "must not be less than delivery.retry_initial_delay"
         )
+    if settings.feedback.listen is not None and not settings.feedback_domains():
+        raise ConfigError("feedback.domain", "the feedback listener needs a domain to answer for")
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from suppression import NormalizationPolicy
@@ -122,6 +123,31 @@ class DkimSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackSettings:
+    """Bounces, complaints and mailto unsubscribes coming back (relay.feedback)."""
+
+    listen: Listen | None = None  # the feedback listener (an MX); None: no intake here
+    domain: str | None = None  # VERP senders, mailto: and CFBL-Address live here
+    soft_bounce_limit: int = 3
+    soft_bounce_window: timedelta = timedelta(days=14)
+    soft_bounce_hold: timedelta = timedelta(days=7)  # how long the limit suppresses
+    max_message_size: int = 10_485_760
+    max_recipients: int = 50
+    max_connections: int = 100
+    max_connections_per_client: int = 20
+    rate_per_minute: float = 600.0  # messages per client address, after a burst
+    rate_burst: int = 200
+    max_pending: int = 100_000  # unprocessed reports; then 451 4.3.1
+    keep_reports: timedelta = timedelta(days=30)
+    keep_copies: timedelta = timedelta(days=400)  # mailto: must work for a year
+    policy_alert: int = 3  # policy refusals per receiving domain a day, then logged loudly
+
+    @property
+    def intake(self) -> bool:
+        return self.listen is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -133,6 +159,14 @@ class Settings:
     suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
     retention: Retention = field(default_factory=Retention)
     accounts: tuple[Account, ...] = ()
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+
+    def feedback_domains(self) -> tuple[str, ...]:
+        """Every domain the feedback listener answers for: the configured one and the
+        accounts' own."""
+        domains = [self.feedback.domain] if self.feedback.domain else []
+        domains += [a.feedback_domain for a in self.accounts if a.feedback_domain]
+        return tuple(dict.fromkeys(domains))
 
     def account_map(self) -> dict[str, Account]:
         """The accounts by username: build it once per process and share it."""

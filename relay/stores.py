@@ -19,6 +19,7 @@ from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
 from .errors import ConfigError, MissingStore
+from .feedback.schema import MIGRATIONS as FEEDBACK_MIGRATIONS
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class Stores:
             policy=self.settings.suppression,
         )
         self._db = await Database.open(
-            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS
+            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS + FEEDBACK_MIGRATIONS
         )
         self.suppressions = SuppressionStore(self._db, hasher)
         self.events = EventStore(self._db)
@@ -78,12 +79,17 @@ class Stores:
             await self._db.close()
 
 
-def tracking_urls(settings: Settings) -> TrackingUrls:
+def signer(settings: Settings) -> Signer:
+    """The one signing primitive, with the configured keys or the generated one."""
     keys = settings.signing.secret_keys or (
         load_or_create_secret(settings.storage.dir / SIGNING_KEY_FILE),
     )
+    return Signer(keys)
+
+
+def tracking_urls(settings: Settings, signed_by: Signer | None = None) -> TrackingUrls:
     public_url = settings.http.public_url or f"http://{settings.http.listen}"
-    return TrackingUrls(public_url, Signer(keys))
+    return TrackingUrls(public_url, signed_by or signer(settings))
 
 
 def load_dkim_signers(settings: Settings) -> dict[str, DkimSigner]:

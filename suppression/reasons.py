@@ -13,11 +13,13 @@ class Reason(StrEnum):
     HARD_BOUNCE = "hard_bounce"
     MANUAL = "manual"
     IMPORT = "import"
+    SOFT_BOUNCE = "soft_bounce"  # repeated temporary failures: held for a while, then lapses
 
 
 # When two reasons meet on one entry the stronger is kept: complaints and hard bounces also
 # stop transactional mail, and an unsubscribe is a recipient's own word.
 RANK: dict[str, int] = {
+    Reason.SOFT_BOUNCE: -1,  # the weakest: a guess that the mailbox is unwell
     Reason.IMPORT: 0,
     Reason.MANUAL: 1,
     Reason.UNSUBSCRIBE: 2,
@@ -25,7 +27,7 @@ RANK: dict[str, int] = {
     Reason.COMPLAINT: 4,
 }
 # Reasons that may carry an expiry. A withdrawal of consent (unsubscribe, complaint) never lapses.
-SOFT_REASONS = frozenset({Reason.HARD_BOUNCE, Reason.MANUAL, Reason.IMPORT})
+SOFT_REASONS = frozenset({Reason.HARD_BOUNCE, Reason.MANUAL, Reason.IMPORT, Reason.SOFT_BOUNCE})
 
 
 def parse_reason(reason: str) -> Reason:

@@ -43,7 +43,14 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
     for section, keys in section_keys().items():
         assert set(uncommented[section]) == set(keys), section
     [account] = uncommented.pop("accounts")
-    assert set(account) == {"username", "password_hash", "from_domains", "topic", "tracking"}
+    assert set(account) == {
+        "username",
+        "password_hash",
+        "from_domains",
+        "topic",
+        "tracking",
+        "feedback_domain",
+    }
     for needs_a_real_file in ("tls_cert", "tls_key", "implicit_tls_listen"):
         del uncommented["smtp"][needs_a_real_file]
     del uncommented["tracking"]["templates"]

@@ -39,6 +39,9 @@ class EventType(StrEnum):
     BOUNCED = "bounced"
     SUPPRESSED = "suppressed"
     WARNING = "warning"  # about a message, e.g. a sender signature the rewrite breaks
+    COMPLAINT = "complaint"  # a recipient reported a copy as spam (ARF)
+    # A receiver refused the sender for policy (5.7.x, 4.7.x): never a suppression.
+    POLICY_REFUSAL = "policy_refusal"
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}

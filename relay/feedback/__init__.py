@@ -1,0 +1,18 @@
+"""What comes back: bounces (RFC 3464 DSNs and older text forms), complaint reports
+(RFC 5965 ARF) and mailto: unsubscribes, taken by an SMTP listener of the relay's own and
+turned into suppressions and events.
+
+- `tokens`: the compact signed addresses (VERP return path, mailto:) and reference that
+  name one copy; `store`: the copies they name and the reports taken;
+- `door`, `listener`: the SMTP side (imported only when the listener runs);
+- `reading`: what a report is; `effects`: what it does, in one transaction; `runner`: the
+  loop between them.
+
+This face stays light: the delivery processes use the tokens and the copy records, and
+import no SMTP server.
+"""
+
+from .store import CopyRecord, FeedbackStore
+from .tokens import CopyTokens, TokenKind, copy_id
+
+__all__ = ["CopyRecord", "CopyTokens", "FeedbackStore", "TokenKind", "copy_id"]
