@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
-from email.utils import getaddresses
 
 from .errors import RelayError
 
@@ -82,15 +81,6 @@ def header_fields(block: bytes) -> list[HeaderField]:
 def address_domain(address: str) -> str:
     """The domain of `address` (angle brackets allowed), lowercased, without a final dot."""
     return address.strip("<>").rpartition("@")[2].lower().rstrip(".")
-
-
-def from_domains(headers: Message) -> set[str]:
-    """The domains of the From header's addresses (an unparseable From has none)."""
-    return {
-        address_domain(address)
-        for _, address in getaddresses(headers.get_all("From") or [])
-        if "@" in address
-    }
 
 
 def parse_headers(block: bytes) -> Message:

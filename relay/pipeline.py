@@ -26,7 +26,8 @@ from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
-from .mime import from_domains, headers_of, parse_headers
+from .from_header import from_domains
+from .mime import headers_of, parse_headers
 from .rewrite import (
     UNTOUCHABLE_TYPES,
     Decorations,

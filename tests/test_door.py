@@ -17,6 +17,7 @@ from relay.accounts import Account, hash_password
 from relay.settings import IPNetwork, SmtpSettings
 from relay.smtpd import AuthPolicy, ConnectionLimits, FrontDoor, RelaySMTP
 from relay.smtpd.data import SPILL_THRESHOLD
+from relay.smtpd.senders import HEADER_LIMIT
 from relay.spool import Spool
 from suppression import MIGRATIONS, AddressHasher, Database, SuppressionStore
 
@@ -236,3 +237,95 @@ async def test_a_connection_over_the_limit_is_refused_with_421(open_door: OpenDo
     )
     # The refused connection took no slot, and the first gave its own back.
     assert await asyncio.to_thread(lambda: connect(port).quit()[0]) == 221
+
+
+def message_with(from_lines: bytes) -> bytes:
+    """A message whose From field(s) are `from_lines` as written, line breaks included."""
+    return (
+        from_lines + b"To: " + RCPT.encode() + b"\r\nSubject: hello\r\n"
+        b"Message-ID: <door-test@shop.example>\r\n\r\nHello\r\n"
+    )
+
+
+# From fields that mail clients, DMARC checks and DKIM signers read differently.
+AMBIGUOUS_FROM = {
+    "obsolete second field": b"From : CEO <ceo@evil.example>\r\nFrom: Shop <news@shop.example>\r\n",
+    "obsolete field after": b"From: Shop <news@shop.example>\r\nFrom\t: ceo@evil.example\r\n",
+    "upper-case second field": b"From: news@shop.example\r\nFROM: ceo@evil.example\r\n",
+    "two @": b"From: ceo@evil.example@shop.example\r\n",
+    "split by a tab fold": b"From: ceo@evil.example\r\n\t@shop.example\r\n",
+    "fold inside brackets": b"From: <ceo@evil.example\r\n\t@shop.example>\r\n",
+    "text after the address": b"From: news@shop.example <ceo@evil.example>\r\n",
+    "quoted @ in local part": b'From: "ceo@evil.example"@shop.example\r\n',
+    "NUL": b"From: news@shop.example\x00ceo@evil.example\r\n",
+    "unclosed comment": b"From: news@shop.example (ceo@evil.example\r\n",
+}
+
+
+@pytest.mark.parametrize("from_lines", AMBIGUOUS_FROM.values(), ids=AMBIGUOUS_FROM.keys())
+@pytest.mark.parametrize("login", ["shop", None], ids=["account", "trusted"])
+async def test_an_ambiguous_from_is_refused_at_data(
+    open_door: OpenDoor, spool: Spool, from_lines: bytes, login: str | None
+) -> None:
+    trusted = UNTRUSTED if login else SmtpSettings().trusted_networks
+    port = await open_door(trusted=trusted, accounts=(SHOP,))
+
+    code, text = await asyncio.to_thread(send, port, message_with(from_lines), login=login)
+
+    assert code == 550
+    assert isinstance(text, bytes)
+    assert text.startswith(b"5.7.1 From header cannot be read unambiguously: ")
+    assert text.isascii() and b"\r" not in text and b"\n" not in text
+    assert await spool.entries() == []
+
+
+CLEAR_FROM = {
+    "obsolete spelling alone": b"From : Shop <news@shop.example>\r\n",
+    "folded between name and address": b"From: Shop\r\n <news@shop.example>\r\n",
+    "obsolete route": b"From: <@relay.example:news@shop.example>\r\n",
+    "obsolete spaces around @": b"From: news @ shop.example\r\n",
+    "period in the name": b"From: J. Smith <news@shop.example>\r\n",
+    "address in the name": b'From: "news@shop.example" <news@shop.example>\r\n',
+    "Latin-1 name": b"From: Sh\xf6p <news@shop.example>\r\n",
+    "UTF-8 name": "From: Shöp <news@shop.example>\r\n".encode(),
+    "two mailboxes of the domain": b"From: a@shop.example, b@news.shop.example\r\n",
+}
+
+
+@pytest.mark.parametrize("from_lines", CLEAR_FROM.values(), ids=CLEAR_FROM.keys())
+async def test_an_unambiguous_from_passes_in_any_rfc_5322_form(
+    open_door: OpenDoor, spool: Spool, from_lines: bytes
+) -> None:
+    port = await open_door(trusted=UNTRUSTED, accounts=(SHOP,))
+
+    code, _ = await asyncio.to_thread(send, port, message_with(from_lines), login="shop")
+
+    assert code == 250
+    assert len(await spool.entries()) == 1
+
+
+async def test_the_obsolete_spelling_of_a_foreign_from_is_refused(
+    open_door: OpenDoor, spool: Spool
+) -> None:
+    port = await open_door(trusted=UNTRUSTED, accounts=(SHOP,))
+
+    reply = await asyncio.to_thread(
+        send, port, message_with(b"From : CEO <ceo@bank.example>\r\n"), login="shop"
+    )
+
+    assert reply == (550, b"5.7.1 From domain bank.example not allowed for this account")
+    assert await spool.entries() == []
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in memory", "spilled"])
+async def test_a_trusted_client_gets_552_for_a_header_section_over_the_limit(
+    open_door: OpenDoor, spool: Spool, tmp_path: Path, spill: bool
+) -> None:
+    port = await open_door(spill_dir=tmp_path / "spill" if spill else None)
+    line = b"X-Padding: " + b"p" * 900 + b"\r\n"
+    huge = message_with(b"From: news@shop.example\r\n" + line * (HEADER_LIMIT // len(line) + 1))
+
+    reply = await asyncio.to_thread(send, port, huge)
+
+    assert reply == (552, b"5.3.4 Message header section exceeds fixed maximum size")
+    assert await spool.entries() == []

@@ -17,7 +17,7 @@ from ..mime import address_domain
 from ..settings import IPNetwork, SmtpSettings
 from ..spool import Spilled, Spool
 from .data import DataProblem
-from .senders import from_refusal
+from .senders import header_refusal
 from .server import RelayEnvelope
 
 log = logging.getLogger("optout.smtp")
@@ -163,12 +163,11 @@ class FrontDoor:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         message = received_message(envelope)
         account = self._account(session)
-        if account is not None:
-            refusal = await from_refusal(
-                account, message, client=_client(session), mail_from=envelope.mail_from
-            )
-            if refusal is not None:
-                return refusal
+        refusal = await header_refusal(
+            account, message, client=_client(session), mail_from=envelope.mail_from or ""
+        )
+        if refusal is not None:
+            return refusal
         queue_id = await self._spool_message(session, envelope, message, account)
         if queue_id is None:
             return DataProblem.CANNOT_STORE.value

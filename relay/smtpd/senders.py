@@ -1,5 +1,7 @@
-"""The From check at DATA: an account's message must say it is from a domain the account
-may send as, since the From header, not MAIL FROM, is what the recipient's client shows."""
+"""The header checks at DATA, for every client: a header section of bounded size and one
+From field that every reader takes for the same author. For an account, that author must
+also be in a domain the account may send as, since the From header, not MAIL FROM, is
+what the recipient's client shows."""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ import asyncio
 import logging
 
 from ..accounts import Account
-from ..mime import entity_bounds, from_domains, headers_of, parse_headers
+from ..from_header import AmbiguousFrom, authors, from_values
+from ..mime import entity_bounds, headers_of
 from ..spool import Spilled
 from .data import DataProblem
 
 log = logging.getLogger("optout.smtp")
 
-# How much of a spilled message is read for its header section when that is longer than
-# the head kept in memory. A longer header section is refused: its From could not be checked.
+# The longest header section taken (Postfix's header_size_limit is 100 KiB; ours is
+# roomier for the long Received and ARC chains of forwarded mail). A spilled message is
+# read this far for it; a longer one is refused, since its From could not be checked.
 HEADER_LIMIT = 1024 * 1024
 HEADERS_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
 NO_FROM = "550 5.7.1 Message has no From address this account may send as"
@@ -30,19 +34,20 @@ def _whole_header_section(start: bytes, size: int) -> bytes | None:
 async def header_block(message: bytes | Spilled) -> bytes | None:
     """The message's header section; None if it is longer than HEADER_LIMIT."""
     if isinstance(message, bytes):
-        return headers_of(message)
-    found = _whole_header_section(message.head, message.size)
-    if found is None:
-        start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
-        found = _whole_header_section(start, message.size)
-    return found
+        found: bytes | None = headers_of(message)
+    else:
+        found = _whole_header_section(message.head, message.size)
+        if found is None:
+            start = await asyncio.to_thread(message.file.read_start, HEADER_LIMIT)
+            found = _whole_header_section(start, message.size)
+    return None if found is None or len(found) > HEADER_LIMIT else found
 
 
-async def from_refusal(
-    account: Account, message: bytes | Spilled, *, client: str, mail_from: str | None
+async def header_refusal(
+    account: Account | None, message: bytes | Spilled, *, client: str, mail_from: str
 ) -> str | None:
-    """The reply refusing `account`'s `message` at DATA, or None if its From domains are
-    all the account's to use. `client` and `mail_from` are for the log line."""
+    """The reply refusing `message` at DATA, or None if its headers may pass; `account`
+    is the one the client logged in as, if any. `client` and `mail_from` are for the log."""
     try:
         block = await header_block(message)
     except OSError as exc:
@@ -50,28 +55,41 @@ async def from_refusal(
         return DataProblem.CANNOT_STORE.value
     if block is None:
         log.info(
-            "NOQUEUE: reject: DATA from %s: 552 5.3.4 header section over %d octets",
+            "NOQUEUE: reject: DATA from %s: 552 5.3.4 header section over %d octets; from=<%s>",
             client,
             HEADER_LIMIT,
+            mail_from,
         )
         return HEADERS_TOO_BIG
-    domains = from_domains(parse_headers(block))
-    if not domains:
+    try:
+        found = authors(from_values(block))
+    except AmbiguousFrom as exc:
+        # Mail clients, DMARC and the DKIM signer could each take a different author.
+        reason = "".join(c if " " <= c <= "~" else "?" for c in str(exc))  # one reply line
+        log.info(
+            "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s; from=<%s>", client, reason, mail_from
+        )
+        return f"550 5.7.1 From header cannot be read unambiguously: {reason}"
+    if account is None:
+        return None
+    if not found:
         # Without a From address there is no domain to allow: the account could
         # otherwise send as anyone a mail client makes of the header (rule 1).
         log.info(
-            "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s sent no readable From",
+            "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s sent no From address; from=<%s>",
             client,
             account.username,
+            mail_from,
         )
         return NO_FROM
-    foreign = sorted(d for d in domains if not account.may_send_as(d))
+    foreign = sorted({a.domain for a in found if not account.may_send_as(a.domain)})
     if foreign:
         log.info(
-            "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s",
+            "NOQUEUE: reject: DATA from %s: 550 5.7.1 %s may not send as %s; from=<%s>",
             client,
             account.username,
             ", ".join(foreign),
+            mail_from,
         )
         return f"550 5.7.1 From domain {foreign[0]} not allowed for this account"
     return None
