@@ -329,3 +329,30 @@ async def test_a_trusted_client_gets_552_for_a_header_section_over_the_limit(
 
     assert reply == (552, b"5.3.4 Message header section exceeds fixed maximum size")
     assert await spool.entries() == []
+
+
+@pytest.mark.parametrize(
+    "control", ["\x00", "\x01", "\x1b", "\x7f", "\t"], ids=["NUL", "SOH", "ESC", "DEL", "TAB"]
+)
+async def test_an_address_with_a_control_character_is_refused(
+    open_door: OpenDoor, spool: Spool, control: str
+) -> None:
+    port = await open_door()
+
+    def converse() -> list[tuple[int, bytes]]:
+        with connect(port) as client:
+            replies = [client.docmd(f"MAIL FROM:<news{control}@shop.example>")]
+            replies.append(client.docmd(f"MAIL FROM:<news@shop.example{control}>"))
+            replies.append(client.mail(SENDER))
+            replies.append(client.docmd(f"RCPT TO:<erin{control}@example.org>"))
+            replies.append(client.rcpt(RCPT))
+            replies.append(client.data(message()))
+            return replies
+
+    replies = await asyncio.to_thread(converse)
+
+    assert replies[:2] == [(501, b"5.1.7 Bad sender address syntax")] * 2
+    assert replies[3] == (501, b"5.1.3 Bad recipient address syntax")
+    assert [code for code, _ in (replies[2], replies[4], replies[5])] == [250, 250, 250]
+    [entry] = await spool.entries()
+    assert (entry.mail_from, entry.recipients) == (SENDER, (RCPT,))

@@ -36,6 +36,11 @@ _REPLIES = {
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(rf"\s*<({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+# C0 controls and DEL are in no part of RFC 5321's MAIL and RCPT syntax; a NUL passed on
+# cuts the address short in the C code of the MTAs downstream.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 
 
 @dataclass(slots=True)
@@ -172,6 +177,30 @@ class RelaySMTP(SMTP):
             await super().push(_REPLIES.get(status, status))
         else:
             await super().push(status)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, after a check its address parser does not make."""
+        if not await self._control_characters("MAIL", arg, BAD_SENDER):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT, after a check its address parser does not make."""
+        if not await self._control_characters("RCPT", arg, BAD_RECIPIENT):
+            await super().smtp_RCPT(arg)
+
+    async def _control_characters(self, command: str, arg: str | None, reply: str) -> bool:
+        """Whether `arg` has a control character, and was refused with `reply` for it."""
+        if arg is None or not _CONTROL.search(arg):
+            return False
+        log.info(
+            "NOQUEUE: reject: %s from unknown[%s]: %s; control character in %s",
+            command,
+            self._client_ip(),
+            reply,
+            ascii(arg),  # escaped: the log gets no control characters either
+        )
+        await self.push(reply)
+        return True
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA command with a reader that holds a message once, not per line,
