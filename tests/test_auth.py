@@ -192,15 +192,13 @@ async def test_connections_per_client_are_limited(relay: Relay) -> None:
     assert await asyncio.to_thread(connect_many) == [220, 220, 220, 421]
 
 
-def test_throttle_counts_per_client_and_forgets() -> None:
+def test_throttle_counts_per_network_and_forgets() -> None:
     throttle = AuthThrottle(slow_after=2, lock_after=3, window=60, delay=1.5)
-    for moment in (0, 1):
-        throttle.failed("198.51.100.7", now=moment)
-    assert throttle.penalty("198.51.100.7", now=2) == 1.5
-    assert throttle.penalty("203.0.113.9", now=2) == 0.0
-    throttle.failed("198.51.100.7", now=3)
-    assert throttle.locked("198.51.100.7", now=4)
-    assert not throttle.locked("198.51.100.7", now=100)  # the window passed
+    assert [throttle.begin("198.51.100.7", now=moment) for moment in (0, 1)] == [0.0, 0.0]
+    assert throttle.begin("198.51.100.99", now=2) == 1.5  # the same /24
+    assert throttle.begin("203.0.113.9", now=2) == 0.0
+    assert throttle.begin("198.51.100.7", now=4) is None  # locked
+    assert throttle.begin("198.51.100.7", now=100) == 0.0  # the window passed
 
 
 def test_password_hashes() -> None:
@@ -323,7 +321,9 @@ async def test_starttls_sessions_do_not_use_up_connection_slots(relay: Relay) ->
 
 def test_a_success_does_not_buy_more_guesses() -> None:
     throttle = AuthThrottle(slow_after=2, lock_after=3, window=60)
-    for moment in range(3):
-        throttle.failed("198.51.100.7", now=moment)
-    # logging in to one's own account in between changes nothing for the guesser
-    assert throttle.locked("198.51.100.7", now=4)
+    for moment in range(2):
+        throttle.begin("198.51.100.7", now=moment)  # two failures
+    throttle.begin("198.51.100.7", now=2)
+    throttle.succeeded("198.51.100.7", now=2)  # logging in to one's own account between
+    throttle.begin("198.51.100.7", now=3)  # a third failure
+    assert throttle.begin("198.51.100.7", now=4) is None

@@ -5,9 +5,13 @@ No relay process around it: no delivery, no tracking app, no config file."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import ipaddress
+import logging
 import os
 import smtplib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import pytest
 
 from relay.accounts import Account, hash_password
 from relay.settings import IPNetwork, SmtpSettings
-from relay.smtpd import AuthPolicy, ConnectionLimits, FrontDoor, RelaySMTP
+from relay.smtpd import AuthPolicy, AuthThrottle, ConnectionLimits, FrontDoor, RelaySMTP
 from relay.smtpd.data import SPILL_THRESHOLD
 from relay.smtpd.senders import HEADER_LIMIT
 from relay.spool import Spool
@@ -71,6 +75,7 @@ async def open_door(spool: Spool, suppressions: SuppressionStore) -> AsyncIterat
         accounts: tuple[Account, ...] = (),
         spill_dir: Path | None = None,
         limits: ConnectionLimits | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> int:
         by_name = {account.username: account for account in accounts}
         door = FrontDoor(
@@ -81,7 +86,7 @@ async def open_door(spool: Spool, suppressions: SuppressionStore) -> AsyncIterat
             on_spooled=lambda: None,
             accounts=by_name,
         )
-        auth = AuthPolicy(by_name)
+        auth = AuthPolicy(by_name) if throttle is None else AuthPolicy(by_name, throttle)
         admitted = limits or ConnectionLimits(total=10, per_client=10)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
@@ -107,8 +112,11 @@ async def open_door(spool: Spool, suppressions: SuppressionStore) -> AsyncIterat
         await server.wait_closed()
 
 
-def connect(port: int, *, login: str | None = None) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+def connect(port: int, *, login: str | None = None, source: str | None = None) -> smtplib.SMTP:
+    """A session from `source` (a loopback address; all of 127.0.0.0/8 is local)."""
+    client = smtplib.SMTP(
+        "127.0.0.1", port, timeout=30, source_address=None if source is None else (source, 0)
+    )
     try:
         client.ehlo("tool.test")
         if login is not None:
@@ -356,3 +364,102 @@ async def test_an_address_with_a_control_character_is_refused(
     assert [code for code, _ in (replies[2], replies[4], replies[5])] == [250, 250, 250]
     [entry] = await spool.entries()
     assert (entry.mail_from, entry.recipients) == (SENDER, (RCPT,))
+
+
+def auth_plain(client: smtplib.SMTP, username: str, password: str) -> tuple[int, bytes]:
+    token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+    return client.docmd("AUTH PLAIN", token)
+
+
+async def test_parallel_guesses_are_counted_before_any_password_is_checked(
+    open_door: OpenDoor,
+) -> None:
+    throttle = AuthThrottle(slow_after=100, lock_after=6)  # no delay: only the count matters
+    port = await open_door(
+        accounts=(SHOP,), limits=ConnectionLimits(total=40, per_client=40), throttle=throttle
+    )
+
+    def guess_at_once() -> list[int]:
+        """20 sessions, then one guess on each, all sent before any is answered."""
+        clients = [connect(port) for _ in range(20)]
+        start = threading.Barrier(len(clients))
+
+        def guess(client: smtplib.SMTP) -> int:
+            start.wait()
+            return auth_plain(client, "shop", "guess")[0]
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+                return list(pool.map(guess, clients))
+        finally:
+            for client in clients:
+                client.close()
+
+    codes = await asyncio.to_thread(guess_at_once)
+
+    assert codes.count(535) == 6  # the rest were refused unchecked
+    assert codes.count(454) == 14
+
+
+async def test_rotating_addresses_within_a_24_buys_no_more_guesses(open_door: OpenDoor) -> None:
+    throttle = AuthThrottle(slow_after=100, lock_after=6)
+    port = await open_door(accounts=(SHOP,), throttle=throttle)
+
+    def guess_from(source: str, password: str = "guess") -> tuple[int, bytes]:
+        with connect(port, source=source) as client:
+            return auth_plain(client, "shop", password)
+
+    codes = [(await asyncio.to_thread(guess_from, f"127.0.0.{host}"))[0] for host in range(1, 8)]
+
+    assert codes == [535] * 6 + [454]
+    # Even the right password waits out the window from that network; not from another.
+    assert await asyncio.to_thread(guess_from, "127.0.0.200", PASSWORD) == (
+        454,
+        b"4.7.0 Too many failed authentications from your address, try again later",
+    )
+    assert (await asyncio.to_thread(guess_from, "127.0.1.1", PASSWORD))[0] == 235
+
+
+def test_the_throttle_counts_ipv6_clients_by_their_64() -> None:
+    throttle = AuthThrottle(slow_after=100, lock_after=2)
+    assert throttle.begin("2001:db8:0:1::a") == 0.0
+    assert throttle.begin("2001:db8:0:1:ffff::b") == 0.0
+    assert throttle.begin("2001:db8:0:1::c") is None  # the same /64
+    assert throttle.begin("2001:db8:0:2::a") == 0.0  # the next /64
+    assert throttle.begin("::ffff:192.0.2.7") == 0.0  # IPv4-mapped: counted as 192.0.2.0/24
+    assert throttle.network("::ffff:192.0.2.7") == "192.0.2.0/24"
+
+
+async def test_a_failed_login_logs_no_unknown_username_and_a_535_says_5_7_8(
+    open_door: OpenDoor, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await open_door(accounts=(SHOP,))
+
+    def attempts() -> list[tuple[int, bytes]]:
+        with connect(port) as client:
+            # A password typed into the username field, then a known user's wrong guess.
+            return [auth_plain(client, PASSWORD, ""), auth_plain(client, "shop", "guess")]
+
+    with caplog.at_level(logging.INFO):
+        replies = await asyncio.to_thread(attempts)
+
+    assert replies == [(535, b"5.7.8 Authentication credentials invalid")] * 2
+    assert PASSWORD not in caplog.text
+    assert "AUTH failed for <unknown> from 127.0.0.1" in caplog.text
+    assert "AUTH failed for shop from 127.0.0.1" in caplog.text
+
+
+async def test_a_successful_login_logs_no_deprecation_warning(
+    open_door: OpenDoor, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await open_door(accounts=(SHOP,))
+
+    def login() -> tuple[int, bytes]:
+        with connect(port) as client:
+            return auth_plain(client, "shop", PASSWORD)
+
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        reply = await asyncio.to_thread(login)
+
+    assert reply == (235, b"2.7.0 Authentication successful")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

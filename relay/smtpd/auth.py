@@ -4,6 +4,7 @@ and the password check, run in a thread since scrypt takes about 50 ms."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -21,16 +22,20 @@ _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 
 
 @dataclass(slots=True)
-class _Failures:
-    count: int
+class _Attempts:
+    count: int  # failed, or still being checked
     first: float
 
 
 class AuthThrottle:
-    """Slows, then refuses, a client address that keeps failing AUTH (password guessing).
+    """Slows, then refuses, a client network that keeps failing AUTH (password guessing).
 
-    A success does not clear the count: logging in to one account must not buy more
-    guesses at another. The window forgets old failures instead."""
+    Counted per network, an IPv4 /24 or an IPv6 /64 (what one host or customer is
+    usually given), so that rotating addresses within it buys no more guesses. An attempt
+    is counted when it begins and uncounted only if it succeeds: attempts made in
+    parallel are all counted before any password is checked. A success does not clear
+    the count either: logging in to one account must not buy more guesses at another.
+    The window forgets old failures instead."""
 
     def __init__(
         self,
@@ -39,39 +44,55 @@ class AuthThrottle:
         lock_after: int = 6,
         window: float = 900.0,
         delay: float = 1.0,
+        ipv4_prefix: int = 24,
+        ipv6_prefix: int = 64,
     ) -> None:
         self.slow_after = slow_after
         self.lock_after = lock_after
         self.window = window
         self.delay = delay
-        self._failures: dict[str, _Failures] = {}
+        self._prefixes = {4: ipv4_prefix, 6: ipv6_prefix}
+        self._attempts: dict[str, _Attempts] = {}
 
-    def _current(self, client: str, now: float) -> _Failures | None:
-        entry = self._failures.get(client)
+    def network(self, client: str) -> str:
+        """The key `client` (an IP address) is counted under."""
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        prefix = self._prefixes[address.version]
+        return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+    def _current(self, network: str, now: float) -> _Attempts | None:
+        entry = self._attempts.get(network)
         if entry is not None and now - entry.first > self.window:
-            del self._failures[client]
+            del self._attempts[network]
             return None
         return entry
 
-    def locked(self, client: str, now: float | None = None) -> bool:
-        entry = self._current(client, time.monotonic() if now is None else now)
-        return entry is not None and entry.count >= self.lock_after
-
-    def penalty(self, client: str, now: float | None = None) -> float:
-        """Seconds to wait before answering this client's next AUTH."""
-        entry = self._current(client, time.monotonic() if now is None else now)
-        return self.delay if entry is not None and entry.count >= self.slow_after else 0.0
-
-    def failed(self, client: str, now: float | None = None) -> None:
+    def begin(self, client: str, now: float | None = None) -> float | None:
+        """Count an attempt from `client` that is about to be checked. None: its network
+        is locked out, refuse it unchecked (and uncounted); else the seconds to wait first."""
         moment = time.monotonic() if now is None else now
-        entry = self._current(client, moment)
+        network = self.network(client)
+        entry = self._current(network, moment)
         if entry is None:
-            self._failures[client] = _Failures(1, moment)
-        else:
-            entry.count += 1
-        if len(self._failures) > 100_000:  # bound memory under a distributed attack
-            oldest = min(self._failures, key=lambda c: self._failures[c].first)
-            del self._failures[oldest]
+            self._attempts[network] = _Attempts(1, moment)
+            if len(self._attempts) > 100_000:  # bound memory under a distributed attack
+                del self._attempts[next(iter(self._attempts))]  # the oldest window
+            return 0.0
+        if entry.count >= self.lock_after:
+            return None
+        entry.count += 1
+        return self.delay if entry.count > self.slow_after else 0.0
+
+    def succeeded(self, client: str, now: float | None = None) -> None:
+        """The attempt `begin` counted was no failure."""
+        entry = self._current(self.network(client), time.monotonic() if now is None else now)
+        if entry is not None and entry.count > 0:
+            entry.count -= 1
 
 
 @dataclass(slots=True)
@@ -84,9 +105,10 @@ class AuthPolicy:
     async def check(self, client: str, credentials: LoginPassword) -> AuthResult:
         """aiosmtpd's verdict on `client` logging in with `credentials`; on success its
         `auth_data` is the username, which the front door reads as the session's account."""
-        if self.throttle.locked(client):
+        delay = self.throttle.begin(client)
+        if delay is None:
+            log.warning("AUTH refused from %s: too many failures from its network", client)
             return AuthResult(success=False, handled=False, message=AUTH_LOCKED)
-        delay = self.throttle.penalty(client)
         if delay:
             await asyncio.sleep(delay)  # slows guessing down; the session stays usable
         username = credentials.login.decode("utf-8", "replace")
@@ -94,8 +116,11 @@ class AuthPolicy:
         stored = account.password_hash if account is not None else _DUMMY_HASH
         matches = await asyncio.to_thread(verify_password, credentials.password, stored)
         if account is None or not matches:
-            self.throttle.failed(client)
-            log.warning("AUTH failed for %r from %s", username, client)
+            # An unknown username is often a password typed in the wrong field: never
+            # logged as typed.
+            shown = username if account is not None else "<unknown>"
+            log.warning("AUTH failed for %s from %s", shown, client)
             return AuthResult(success=False, handled=False)
+        self.throttle.succeeded(client)
         log.info("AUTH ok: %s from %s", username, client)
         return AuthResult(success=True, auth_data=username)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from ..spool import Spilled
 from .auth import AuthPolicy
@@ -66,6 +66,14 @@ class _Pending:
     """Credentials parsed by aiosmtpd's PLAIN/LOGIN code, waiting for our async check."""
 
     credentials: LoginPassword
+
+
+class RelaySession(Session):
+    """aiosmtpd's session without its deprecated `login_data` property, which logs a
+    warning on every successful AUTH as aiosmtpd itself sets it. The relay reads the
+    account from `auth_data` only; `login_data` is a plain attribute here, never read."""
+
+    login_data: Any = None
 
 
 class RelayEnvelope(Envelope):
@@ -122,6 +130,10 @@ class RelaySMTP(SMTP):
         self._spill_dir = spill_dir
         self.implicit_tls = implicit_tls
         self._admitted: str | None = None
+
+    def _create_session(self) -> Session:
+        """aiosmtpd's session factory (called per connection, and again after STARTTLS)."""
+        return RelaySession(self.loop)
 
     def _create_envelope(self) -> Envelope:
         """aiosmtpd's envelope factory (called at each new transaction), overridden so the
