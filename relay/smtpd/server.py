@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from ..spool import Spilled
 from .auth import AuthPolicy
@@ -30,6 +30,9 @@ _REPLIES = {
     "552 Error: Too much mail data": _TOO_BIG,
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
     "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
 }
 # <local@domain> with a dot-atom local part (RFC 5321 §4.1.2) and a plain ASCII domain: what
 # nearly every MAIL and RCPT carries. Anything else goes to aiosmtpd's full parser.
@@ -41,6 +44,7 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"  # Postfix's words
 
 
 @dataclass(slots=True)
@@ -190,11 +194,25 @@ class RelaySMTP(SMTP):
         else:
             await super().push(status)
 
+    # The commands below override aiosmtpd's; each keeps its @syntax, which HELP reads.
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, but never under TLS (RFC 3207 §4.2: a client must not
+        start TLS twice). aiosmtpd would begin a second handshake inside the first, or on
+        the implicit-TLS listener say that TLS is not available."""
+        if self.encrypted:
+            await self.push(TLS_ALREADY_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """aiosmtpd's MAIL, after a check its address parser does not make."""
         if not await self._control_characters("MAIL", arg, BAD_SENDER):
             await super().smtp_MAIL(arg)
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """aiosmtpd's RCPT, after a check its address parser does not make."""
         if not await self._control_characters("RCPT", arg, BAD_RECIPIENT):
@@ -214,6 +232,7 @@ class RelaySMTP(SMTP):
         await self.push(reply)
         return True
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA command with a reader that holds a message once, not per line,
         and spills a big one to `spill_dir`."""
