@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
-from tracking.events import purge
+from tracking.retention import purge
 
 from ._malloc import return_big_buffers
 from .delivery import DeliveryProcess, DeliveryRuntime
@@ -284,7 +284,7 @@ class Relay:
         while True:
             try:
                 report = await purge(stores.events, stores.suppressions, self.settings.retention)
-                log.info("retention purge: %s", report)
+                log.info("retention: %s", report.summary(), extra={"fields": report.fields()})
             except Exception:
                 log.exception("retention purge failed; trying again in an hour")
             await asyncio.sleep(PURGE_EVERY)

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from suppression import InvalidAge, NormalizationPolicy, parse_age
-from tracking.events import Retention
+from tracking.retention import Retention
 
 from .accounts import Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
@@ -52,8 +52,8 @@ def _domain(value: Any, key: str) -> str:
 def _duration(value: Any, key: str) -> timedelta:
     try:
         return parse_age(_string(value, key))
-    except InvalidAge:
-        raise ConfigError(key, f'must be a duration such as "14d" (got {value!r})') from None
+    except InvalidAge as exc:  # one line listing the units
+        raise ConfigError(key, str(exc)) from None
 
 
 def _retention(value: Any, key: str) -> Retention:

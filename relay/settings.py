@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from suppression import NormalizationPolicy
-from tracking.events import Retention
+from tracking.retention import Retention
 
 from .accounts import Account
 

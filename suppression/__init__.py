@@ -24,7 +24,7 @@ from .errors import (
 )
 from .imports import BadRow, ImportOptions, ImportReport, import_file
 from .reasons import SOFT_REASONS, parse_reason
-from .retention import parse_age
+from .retention import format_age, parse_age
 from .scopes import sender_scopes, topic_scope
 from .store import (
     GLOBAL,
@@ -69,6 +69,7 @@ __all__ = [
     "digest_keys",
     "erase_subject",
     "export_subject",
+    "format_age",
     "format_time",
     "fsync_directory",
     "import_file",

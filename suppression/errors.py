@@ -59,8 +59,9 @@ class ImportFormatError(SuppressionError):
 
 
 class InvalidAge(SuppressionError, ValueError):
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, hint: str = "") -> None:
         super().__init__(
-            f"invalid age {text!r}: expected a number and a unit, e.g. 90d, 12h, 6w, 1y"
+            f"invalid age {text!r}{hint}: a whole number and one of the units"
+            " s, min, h, d, w, mo (30 days), y (365 days), e.g. 180d"
         )
         self.text = text

@@ -343,6 +343,12 @@ class SuppressionStore:
         keys = self.hasher.lookup_keys(address)
         return await self._db.read(lambda db: subject_record(db, normalized, keys))
 
+    async def count_expired(self, now: datetime | None = None) -> int:
+        """How many entries `purge_expired` would delete now (a retention dry run)."""
+        cutoff = utc_now() if now is None else format_time(now)
+        sql = "SELECT count(*) FROM suppressions WHERE expires_at IS NOT NULL AND expires_at <= ?"
+        return await self._db.read(lambda db: int(db.execute(sql, [cutoff]).fetchone()[0]))
+
     async def purge_expired(self, now: datetime | None = None) -> int:
         """Delete entries whose expiry has passed (audited as `expire`); the number deleted."""
         cutoff = utc_now() if now is None else format_time(now)

@@ -77,6 +77,7 @@ def test_serve_delivers_to_the_outbox_and_stops_on_sigterm(
     assert "status=delivered" in log
     assert log.rstrip().endswith("info: stopped")
     assert "Traceback" not in log
+    assert "optout-relay/serve[" in log and "]: info: retention: purged nothing\n" in log
 
 
 def test_a_stop_sent_to_every_process_at_once_is_a_clean_stop(
@@ -107,3 +108,7 @@ def test_json_logs_carry_the_queue_id(
     assert queued["queue_id"] == delivered["queue_id"]
     assert delivered["to"] == "kim@example.org"
     assert queued["component"] == "smtp"
+    # The hourly purge, at start: a readable message, its counts as fields.
+    purged = next(line for line in lines if line["message"].startswith("retention: "))
+    assert purged["message"] == "retention: purged nothing"
+    assert purged["events_purged"]["open"] == 0 and purged["contacts_purged"] == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -16,18 +16,13 @@ import sqlite_utils
 from suppression import (
     Database,
     DataHolder,
-    InvalidAge,
     Migration,
     Subject,
-    SuppressionStore,
     format_time,
-    parse_age,
     row_dicts,
     utc_now,
     zeroing,
 )
-
-from .signing import DEFAULT_MAX_AGE as TOKEN_MAX_AGE
 
 
 class EventType(StrEnum):
@@ -45,6 +40,13 @@ class EventType(StrEnum):
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}
+
+
+@dataclass(frozen=True, slots=True)
+class Others:
+    """Every event type except these (retention's catch-all for types without a key)."""
+
+    kept_apart: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,28 @@ PAGE_SIZE = 1000
 PURGE_BATCH = 10_000
 
 
+# What retention deletes, or counts for a dry run (True). An `Others` purge names the kinds
+# it keeps apart as one JSON array parameter.
+_EVENTS_OF_KIND = {
+    False: "DELETE FROM events WHERE id IN (SELECT id FROM events"
+    " WHERE at < ? AND type = ? LIMIT ?)",
+    True: "SELECT count(*) FROM events WHERE at < ? AND type = ?",
+}
+_EVENTS_OF_OTHER_KINDS = {
+    False: "DELETE FROM events WHERE id IN (SELECT id FROM events"
+    " WHERE at < ? AND type NOT IN (SELECT value FROM json_each(?)) LIMIT ?)",
+    True: "SELECT count(*) FROM events"
+    " WHERE at < ? AND type NOT IN (SELECT value FROM json_each(?))",
+}
+_UNUSED_CONTACTS = {
+    False: "DELETE FROM contacts WHERE address_hash IN (SELECT c.address_hash"
+    " FROM contacts c WHERE c.first_seen_at < ? AND NOT EXISTS (SELECT 1"
+    " FROM events e WHERE e.address_hash = c.address_hash AND e.at >= ?) LIMIT ?)",
+    True: "SELECT count(*) FROM contacts c WHERE c.first_seen_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM events e WHERE e.address_hash = c.address_hash AND e.at >= ?)",
+}
+
+
 class EventStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -172,28 +196,33 @@ class EventStore:
 
         return DataHolder("events", export, erase)
 
-    async def purge(self, kind: EventType | str, older_than: datetime) -> int:
-        """Delete events of `kind` from before `older_than`, a bounded batch per transaction."""
-        sql = (
-            "DELETE FROM events WHERE id IN (SELECT id FROM events"
-            " WHERE at < ? AND type = ? LIMIT ?)"
-        )
-        return await self._purge(sql, [format_time(older_than), str(kind), PURGE_BATCH])
+    async def purge(
+        self, kind: EventType | str | Others, older_than: datetime, *, dry_run: bool = False
+    ) -> int:
+        """Delete events of `kind` (or of every kind but some: `Others`) from before
+        `older_than`, a bounded batch per transaction; the number deleted. `dry_run`: only
+        count them."""
+        params: list[object] = [format_time(older_than)]
+        if isinstance(kind, Others):
+            sql = _EVENTS_OF_OTHER_KINDS[dry_run]
+            params.append(json.dumps(kind.kept_apart))
+        else:
+            sql = _EVENTS_OF_KIND[dry_run]
+            params.append(str(kind))
+        if dry_run:
+            return await self._count(sql, params)
+        return await self._purge(sql, [*params, PURGE_BATCH])
 
-    async def purge_contacts(self, older_than: datetime) -> int:
+    async def purge_contacts(self, older_than: datetime, *, dry_run: bool = False) -> int:
         """Forget addresses first seen before `older_than` with no event since then.
 
         contacts belongs to the suppression package; the rule needs the events, so it lives
         here. A suppression keeps its own copy of the address, so nothing stops matching.
         """
         cutoff = format_time(older_than)
-        sql = (
-            "DELETE FROM contacts WHERE address_hash IN (SELECT c.address_hash"
-            " FROM contacts c WHERE c.first_seen_at < ? AND NOT EXISTS (SELECT 1"
-            " FROM events e WHERE e.address_hash = c.address_hash AND e.at >= ?)"
-            " LIMIT ?)"
-        )
-        return await self._purge(sql, [cutoff, cutoff, PURGE_BATCH])
+        if dry_run:
+            return await self._count(_UNUSED_CONTACTS[True], [cutoff, cutoff])
+        return await self._purge(_UNUSED_CONTACTS[False], [cutoff, cutoff, PURGE_BATCH])
 
     async def purge_message_ids(self, older_than: datetime) -> int:
         """Forget the Message-IDs of messages sent before `older_than`: no token of theirs
@@ -203,6 +232,9 @@ class EventStore:
             " FROM event_messages WHERE at < ? LIMIT ?)"
         )
         return await self._purge(sql, [format_time(older_than), PURGE_BATCH])
+
+    async def _count(self, sql: str, params: list[object]) -> int:
+        return int(await self._db.read(lambda db: db.execute(sql, params).fetchone()[0]))
 
     async def _purge(self, sql: str, params: list[object]) -> int:
         """Repeat a bounded DELETE until a batch comes back short: short write transactions
@@ -218,89 +250,6 @@ class EventStore:
             total += removed
             if removed < PURGE_BATCH:
                 return total
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long each kind of event (and an unused contact address) is kept; None: for ever.
-
-    The field names are the keys of the `[retention]` config section, values like "180d".
-    """
-
-    open: timedelta | None = None
-    click: timedelta | None = None
-    unsubscribe: timedelta | None = None
-    delivered: timedelta | None = None
-    deferred: timedelta | None = None
-    bounced: timedelta | None = None
-    suppressed: timedelta | None = None
-    contacts: timedelta | None = None
-
-    @classmethod
-    def parse(cls, table: Mapping[str, object]) -> Retention:
-        """From `{"open": "180d", ...}`; ValueError naming the key for anything else."""
-        known = {f.name for f in fields(cls)}
-        ages: dict[str, timedelta] = {}
-        for key, value in table.items():
-            if key not in known:
-                raise ValueError(
-                    f"retention.{key}: unknown key (one of {', '.join(sorted(known))})"
-                )
-            if not isinstance(value, str):
-                raise ValueError(f'retention.{key}: must be a string such as "180d"')
-            try:
-                ages[key] = parse_age(value)
-            except InvalidAge as exc:
-                raise ValueError(f"retention.{key}: {exc}") from None
-        return cls(**ages)
-
-    def merged(self, other: Retention) -> Retention:
-        """`other`'s ages where it has one, else ours (command-line over config)."""
-        return Retention(
-            **{
-                f.name: getattr(other, f.name)
-                if getattr(other, f.name) is not None
-                else getattr(self, f.name)
-                for f in fields(self)
-            }
-        )
-
-    def event_ages(self) -> dict[EventType, timedelta]:
-        ages = {kind: getattr(self, kind.value, None) for kind in EventType}
-        return {kind: age for kind, age in ages.items() if age is not None}
-
-
-@dataclass(slots=True)
-class PurgeReport:
-    events: dict[str, int] = field(default_factory=dict)
-    contacts: int = 0
-    expired_suppressions: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.events.values()) + self.contacts + self.expired_suppressions
-
-
-async def purge(
-    events: EventStore,
-    suppressions: SuppressionStore,
-    retention: Retention,
-    now: datetime | None = None,
-) -> PurgeReport:
-    """Delete what the retention policy no longer allows to keep; `serve` runs this hourly.
-
-    Lapsed suppressions are always removed (they no longer stop mail, and still hold an
-    address); events and contacts by their configured ages.
-    """
-    moment = now or datetime.now(UTC)
-    report = PurgeReport()
-    for kind, age in retention.event_ages().items():
-        report.events[str(kind)] = await events.purge(kind, moment - age)
-    if retention.contacts is not None:
-        report.contacts = await events.purge_contacts(moment - retention.contacts)
-    report.expired_suppressions = await suppressions.purge_expired(moment)
-    await events.purge_message_ids(moment - TOKEN_MAX_AGE)
-    return report
 
 
 # contacts belongs to the suppression package; an erased contact shows as null.

@@ -13,7 +13,7 @@ import click
 
 from suppression import DataHolder, Outcome, erase_subject, export_subject
 from suppression.holders import outbox_holder, spool_holder
-from tracking.events import Retention, purge
+from tracking.retention import PurgeReport, Retention, purge
 
 from ..spool import Spool
 from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores
@@ -117,7 +117,7 @@ def subject_erase(config_path: Path | None, yes: bool, actor: str | None, addres
         )
 
 
-def _keep(values: tuple[str, ...]) -> Retention:
+def _keep(values: tuple[str, ...], base: Retention) -> Retention:
     table: dict[str, object] = {}
     for value in values:
         kind, sep, age = value.partition("=")
@@ -125,7 +125,7 @@ def _keep(values: tuple[str, ...]) -> Retention:
             raise click.BadParameter(f"{value!r} is not KIND=AGE", param_hint="'--keep'")
         table[kind.strip()] = age.strip()
     try:
-        return Retention.parse(table)
+        return Retention.parse(table, base)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--keep'") from None
 
@@ -136,23 +136,21 @@ def _keep(values: tuple[str, ...]) -> Retention:
     "--keep",
     multiple=True,
     metavar="KIND=AGE",
-    help="Keep KIND (open, click, delivered, ..., contacts) for AGE, e.g. open=180d;"
-    " overrides [retention] in the config. Repeatable.",
+    help="Keep KIND (open, click, delivered, ..., other, contacts) for AGE, e.g. open=180d"
+    " or open=forever; overrides [retention] in the config. Repeatable.",
 )
-def purge_command(config_path: Path | None, keep: tuple[str, ...]) -> None:
+@click.option(
+    "--dry-run", is_flag=True, help="Show what would be deleted, per kind; delete nothing."
+)
+def purge_command(config_path: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     """Delete events and contacts older than their retention, and lapsed suppressions."""
-    override = _keep(keep)
     settings = settings_from(config_path)
-    retention = settings.retention.merged(override)
+    retention = _keep(keep, settings.retention)
 
-    async def run(stores: Stores) -> Any:
-        return await purge(stores.events, stores.suppressions, retention)
+    async def run(stores: Stores) -> PurgeReport:
+        return await purge(stores.events, stores.suppressions, retention, dry_run=dry_run)
 
     report = with_stores(settings, run)
-    if not retention.event_ages() and retention.contacts is None:
-        click.echo("no retention configured ([retention] in the config or --keep KIND=AGE)")
-    events = ", ".join(f"{n} {kind}" for kind, n in report.events.items()) or "none"
-    click.echo(
-        f"purged: events {events}; contacts {report.contacts};"
-        f" lapsed suppressions {report.expired_suppressions}"
-    )
+    click.echo(report.summary())
+    if dry_run:
+        click.echo("\n".join(report.table()))
