@@ -31,6 +31,7 @@ from .smtpd import (
     ConnectionLimits,
     FrontDoor,
     RelaySMTP,
+    is_localhost,
     reload_certificate,
     tls_context,
 )
@@ -106,7 +107,15 @@ class Relay:
         self._exit.push_async_callback(spool.close)
         self.spool = spool
         self.stores = stores
-        hostname = settings.smtp.hostname or socket.getfqdn()
+        hostname = settings.smtp.hostname
+        if hostname is None:
+            hostname = await asyncio.to_thread(socket.getfqdn)  # may ask DNS
+        if is_localhost(hostname):
+            log.warning(
+                "this relay calls itself %r in its greeting and Received fields, which"
+                " receivers see: set smtp.hostname to its public name",
+                hostname,
+            )
         signers = load_dkim_signers(settings)  # fail here, before anything listens
         if signers:
             log.info("DKIM: signing for %s", ", ".join(sorted(signers)))
@@ -168,6 +177,7 @@ class Relay:
             max_queued_messages=settings.delivery.max_queued_messages,
             on_spooled=notify,
             accounts=self.accounts,
+            events=stores.events,
         )
         servers = await self._listen_smtp(front_door, hostname, spool.incoming)
         self._exit.push_async_callback(self._close_smtp, servers, front_door)

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import smtplib
 from pathlib import Path
 
+import pytest
+
+from relay.app import Relay
 from tests.helpers import (
     StartRelay,
     asubmit,
+    events_of,
     newsletter,
     relay_settings,
     spool_depth,
     spooled_contents,
+    wait_for,
     with_delivery,
     with_smtp,
 )
@@ -194,3 +200,89 @@ async def test_a_line_over_998_octets_is_refused_and_nothing_is_kept(
     assert replies[-1][0] == 500
     assert replies[-1][1].startswith(b"5.5.2")
     assert await spooled_messages(tmp_path) == 0
+
+
+async def test_a_refused_recipient_is_a_refused_event(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    suppressions = relay.stores.suppressions
+    port = relay.addresses.smtp[1]
+    mailed, stranger = RCPT, "stranger@example.org"
+    # The relay took mail for one of them before: it knows that address (a contact).
+    assert (await asubmit(port, newsletter([mailed]), "news@shop.example", [mailed])).error is None
+    await wait_for(
+        lambda: _known(relay, mailed), what="the delivery worker to remember the recipient"
+    )
+    for address in (mailed, stranger):
+        await suppressions.add(address, scope="sender:shop.example")
+
+    refused = await asubmit(
+        port, newsletter([mailed, stranger]), "news@shop.example", [mailed, stranger]
+    )
+    elsewhere = await asubmit(port, newsletter([mailed]), "hello@bakery.example", [mailed])
+
+    assert set(refused.refused) == {mailed, stranger} and elsewhere.refused == {}
+    events = await events_of(relay, "refused")
+    assert [e["detail"] for e in events] == [
+        {"scope": "sender:shop.example", "reason": "manual"}
+    ] * 2
+    assert all(e["queue_id"] is None and e["message_id"] is None for e in events)  # no message
+    # Named by keyed hash: the address shows only where the relay already knew it, and
+    # the refusal is part of what a subject export and erasure find.
+    assert [e["recipient"] for e in events] == [mailed, None]
+    [own] = await relay.stores.events.for_recipient(suppressions.hasher.hash(stranger))
+    assert own["type"] == "refused"
+    await relay.stores.events.erase_recipient(suppressions.hasher.hash(mailed))
+    assert all(e["recipient"] is None for e in await events_of(relay, "refused"))
+
+
+async def _known(relay: Relay, address: str) -> bool:
+    record = await relay.stores.suppressions.show(address)
+    return record.contact_first_seen_at is not None
+
+
+async def test_the_log_names_the_client_as_postfix_does_and_the_null_sender_as_empty(
+    tmp_path: Path, closed_port: int, start_relay: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await start_relay(relay_settings(tmp_path, closed_port))
+    await relay.stores.suppressions.add("gone@example.org")
+    message = b"From: MAILER-DAEMON@shop.example\r\nSubject: bounce\r\n\r\nreport\r\n"
+
+    def converse() -> None:
+        with smtplib.SMTP("127.0.0.1", relay.addresses.smtp[1], timeout=10) as client:
+            client.ehlo("mautic.internal")
+            client.sendmail("<>", [RCPT], message)
+            client.mail("<>")
+            client.rcpt("gone@example.org")
+
+    with caplog.at_level(logging.INFO, logger="optout.smtp"):
+        await asyncio.to_thread(converse)
+
+    assert "<<>>" not in caplog.text
+    [queued] = [r.getMessage() for r in caplog.records if "(queued)" in r.getMessage()]
+    assert queued.startswith("client=unknown[127.0.0.1], helo=<mautic.internal>, from=<>, ")
+    [refused] = [r.getMessage() for r in caplog.records if "reject: RCPT" in r.getMessage()]
+    assert refused.startswith("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.7.1 ")
+    assert refused.endswith("; from=<> to=<gone@example.org> helo=<mautic.internal>")
+    [entry] = await relay.spool.entries()
+    assert entry.mail_from == ""
+
+
+@pytest.mark.parametrize("hostname", ["localhost", "localhost.localdomain", "relay.example"])
+async def test_serve_warns_when_the_relay_would_call_itself_localhost(
+    tmp_path: Path, start_relay: StartRelay, caplog: pytest.LogCaptureFixture, hostname: str
+) -> None:
+    settings = with_smtp(relay_settings(tmp_path, None), hostname=hostname)
+    with caplog.at_level(logging.WARNING, logger="optout.serve"):
+        relay = await start_relay(settings)
+
+    warned = f"this relay calls itself {hostname!r} in its greeting and Received fields"
+    assert (warned in caplog.text) == hostname.startswith("localhost")
+
+    def greeting() -> tuple[int, bytes]:
+        with smtplib.SMTP(timeout=10) as client:
+            return client.connect("127.0.0.1", relay.addresses.smtp[1])
+
+    code, banner = await asyncio.to_thread(greeting)
+    assert code == 220 and banner.startswith(hostname.encode() + b" ")

@@ -37,6 +37,8 @@ class EventType(StrEnum):
     COMPLAINT = "complaint"  # a recipient reported a copy as spam (ARF)
     # A receiver refused the sender for policy (5.7.x, 4.7.x): never a suppression.
     POLICY_REFUSAL = "policy_refusal"
+    # The front door refused a recipient at RCPT (550 5.7.1): no copy was ever made.
+    REFUSED = "refused"
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}

@@ -8,7 +8,7 @@ AUTH off the event loop, DATA read in chunks and spilled to a directory when big
 
 from .auth import AuthPolicy, AuthThrottle
 from .door import FrontDoor
-from .server import ConnectionLimits, RelaySMTP, reload_certificate, tls_context
+from .server import ConnectionLimits, RelaySMTP, is_localhost, reload_certificate, tls_context
 
 __all__ = [
     "AuthPolicy",
@@ -16,6 +16,7 @@ __all__ = [
     "ConnectionLimits",
     "FrontDoor",
     "RelaySMTP",
+    "is_localhost",
     "reload_certificate",
     "tls_context",
 ]

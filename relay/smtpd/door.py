@@ -10,7 +10,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from suppression import InvalidAddress, SuppressionStore, sender_scopes
+from suppression import InvalidAddress, Suppression, SuppressionStore, sender_scopes
+from tracking.events import Event, EventStore, EventType
 
 from ..accounts import Account
 from ..mime import address_domain
@@ -43,8 +44,59 @@ def _username(session: Session) -> str | None:
     return None
 
 
-def _client(session: Session) -> str:
+def client_name(session: Session) -> str:
+    """The client as logs name it: `unknown[IP]`, as Postfix does without reverse DNS
+    lookups (smtpd_peername_lookup = no). The HELO name is only the client's claim, so it
+    is logged apart, as `helo=<...>`, never as the client's name."""
+    return f"unknown[{session.peer[0] if session.peer else '?'}]"
+
+
+def helo_name(session: Session) -> str:
+    return session.host_name or ""
+
+
+def received_from(session: Session) -> str:
+    """`HELO[IP]`, as the spool keeps the client for the relay's Received field."""
     return f"{session.host_name or 'unknown'}[{session.peer[0] if session.peer else '?'}]"
+
+
+def envelope_sender(mail_from: str | None) -> str:
+    """MAIL FROM's address; "" for the null sender, which aiosmtpd keeps as "<>"."""
+    return "" if mail_from in (None, "<>") else mail_from
+
+
+def _log_reject(
+    session: Session,
+    command: str,
+    reply: str,
+    *,
+    mail_from: str | None,
+    to: str | None = None,
+    level: int = logging.INFO,
+) -> None:
+    """Postfix's NOQUEUE reject line: `NOQUEUE: reject: RCPT from unknown[IP]: REPLY;
+    from=<...> to=<...> helo=<...>`."""
+    sender = envelope_sender(mail_from)
+    recipient = "" if to is None else f" to=<{to}>"
+    log.log(
+        level,
+        "NOQUEUE: reject: %s from %s: %s; from=<%s>%s helo=<%s>",
+        command,
+        client_name(session),
+        reply,
+        sender,
+        recipient,
+        helo_name(session),
+        extra={
+            "fields": {
+                "client": client_name(session),
+                "helo": helo_name(session),
+                "from": sender,
+                **({} if to is None else {"to": to}),
+                "reply": reply,
+            }
+        },
+    )
 
 
 def received_message(envelope: Envelope) -> bytes | Spilled:
@@ -68,8 +120,10 @@ class FrontDoor:
         max_queued_messages: int,
         on_spooled: Callable[[], None],
         accounts: Mapping[str, Account] | None = None,
+        events: EventStore | None = None,
     ) -> None:
         self._accounts = dict(accounts or {})
+        self._events = events
         self._max_queued = max_queued_messages
         self._spool = spool
         self._suppressions = suppressions
@@ -97,32 +151,23 @@ class FrontDoor:
         mail_options: list[str],
     ) -> str:
         if not (self.is_trusted(session) or session.authenticated):
-            log.info(
-                "NOQUEUE: reject: MAIL from %s: 530 5.7.0 not a trusted network; from=<%s>",
-                _client(session),
-                address,
-            )
-            return "530 5.7.0 Authentication required"
+            reply = "530 5.7.0 Authentication required"
+            _log_reject(session, "MAIL", f"{reply} (not a trusted network)", mail_from=address)
+            return reply
         account = self._account(session)
         if (
             account is not None
             and address != "<>"
             and not account.may_send_as(address_domain(address))
         ):
-            log.info(
-                "NOQUEUE: reject: MAIL from %s: 550 5.7.1 %s may not send as <%s>",
-                _client(session),
-                account.username,
-                address,
-            )
-            return f"550 5.7.1 <{address}>: Sender address not allowed for this account"
+            reply = f"550 5.7.1 <{address}>: Sender address not allowed for this account"
+            _log_reject(session, "MAIL", f"{reply} ({account.username})", mail_from=address)
+            return reply
         if self._spool.waiting >= self._max_queued:
-            log.warning(
-                "NOQUEUE: reject: MAIL from %s: 451 4.3.1 spool holds %d messages",
-                _client(session),
-                self._spool.waiting,
-            )
-            return "451 4.3.1 Mail system full, try again later"
+            reply = "451 4.3.1 Mail system full, try again later"
+            why = f"{reply} (spool holds {self._spool.waiting} messages)"
+            _log_reject(session, "MAIL", why, mail_from=address, level=logging.WARNING)
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -147,24 +192,40 @@ class FrontDoor:
             log.exception("suppression lookup failed")
             return "451 4.3.0 Suppression list unavailable, try again later"
         if suppressed is not None:
-            log.info(
-                "NOQUEUE: reject: RCPT from %s: 550 5.7.1 recipient has opted out (%s);"
-                " from=<%s> to=<%s>",
-                _client(session),
-                suppressed.scope,
-                envelope.mail_from,
-                address,
-            )
-            return f"550 5.7.1 <{address}>: Recipient has opted out of this sender's mail"
+            reply = f"550 5.7.1 <{address}>: Recipient has opted out of this sender's mail"
+            why = f"{reply} ({suppressed.reason} in {suppressed.scope})"
+            _log_reject(session, "RCPT", why, mail_from=envelope.mail_from, to=address)
+            await self._record_refusal(session, address, suppressed)
+            return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    async def _record_refusal(
+        self, session: Session, address: str, suppression: Suppression
+    ) -> None:
+        """A `refused` event: which recipient (by keyed hash), why, and for whom. A failed
+        write is logged; the refusal stands."""
+        if self._events is None:
+            return
+        detail = {"scope": suppression.scope, "reason": suppression.reason}
+        username = _username(session)
+        if username is not None:
+            detail["account"] = username
+        try:
+            address_hash = self._suppressions.hasher.hash(address)
+            await self._events.record(Event(EventType.REFUSED, address_hash, detail=detail))
+        except Exception:
+            log.exception("cannot record the refusal of a recipient")
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         message = received_message(envelope)
         account = self._account(session)
         refusal = await header_refusal(
-            account, message, client=_client(session), mail_from=envelope.mail_from or ""
+            account,
+            message,
+            client=client_name(session),
+            mail_from=envelope_sender(envelope.mail_from),
         )
         if refusal is not None:
             return refusal
@@ -184,20 +245,19 @@ class FrontDoor:
     ) -> str | None:
         """The message's queue id once the spool has it durably; None (logged) if it could
         not take it. Counted while it runs, so that `drain` waits for its reply."""
-        # aiosmtpd keeps the null sender (RFC 5321 §4.5.5) as "<>"; the spool stores "".
-        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         self._accepting += 1
         self._idle.clear()
         try:
             return await self._spool.accept(
-                sender,
+                envelope_sender(envelope.mail_from),
                 list(envelope.rcpt_tos),
                 message,
-                _client(session),
+                received_from(session),
                 account=None if account is None else account.username,
             )
         except Exception as exc:
-            log.error("NOQUEUE: cannot spool message from=<%s>: %s", envelope.mail_from, exc)
+            sender = envelope_sender(envelope.mail_from)
+            log.error("NOQUEUE: cannot spool message from=<%s>: %s", sender, exc)
             return None
         finally:
             self._accepting -= 1
@@ -213,17 +273,23 @@ def _log_queued(
     session: Session, envelope: Envelope, message: bytes | Spilled, queue_id: str
 ) -> None:
     size = len(message) if isinstance(message, bytes) else message.size
+    username = _username(session)
+    sender = envelope_sender(envelope.mail_from)
     log.info(
-        "client=%s, from=<%s>, size=%d, nrcpt=%d (queued)",
-        _client(session),
-        envelope.mail_from,
+        "client=%s, helo=<%s>%s, from=<%s>, size=%d, nrcpt=%d (queued)",
+        client_name(session),
+        helo_name(session),
+        "" if username is None else f", sasl_username={username}",
+        sender,
         size,
         len(envelope.rcpt_tos),
         extra={
             "queue_id": queue_id,
             "fields": {
-                "client": _client(session),
-                "from": envelope.mail_from,
+                "client": client_name(session),
+                "helo": helo_name(session),
+                **({} if username is None else {"sasl_username": username}),
+                "from": sender,
                 "size": size,
                 "nrcpt": len(envelope.rcpt_tos),
             },

@@ -89,6 +89,16 @@ class RelayEnvelope(Envelope):
         self.spilled: Spilled | None = None
 
 
+def is_localhost(hostname: str) -> bool:
+    """Whether `hostname` is a name of the loopback host (what socket.getfqdn() gives on a
+    machine whose name resolves to 127.0.0.1): no name to greet clients and to write in
+    the relay's Received field, which receivers read."""
+    name = hostname.lower().rstrip(".")
+    return name in ("localhost", "localhost6", "ip6-localhost", "ip6-loopback") or (
+        name.startswith("localhost.") or name.endswith(".localhost")
+    )
+
+
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context; `reload_certificate` swaps the files in for new connections."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
