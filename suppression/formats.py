@@ -45,6 +45,23 @@ HASH_NAMES = (
 HEX_DIGEST = re.compile(r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{64})$")
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_ESCAPED_STARTS = (*FORMULA_STARTS, "'")
+
+
+def escape_cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text, as OWASP recommends: a leading apostrophe
+    before a formula character. A cell that begins with an apostrophe gets one more, so that
+    `unescape_cell` gives back exactly what was written (an export imports back)."""
+    return "'" + text if text.startswith(_ESCAPED_STARTS) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The cell `escape_cell` was given."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_ESCAPED_STARTS) else text
+
+
 def canon(name: str) -> str:
     """`Email Address`, `email_address` and `E-mail` all name the same column."""
     return re.sub(r"[\s_\-]", "", name.strip().lower())

@@ -23,8 +23,8 @@ from . import audit
 from .addresses import MD5_PREFIX, SHA256_PREFIX, is_keyed_hash
 from .database import format_time
 from .entries import Entry, Outcome
-from .errors import InvalidAddress, InvalidReason, InvalidScope
-from .formats import HEX_DIGEST, Format, Layout, detect, sniff_delimiter
+from .errors import ImportFormatError, InvalidAddress, InvalidReason, InvalidScope
+from .formats import HEX_DIGEST, Format, Layout, detect, sniff_delimiter, unescape_cell
 from .reasons import SOFT_REASONS, Reason, check_expiry, parse_reason
 from .scopes import GLOBAL, parse_scope
 from .store import SuppressionStore
@@ -48,6 +48,7 @@ class ImportOptions:
     source: str | None = None  # default: import:FILE NAME
     actor: str | None = None
     batch_size: int = BATCH_SIZE
+    encoding: str | None = None  # None: told from the file (choose_encoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class BadRow:
 class ImportReport:
     source: str
     format: str = ""
+    encoding: str = ""
     rows: int = 0
     added: int = 0
     strengthened: int = 0
@@ -75,6 +77,7 @@ class ImportReport:
     def summary(self) -> dict[str, object]:
         return {
             "format": self.format,
+            "encoding": self.encoding,
             "rows": self.rows,
             "added": self.added,
             "strengthened": self.strengthened,
@@ -92,26 +95,91 @@ class _Bad(Exception):
 _Batch = tuple[list[Entry], list[BadRow], int]
 
 
-class _Reader:
-    """Lines of a UTF-8 file as the csv module wants them, counting and hashing the bytes."""
+# Byte-order marks, longest first (a UTF-32 LE mark begins like a UTF-16 LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+UTF8 = "utf-8"
+LATIN1 = "latin-1"
 
-    def __init__(self, raw: IO[bytes]) -> None:
+
+def choose_encoding(head: bytes, asked: str | None, source: str) -> str:
+    """The codec to read a file with: the one asked for, else its byte-order mark, else
+    UTF-8, else Latin-1 (which reads anything) when no byte beyond ASCII at its start is
+    UTF-8. A UTF-8 file with a stray byte stays UTF-8: that row is then a bad row, rather
+    than every non-ASCII address garbled.
+
+    A file with NUL bytes and no mark is no text we can read: UTF-16 without a mark, or a
+    spreadsheet saved in its own format.
+    """
+    if asked is not None:
+        try:
+            return codecs.lookup(asked).name
+        except LookupError:
+            raise ImportFormatError(source, f"unknown encoding {asked!r}") from None
+    for mark, name in _BOMS:
+        if head.startswith(mark):
+            return name
+    if b"\0" in head:
+        raise ImportFormatError(
+            source,
+            "not a text file (NUL bytes): UTF-16 without a byte-order mark? pass"
+            " --encoding utf-16-le (or utf-16-be); a spreadsheet? save it as CSV",
+        )
+    text = codecs.getincrementaldecoder(UTF8)(errors="replace").decode(head, final=False)
+    if "\ufffd" in text and not any(ch > "\x7f" and ch != "\ufffd" for ch in text):
+        return LATIN1
+    return UTF8
+
+
+class _Reader:
+    """Lines of a text file as the csv module wants them (any line ending made `\\n`),
+    counting and hashing the bytes."""
+
+    def __init__(self, raw: IO[bytes], encoding: str | None, source: str) -> None:
         self._raw = raw
         self.bytes_read = 0
         self.digest = hashlib.sha256()
+        self._head = self._read()
+        self.encoding = choose_encoding(self._head, encoding, source)
+
+    def _read(self) -> bytes:
+        chunk = self._raw.read(_CHUNK)
+        self.bytes_read += len(chunk)
+        self.digest.update(chunk)
+        return chunk
 
     def lines(self) -> Iterator[str]:
-        # surrogateescape: an undecodable row becomes a bad row instead of ending the import.
-        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
-        pending = ""
-        while chunk := self._raw.read(_CHUNK):
-            self.bytes_read += len(chunk)
-            self.digest.update(chunk)
-            pending += decoder.decode(chunk)
+        # UTF-8 (the usual case): an undecodable row becomes a bad row instead of ending the
+        # import. Other codecs put U+FFFD there, which no address may contain either.
+        utf8 = codecs.lookup(self.encoding).name in (UTF8, "utf-8-sig")
+        decoder = codecs.getincrementaldecoder("utf-8-sig" if utf8 else self.encoding)(
+            errors="surrogateescape" if utf8 else "replace"
+        )
+        pending = carried = ""
+        chunk = self._head
+        while chunk:
+            text = carried + decoder.decode(chunk)
+            # Old Mac (CR) and Windows (CRLF) endings. A CR at the end of a chunk waits for
+            # the next one, which may begin with its LF.
+            carried = "\r" if text.endswith("\r") else ""
+            if carried:
+                text = text[:-1]
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            pending += text
             *complete, pending = pending.split("\n")
             for line in complete:
                 yield line + "\n"
-        pending += decoder.decode(b"", final=True)
+            chunk = self._read()  # only now: `bytes_read` is how far the lines yielded go
+        pending += (carried + decoder.decode(b"", final=True)).replace("\r", "\n")
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            yield line + "\n"
         if pending:
             yield pending
 
@@ -119,16 +187,22 @@ class _Reader:
 class _Parser:
     """Turns a file into batches of entries (run on a worker thread, never on the loop)."""
 
-    def __init__(self, store: SuppressionStore, raw: IO[bytes], options: ImportOptions) -> None:
+    def __init__(
+        self, store: SuppressionStore, raw: IO[bytes], options: ImportOptions, name: str
+    ) -> None:
         self._hasher = store.hasher
         self._options = options
         self._scope = parse_scope(options.scope)
         self._expires = None if options.expires_at is None else format_time(options.expires_at)
         if options.reason is not None:
             check_expiry(options.reason, self._expires)
-        self._reader = _Reader(raw)
+        self._reader = _Reader(raw, options.encoding, name)
         self._lines = self._reader.lines()
         self.layout = self._detect()
+
+    @property
+    def encoding(self) -> str:
+        return self._reader.encoding
 
     @property
     def bytes_read(self) -> int:
@@ -151,7 +225,10 @@ class _Parser:
         if not rows:
             return None
         delimiter = sniff_delimiter(rows[0])
-        parsed = [next(csv.reader([row], delimiter=delimiter), []) for row in rows]
+        try:
+            parsed = [next(csv.reader([row], delimiter=delimiter), []) for row in rows]
+        except csv.Error as exc:
+            raise ImportFormatError("first rows", f"not CSV: {exc}") from None
         second = parsed[1] if len(parsed) > 1 else None
         return detect(parsed[0], second, self._options.format, delimiter)
 
@@ -162,6 +239,8 @@ class _Parser:
         entries: list[Entry] = []
         bad: list[BadRow] = []
         skip_header = layout.header
+        # Our own export escapes cells a spreadsheet would run as formulas; undone here.
+        escaped = layout.format is Format.OPTOUT
         for line, row in self._rows(layout):
             if skip_header:
                 skip_header = False
@@ -169,6 +248,8 @@ class _Parser:
             try:
                 if isinstance(row, csv.Error):
                     raise _Bad(f"not CSV: {row}")
+                if escaped:
+                    row = [unescape_cell(cell) for cell in row]
                 entries.append(self._entry(layout, row, line))
             except _Bad as exc:
                 bad.append(BadRow(line, str(exc)))
@@ -304,7 +385,9 @@ def _check_text(value: str) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Bad("not valid UTF-8") from None
+            raise _Bad("not valid UTF-8 (another encoding? pass --encoding)") from None
+        if "\ufffd" in value:
+            raise _Bad("bytes the file's encoding cannot read (pass --encoding)")
 
 
 def _digest_key(value: str) -> str:
@@ -324,12 +407,13 @@ async def import_file(
     options: ImportOptions = ImportOptions(),
     *,
     on_bad_row: Callable[[BadRow], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, ImportReport], None] | None = None,
 ) -> ImportReport:
     """Import the list in `raw` (named `name` in reports and the audit log).
 
     Raises ImportFormatError (before anything is written) when the file cannot be read as
-    the format asked for; every other problem is a bad row in the report.
+    the format asked for; every other problem is a bad row in the report. `on_progress`
+    hears the bytes read and the report so far after each batch.
     """
     source = options.source or f"import:{name}"
     options = ImportOptions(
@@ -340,9 +424,12 @@ async def import_file(
         source,
         options.actor,
         max(1, options.batch_size),
+        options.encoding,
     )
-    parser = await asyncio.to_thread(_Parser, store, raw, options)
-    report = ImportReport(source, str(parser.layout.format) if parser.layout else "empty")
+    parser = await asyncio.to_thread(_Parser, store, raw, options, name)
+    report = ImportReport(
+        source, str(parser.layout.format) if parser.layout else "empty", parser.encoding
+    )
     batches = parser.batches(options.batch_size)
     item = await asyncio.to_thread(next, batches, None)
     while item is not None:
@@ -370,7 +457,7 @@ async def import_file(
             else:
                 report.unchanged += 1
         if on_progress is not None:
-            on_progress(position)
+            on_progress(position, report)
     report.bytes_read = parser.bytes_read
     report.sha256 = parser.sha256
     await store.database.write(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -297,7 +297,7 @@ class SuppressionStore:
 
     async def entries(
         self, *, scope: str | None = None, page_size: int = PAGE_SIZE
-    ) -> AsyncIterator[Suppression]:
+    ) -> AsyncGenerator[Suppression, None]:
         """Every entry in creation order, a page per read so a large list never sits in memory.
 
         One query streamed page by page from the reader thread (its only thread); it sorts

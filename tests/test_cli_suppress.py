@@ -28,7 +28,7 @@ def test_import_skips_bad_rows_by_line_and_exits_1(config: Path) -> None:
         "optout-relay: crm.csv:4: no address",
     ]
     assert result.stdout.strip() == (
-        "imported crm.csv (csv): 4 rows, 2 added, 0 strengthened, 0 unchanged, 2 bad"
+        "imported crm.csv (csv): 4 rows, 2 added, 0 strengthened, 0 already suppressed, 2 bad"
     )
     checked = cli(config, "suppress", "check", "ann@example.org")
     assert checked.returncode == 0
@@ -62,7 +62,7 @@ def test_export_is_private_and_imports_back_unchanged(config: Path) -> None:
     assert rows[0]["expires_at"] == "" and rows[1]["expires_at"].endswith("Z")
     back = cli(config, "suppress", "import", str(out))
     assert back.returncode == 0
-    assert "(optout): 2 rows, 0 added, 0 strengthened, 2 unchanged, 0 bad" in back.stdout
+    assert "(optout): 2 rows, 0 added, 0 strengthened, 2 already suppressed, 0 bad" in back.stdout
 
 
 def test_show_proves_when_and_how(config: Path) -> None:

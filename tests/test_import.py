@@ -192,7 +192,7 @@ async def test_an_import_never_weakens_and_rerunning_changes_nothing(
 async def test_bad_rows_are_reported_by_line_and_skipped(store: SuppressionStore) -> None:
     text = (
         b"email,name\n"
-        b"ok1@example.org,A\n"
+        b"ok1@example.org,\xc3\x84\n"  # UTF-8: the next rows are then read as UTF-8 too
         b"not-an-address,B\n"
         b",C\n"
         b"\xff\xfe@example.org,D\n"
@@ -209,7 +209,7 @@ async def test_bad_rows_are_reported_by_line_and_skipped(store: SuppressionStore
     messages = [row.message for row in report.bad_rows]
     assert "expected local-part@domain" in messages[0]
     assert messages[1] == "no address"
-    assert messages[2] == "not valid UTF-8"
+    assert messages[2] == "not valid UTF-8 (another encoding? pass --encoding)"
     assert "whitespace" in messages[3]
     assert messages[4].startswith("not CSV: field larger than field limit")
     assert await store.check("ok2@example.org") is not None
@@ -217,16 +217,17 @@ async def test_bad_rows_are_reported_by_line_and_skipped(store: SuppressionStore
 
 async def test_batches_do_not_change_the_result(store: SuppressionStore) -> None:
     lines = "\n".join(f"user{i % 40}@example.org" for i in range(100))
-    progress: list[int] = []
+    progress: list[tuple[int, int]] = []
     report = await import_file(
         store,
         io.BytesIO(lines.encode()),
         "dup.txt",
         ImportOptions(batch_size=7),
-        on_progress=progress.append,
+        on_progress=lambda position, so_far: progress.append((position, so_far.rows)),
     )
     assert (report.rows, report.added, report.unchanged) == (100, 40, 60)
-    assert len(progress) == 15 and progress[-1] == len(lines)
+    assert len(progress) == 15 and progress[-1] == (len(lines), 100)
+    assert [rows for _, rows in progress] == [*range(7, 100, 7), 100]
     assert await store.count() == 40
 
 

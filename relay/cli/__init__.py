@@ -8,6 +8,7 @@ rewrite engine or delivery.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:
-        sys.stderr.close()
+        # The reader went away (`| head`): what it wanted it has. Python would still try to
+        # flush stdout at exit and complain; point it at /dev/null first (Python's own
+        # advice for SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
     except Exception as exc:
         known = _known_error(exc)

@@ -11,8 +11,9 @@ import csv
 import gc
 import json
 import os
+import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -32,7 +33,8 @@ from suppression import (
     parse_age,
     utc_now,
 )
-from suppression.formats import Format
+from suppression.formats import Format, escape_cell
+from suppression.imports import LATIN1
 
 from ..stores import Stores
 from .common import (
@@ -190,12 +192,15 @@ def suppress_list(config_path: Path | None, scope: str | None, fmt: str) -> None
     """List suppressions, oldest first."""
 
     async def run(store: SuppressionStore) -> None:
-        async for entry in store.entries(scope=scope):
-            if fmt == "jsonl":
-                click.echo(json.dumps(entry.as_dict(), ensure_ascii=False))
-            else:
-                fields = [_label(entry), entry.scope, entry.reason, entry.source]
-                click.echo("\t".join([*fields, entry.created_at]))
+        # aclosing: a reader that stops early (`| head`) closes the listing while the store
+        # is still open.
+        async with contextlib.aclosing(store.entries(scope=scope)) as entries:
+            async for entry in entries:
+                if fmt == "jsonl":
+                    click.echo(json.dumps(entry.as_dict(), ensure_ascii=False))
+                else:
+                    fields = [_label(entry), entry.scope, entry.reason, entry.source]
+                    click.echo("\t".join([*fields, entry.created_at]))
 
     _with_store(config_path, run)
 
@@ -209,6 +214,13 @@ def suppress_list(config_path: Path | None, scope: str | None, fmt: str) -> None
     default=Format.AUTO.value,
     show_default=True,
     help="auto: tell from the header and first rows.",
+)
+@click.option(
+    "--encoding",
+    default=None,
+    metavar="CODEC",
+    help="The file's encoding, e.g. utf-16-le or cp1252 (default: from its byte-order mark,"
+    " else UTF-8, else Latin-1).",
 )
 @scope_option
 @click.option(
@@ -226,6 +238,7 @@ def suppress_list(config_path: Path | None, scope: str | None, fmt: str) -> None
 def suppress_import(
     config_path: Path | None,
     fmt: str,
+    encoding: str | None,
     scope: str,
     reason: str | None,
     expires: str | None,
@@ -237,9 +250,10 @@ def suppress_import(
 
     CSV with an address column, plain lists (one address per line), hashed lists (MD5 or
     SHA-256 of the lowercased address) and suppression exports of SendGrid, Mailgun, Amazon
-    SES and Postmark. Nothing already suppressed is ever weakened; running an import again
-    changes nothing. Bad rows are reported with their line numbers and skipped; the exit code
-    is then 1.
+    SES and Postmark; any line ending, UTF-8, UTF-16/32 with a byte-order mark, or Latin-1.
+    Nothing already suppressed is ever weakened; running an import again changes nothing.
+    Bad rows are reported with their line numbers and skipped; the exit code is then 1.
+    A long import shows its progress on stderr.
     """
     options = ImportOptions(
         format=Format(fmt),
@@ -248,6 +262,7 @@ def suppress_import(
         expires_at=_expires_at(expires),
         actor=actor_of(actor),
         batch_size=batch_size,
+        encoding=encoding,
     )
     name = "stdin" if file == "-" else Path(file).name
 
@@ -267,9 +282,18 @@ def suppress_import(
         report = _with_store(config_path, run, create=True)
     finally:
         gc.enable()
+    kind = report.format
+    if report.encoding not in ("utf-8", "utf-8-sig", ""):
+        kind += f", {report.encoding}"
+    if encoding is None and report.encoding == LATIN1:
+        click.echo(
+            f"{PROG}: {name}: not UTF-8, read as Latin-1 (--encoding to choose another)",
+            err=True,
+        )
     click.echo(
-        f"imported {name} ({report.format}): {report.rows} rows, {report.added} added,"
-        f" {report.strengthened} strengthened, {report.unchanged} unchanged, {report.bad} bad"
+        f"imported {name} ({kind}): {report.rows} rows, {report.added} added,"
+        f" {report.strengthened} strengthened, {report.unchanged} already suppressed,"
+        f" {report.bad} bad"
     )
     return 1 if report.bad else 0
 
@@ -283,25 +307,51 @@ def _open_input(file: str) -> Iterator[IO[bytes]]:
         yield raw
 
 
+Progress = Callable[[int, ImportReport], None]
+BAR_FROM_BYTES = 1 << 20
+
+
 @contextlib.contextmanager
-def _progress(raw: IO[bytes], label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for a large file read from a terminal session, else nothing."""
+def _progress(raw: IO[bytes], label: str) -> Iterator[Progress]:
+    """How far an import is, on stderr: a bar on a terminal (a row count for a pipe, whose
+    size is unknown); elsewhere (a log) a line after each batch but the last."""
     try:
-        size = os.fstat(raw.fileno()).st_size
+        status = os.fstat(raw.fileno())
+        size = status.st_size if stat.S_ISREG(status.st_mode) else 0
     except (OSError, ValueError):
         size = 0
-    if size < 1 << 20 or not sys.stderr.isatty():
-        yield None
+    if not sys.stderr.isatty():
+
+        def line(position: int, report: ImportReport) -> None:
+            if 0 < position < size:
+                click.echo(f"{label}: {position * 100 // size}% ({report.rows:,} rows)", err=True)
+
+        yield line
         return
-    with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
-        done = 0
+    if size >= BAR_FROM_BYTES:
+        with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
+            done = 0
 
-        def advance(position: int) -> None:
-            nonlocal done
-            bar.update(position - done)
-            done = position
+            def advance(position: int, _report: ImportReport) -> None:
+                nonlocal done
+                bar.update(position - done)
+                done = position
 
-        yield advance
+            yield advance
+        return
+    counted = False
+
+    def count(_position: int, report: ImportReport) -> None:
+        nonlocal counted
+        if size == 0:
+            click.echo(f"\r{label}: {report.rows:,} rows", err=True, nl=False)
+            counted = True
+
+    try:
+        yield count
+    finally:
+        if counted:
+            click.echo("", err=True)
 
 
 EXPORT_COLUMNS = (
@@ -325,7 +375,11 @@ EXPORT_COLUMNS = (
 def suppress_export(
     config_path: Path | None, scope: str | None, fmt: str, output: Path | None
 ) -> None:
-    """Export the suppression list; the CSV can be imported again as it is."""
+    """Export the suppression list; the CSV can be imported again as it is.
+
+    A CSV cell that a spreadsheet would run as a formula (one beginning with = + - @, a tab
+    or a CR) is written with a leading apostrophe, as OWASP recommends; import takes it off.
+    """
 
     async def run(store: SuppressionStore) -> int:
         with open_output(output) as out:
@@ -338,7 +392,7 @@ def suppress_export(
 
 
 async def _write_entries(
-    entries: AsyncIterator[Suppression], out: IO[str], fmt: str, total: int
+    entries: AsyncGenerator[Suppression, None], out: IO[str], fmt: str, total: int
 ) -> int:
     bar = (
         click.progressbar(length=total, label="exporting", file=sys.stderr)
@@ -349,16 +403,19 @@ async def _write_entries(
     if fmt == "csv":
         writer.writerow(EXPORT_COLUMNS)
     count = 0
-    with bar if bar is not None else contextlib.nullcontext():
-        async for entry in entries:
-            row = entry.as_dict()
-            if fmt == "csv":
-                writer.writerow(["" if row[c] is None else row[c] for c in EXPORT_COLUMNS])
-            else:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-            if bar is not None and count % 1000 == 0:
-                bar.update(1000)
+    async with contextlib.aclosing(entries):
+        with bar if bar is not None else contextlib.nullcontext():
+            async for entry in entries:
+                row = entry.as_dict()
+                if fmt == "csv":
+                    writer.writerow(
+                        ["" if row[c] is None else escape_cell(row[c]) for c in EXPORT_COLUMNS]
+                    )
+                else:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+                if bar is not None and count % 1000 == 0:
+                    bar.update(1000)
     return count
 
 
