@@ -26,6 +26,7 @@ from tracking import RecipientRef, TrackingUrls
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
+from .feedback.outgoing import CopyMarks
 from .from_header import from_domains
 from .mime import headers_of, parse_headers
 from .rewrite import (
@@ -61,6 +62,8 @@ class Metadata:
     account: Account | None = None
     decisions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # recorded as warning events
+    # Which of Feedback-ID and CFBL-Address the sender set: ours are then not added.
+    sender_feedback_fields: frozenset[str] = frozenset()
 
     def decide(self, step: str, decision: str) -> None:
         self.decisions.append(f"{step}: {decision}")
@@ -173,6 +176,18 @@ class ApplyAccountDefaults:
             meta.decide(self.name, f"{account.username}: open tracking off")
 
 
+class ReadFeedbackFields:
+    """A sender's own Feedback-ID or CFBL-Address (RFC 9477) is kept, and ours not added."""
+
+    name = "feedback-fields"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        present = {n for n in ("feedback-id", "cfbl-address") if headers.get(n) is not None}
+        if present:
+            meta.sender_feedback_fields = frozenset(present)
+            meta.decide(self.name, f"sender's own {', '.join(sorted(present))} kept")
+
+
 class ReadFromDomain:
     name = "from"
 
@@ -218,6 +233,7 @@ DEFAULT_STEPS: tuple[Step, ...] = (
     ApplyAccountDefaults(),
     GuardSignedContent(),
     ReadFromDomain(),
+    ReadFeedbackFields(),
 )
 
 
@@ -243,14 +259,16 @@ class PreparedMessage:
         *,
         eight_bit_ok: bool = True,
         address_hash: str | None = None,
+        marks: CopyMarks | None = None,
     ) -> bytes:
         """The recipient's copy, DKIM-signed last so the signature covers every change.
 
         `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
         `address_hash`: the recipient's keyed hash, when the caller has it already.
+        `marks`: the copy's feedback addresses and fields (relay.feedback), if any.
         """
         key = address_hash if address_hash is not None else hasher.hash(recipient)
-        copy = self._render(key, urls, eight_bit_ok)
+        copy = self._render(key, urls, eight_bit_ok, marks)
         signer = self.meta.signer
         if signer is None:
             return copy
@@ -262,9 +280,16 @@ class PreparedMessage:
             log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
             return copy
 
-    def _render(self, address_hash: str, urls: TrackingUrls, eight_bit_ok: bool) -> bytes:
+    def _render(
+        self,
+        address_hash: str,
+        urls: TrackingUrls,
+        eight_bit_ok: bool,
+        marks: CopyMarks | None = None,
+    ) -> bytes:
+        feedback_fields = marks.fields if marks is not None else ()
         if self.meta.transactional:
-            return self.template.render({}, eight_bit_ok=eight_bit_ok)
+            return self.template.render({}, feedback_fields, eight_bit_ok=eight_bit_ok)
         ref = RecipientRef(address_hash, self.meta.scope, self.meta.campaign, self.meta.queue_id)
         unsubscribe_url = urls.unsubscribe_url(ref)
         values: dict[HoleKey, str] = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
@@ -274,8 +299,11 @@ class PreparedMessage:
             prefix = urls.click_prefix(ref)
             for index, token in enumerate(self._links_signed(urls)):
                 values[LinkHole(index)] = prefix + token
+        mailto = f"mailto:{marks.mailto}" if marks is not None else None
         return self.template.render(
-            values, list_unsubscribe_headers(unsubscribe_url), eight_bit_ok=eight_bit_ok
+            values,
+            [*list_unsubscribe_headers(unsubscribe_url, mailto), *feedback_fields],
+            eight_bit_ok=eight_bit_ok,
         )
 
     def _links_signed(self, urls: TrackingUrls) -> tuple[str, ...]:

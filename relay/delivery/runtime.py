@@ -15,10 +15,11 @@ from tracking.tokens import TrackingUrls
 
 from ..accounts import Account
 from ..dkim import DkimSigner
+from ..feedback import CopyTokens, FeedbackMarks
 from ..pipeline import Pipeline
 from ..settings import Settings
 from ..spool import WHOLE, Partition, Spool
-from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
+from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, signer, tracking_urls
 from .transport import OutboxTransport, SmtpTransport, Transport, outbox_name
 from .worker import DeliveryWorker, RetryPolicy
 
@@ -27,6 +28,14 @@ def destination(settings: Settings) -> str:
     """Where mail goes, as the transport will name it in logs."""
     downstream = settings.delivery.downstream
     return downstream.address if downstream else outbox_name(settings.storage.dir / OUTBOX_DIR)
+
+
+def feedback_marks(settings: Settings, accounts: Mapping[str, Account]) -> FeedbackMarks | None:
+    """With a feedback domain (the relay's or an account's), the maker of each copy's
+    return path, mailto: address and feedback fields."""
+    if not settings.feedback_domains():
+        return None
+    return FeedbackMarks(CopyTokens(signer(settings)), settings.feedback.domain, accounts)
 
 
 def build_transport(settings: Settings, hostname: str) -> Transport:
@@ -78,6 +87,7 @@ class DeliveryRuntime:
                 self._exit.push_async_callback(spool.close)
             hostname = settings.smtp.hostname or socket.getfqdn()
             self.transport = build_transport(settings, hostname)
+            accounts = settings.account_map() if self._accounts is None else self._accounts
             self.worker = DeliveryWorker(
                 spool=spool,
                 transport=self.transport,
@@ -85,7 +95,7 @@ class DeliveryRuntime:
                     signers=(
                         load_dkim_signers(settings) if self._signers is None else self._signers
                     ),
-                    accounts=settings.account_map() if self._accounts is None else self._accounts,
+                    accounts=accounts,
                     clicks=settings.tracking.clicks,
                 ),
                 suppressions=stores.suppressions,
@@ -99,6 +109,7 @@ class DeliveryRuntime:
                 concurrency=settings.delivery.workers,
                 hostname=hostname,
                 partition=self._partition,
+                marks=feedback_marks(settings, accounts),
             )
             task = asyncio.create_task(self.worker.run(), name="delivery-worker")
             self._exit.push_async_callback(self._stop, self.worker, task)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from suppression import Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
+from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
 from ..pipeline import Pipeline, PreparedMessage
 from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage, iso_utc
 from .dsn import Failure, build_dsn, status_of
@@ -66,8 +67,11 @@ class DeliveryWorker:
         concurrency: int,
         hostname: str,
         partition: Partition = WHOLE,
+        marks: FeedbackMarks | None = None,
     ) -> None:
+        """`marks`: with feedback on, each copy's return path, mailto: and fields."""
         self._partition = partition
+        self._marks = marks
         self._spool = spool
         self._transport = transport
         self._pipeline = pipeline
@@ -205,8 +209,12 @@ class DeliveryWorker:
                     )
                 )
             await self._remember(d.recipient for d in message.deliveries)
+            marks = await self._mark_copies(message, prepared)
             results = await asyncio.gather(
-                *(self._deliver_one(message, prepared, d) for d in message.deliveries),
+                *(
+                    self._deliver_one(message, prepared, d, marks.get(d.id))
+                    for d in message.deliveries
+                ),
                 return_exceptions=True,
             )
             # Every copy has finished its attempt before any back-off decision is made.
@@ -271,8 +279,42 @@ class DeliveryWorker:
     def _paused(self) -> bool:
         return self._stopping or time.time() < self._paused_until
 
+    async def _mark_copies(
+        self, message: SpooledMessage, prepared: PreparedMessage
+    ) -> dict[int, CopyMarks]:
+        """With feedback on, each copy's marks, recorded before any copy goes out (a bounce
+        may come back before anything else is written). Mail from the null sender keeps it."""
+        if self._marks is None or not message.mail_from:
+            return {}
+        meta = prepared.meta
+        marks = {}
+        for delivery in message.deliveries:
+            made = self._marks.for_copy(
+                queue_id=message.queue_id,
+                address_hash=self._suppressions.hasher.hash(delivery.recipient),
+                recipient=delivery.recipient,
+                scope=meta.scope,
+                campaign=meta.campaign,
+                message_id=meta.message_id,
+                account=message.account,
+                signing_domain=meta.signer.domain if meta.signer is not None else None,
+                sender_domain=meta.from_domain,
+                sender_fields=meta.sender_feedback_fields,
+            )
+            if made is not None:
+                marks[delivery.id] = made
+        if marks:
+            await FeedbackStore(self._suppressions.database).record_copies(
+                [m.record for m in marks.values()]
+            )
+        return marks
+
     async def _deliver_one(
-        self, message: SpooledMessage, prepared: PreparedMessage, delivery: Delivery
+        self,
+        message: SpooledMessage,
+        prepared: PreparedMessage,
+        delivery: Delivery,
+        marks: CopyMarks | None = None,
     ) -> None:
         if self._paused():
             return  # left due in the spool: picked up again after the pause
@@ -324,6 +366,7 @@ class DeliveryWorker:
                     prepared.personalise,
                     eight_bit_ok=self._transport.eight_bit_ok,
                     address_hash=address_hash,
+                    marks=marks,
                 ),
                 delivery.recipient,
                 self._urls,
@@ -331,7 +374,12 @@ class DeliveryWorker:
             )
             started = time.time()
             outcome = await self._transport.send(
-                Outgoing(message.queue_id, message.mail_from, delivery.recipient, content)
+                Outgoing(
+                    message.queue_id,
+                    message.mail_from if marks is None else marks.return_path,
+                    delivery.recipient,
+                    content,
+                )
             )
             del content
             self._note_reachability(outcome)
@@ -431,6 +479,8 @@ class DeliveryWorker:
             kind = EventType.DELIVERED if outcome.status is Status.DELIVERED else EventType.BOUNCED
             if outcome.status is Status.BOUNCED:
                 await self._notify_sender(message, delivery, outcome)
+                if address_hash is not None and message.kind != DSN:
+                    await self._synchronous_bounce(address_hash, outcome, detail)
             # Two databases, two writer threads: commit both at once. A crash between the
             # two costs a resend or one event, never a message.
             await asyncio.gather(
@@ -449,6 +499,24 @@ class DeliveryWorker:
                 else asyncio.sleep(0),
             )
         self._log_attempt(message, delivery, outcome, started, attempt)
+
+    async def _synchronous_bounce(
+        self, address_hash: str, outcome: Outcome, detail: dict[str, object]
+    ) -> None:
+        """The downstream refused a copy: the bounced event says what kind of failure it is;
+        a 5.1.x (no such mailbox, RFC 3463) suppresses the address as a DSN would. A policy
+        refusal (5.7.x) is the sender's problem and suppresses nobody."""
+        status = status_of(outcome.reply, "5.0.0")
+        kind = "policy" if status[1:3] == ".7" else "soft" if status.startswith("4.") else "hard"
+        detail.update(kind=kind, status=status, source="sync")
+        if status.startswith("5.1."):
+            proof = {"kind": "hard", "status": status, "source": "sync", "reply": outcome.reply}
+            await self._suppressions.add_hash(
+                address_hash,
+                reason=Reason.HARD_BOUNCE,
+                source="bounce:sync",
+                detail=proof,
+            )
 
     async def _notify_sender(
         self, message: SpooledMessage, delivery: Delivery, outcome: Outcome

@@ -43,8 +43,17 @@ SIGNED_HEADERS: Final = (
     "list-unsubscribe",
     "list-unsubscribe-post",
 )
-#: In `h=` only when the message has them, then over-signed the same way.
-SIGNED_IF_PRESENT: Final = ("reply-to", "sender", "in-reply-to", "references")
+#: In `h=` only when the message has them, then over-signed the same way. The feedback
+#: fields (relay.feedback.outgoing) must be signed by the domain they name (RFC 9477 §3.1).
+SIGNED_IF_PRESENT: Final = (
+    "reply-to",
+    "sender",
+    "in-reply-to",
+    "references",
+    "cfbl-address",
+    "cfbl-feedback-id",
+    "feedback-id",
+)
 
 #: Fields a signer must not cover: they change in transit, or are the signature itself.
 _NEVER_SIGNED: Final = frozenset(

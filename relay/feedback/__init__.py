@@ -12,7 +12,16 @@ This face stays light: the delivery processes use the tokens and the copy record
 import no SMTP server.
 """
 
+from .outgoing import CopyMarks, FeedbackMarks
 from .store import CopyRecord, FeedbackStore
 from .tokens import CopyTokens, TokenKind, copy_id
 
-__all__ = ["CopyRecord", "CopyTokens", "FeedbackStore", "TokenKind", "copy_id"]
+__all__ = [
+    "CopyMarks",
+    "CopyRecord",
+    "CopyTokens",
+    "FeedbackMarks",
+    "FeedbackStore",
+    "TokenKind",
+    "copy_id",
+]
