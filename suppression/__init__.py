@@ -20,6 +20,7 @@ from .errors import (
     InvalidScope,
     NormalizationChanged,
     PermanentReason,
+    ProtectedSuppression,
     SuppressionError,
 )
 from .imports import BadRow, ImportOptions, ImportReport, import_file
@@ -60,6 +61,7 @@ __all__ = [
     "NormalizationPolicy",
     "Outcome",
     "PermanentReason",
+    "ProtectedSuppression",
     "Reason",
     "Subject",
     "SubjectRecord",

@@ -37,6 +37,16 @@ class PermanentReason(SuppressionError, ValueError):
         self.reason = reason
 
 
+class ProtectedSuppression(SuppressionError):
+    """A removal that needs `force`: the recipient's own opt-out, a complaint, or an erased
+    person's suppression (nothing was removed)."""
+
+    def __init__(self, address: str, why: str) -> None:
+        super().__init__(f"not removed: {address} {why}; pass --force to lift it anyway (audited)")
+        self.address = address
+        self.why = why
+
+
 class NormalizationChanged(SuppressionError):
     """The configured normalisation differs from the one the stored keys were made with."""
 

@@ -16,7 +16,7 @@ from .addresses import MD5_PREFIX, SHA256_PREFIX, AddressHasher, digest_keys
 from .audit import AuditRecord
 from .database import Database, format_time, utc_now, zeroing
 from .entries import COLUMNS, Entry, Outcome, apply_entries
-from .errors import NormalizationChanged
+from .errors import NormalizationChanged, ProtectedSuppression
 from .reasons import Reason, check_expiry
 from .schema import MIGRATIONS
 from .scopes import GLOBAL, parse_scope
@@ -245,13 +245,28 @@ class SuppressionStore:
         scope: str | None = None,
         source: str = "cli",
         actor: str | None = None,
+        force: bool = False,
+        note: str | None = None,
     ) -> int:
-        """Lift suppressions of `address` (in `scope`, or all), hashed-list entries included."""
+        """Lift suppressions of `address` (in `scope`, or all), hashed-list entries included.
+
+        What the recipient made stays made: an unsubscribe, a complaint or the suppression of
+        an erased person is lifted only with `force` (ProtectedSuppression otherwise, and
+        nothing is removed); a forced removal says so in the audit log. The recipient's own
+        undo goes through `remove_hash`.
+        """
         keys = self.hasher.lookup_keys(address)
         wanted = None if scope is None else parse_scope(scope)
+        detail: dict[str, Any] = {"note": note} if note else {}
 
         def delete(db: sqlite_utils.Database) -> int:
-            return _delete_entries(db, keys, wanted, source=source, actor=actor)
+            if not force:
+                why = _protected(db, keys, wanted)
+                if why is not None:
+                    raise ProtectedSuppression(address, why)
+            elif _protected(db, keys, wanted) is not None:
+                detail["forced"] = True
+            return _delete_entries(db, keys, wanted, source=source, actor=actor, detail=detail)
 
         return await self._db.write(delete)
 
@@ -400,6 +415,34 @@ def _open_listing(db: sqlite_utils.Database, *, scope: str | None) -> sqlite3.Cu
     )
 
 
+# Reasons only the recipient's own word sets: lifted by an operator only with --force.
+RECIPIENT_REASONS = frozenset({Reason.UNSUBSCRIBE, Reason.COMPLAINT})
+
+
+def _protected(db: sqlite_utils.Database, keys: Sequence[str], scope: str | None) -> str | None:
+    """Why removing the entries under `keys` (in `scope`) needs force, or None."""
+    marks = ", ".join("?" * len(keys))
+    erased = db.execute(
+        f"SELECT erased_at FROM suppression_erasures WHERE address_hash IN ({marks})",  # noqa: S608
+        list(keys),
+    ).fetchone()
+    for row in db.execute(
+        f"SELECT {COLUMNS} FROM suppressions WHERE address_hash IN ({marks})",  # noqa: S608
+        list(keys),
+    ):
+        entry = Suppression(*row)
+        if scope is not None and entry.scope != scope:
+            continue
+        if erased is not None:
+            return f"was erased on {erased[0]} (a data-subject request) and is kept suppressed"
+        if entry.reason in RECIPIENT_REASONS:
+            who = "opted out themselves" if entry.reason == Reason.UNSUBSCRIBE else "complained"
+            return (
+                f"{who} ({entry.scope}, {entry.reason} via {entry.source} since {entry.created_at})"
+            )
+    return None
+
+
 def _delete_entries(
     db: sqlite_utils.Database,
     keys: Sequence[str],
@@ -407,6 +450,7 @@ def _delete_entries(
     *,
     source: str,
     actor: str | None,
+    detail: Mapping[str, Any] | None = None,
 ) -> int:
     """Delete the entries under `keys` (in `scope`, or all), each audited with what it was."""
     marks = ", ".join("?" * len(keys))
@@ -433,7 +477,7 @@ def _delete_entries(
                 reason=entry.reason,
                 source=source,
                 actor=actor,
-                detail={"previous": _previous(entry)},
+                detail={**(detail or {}), "previous": _previous(entry)},
                 at=now,
             )
     return len(rows)

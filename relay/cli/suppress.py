@@ -62,6 +62,23 @@ scope_option = click.option(
     show_default=True,
     help="'global', 'topic:NAME' or 'sender:DOMAIN'.",
 )
+MAX_NOTE = 1000
+note_option = click.option(
+    "--note",
+    default=None,
+    metavar="TEXT",
+    help="Free text kept with this change in the audit log (why, ticket number, ...).",
+)
+
+
+def _note(note: str | None) -> str | None:
+    if note is not None and (len(note) > MAX_NOTE or not note.isprintable()):
+        raise click.BadParameter(
+            f"at most {MAX_NOTE} printable characters on one line", param_hint="'--note'"
+        )
+    return note or None
+
+
 expires_option = click.option(
     "--expires",
     default=None,
@@ -105,8 +122,10 @@ def _describe(entry: Suppression) -> str:
     type=click.Choice([r.value for r in Reason]),
     default=Reason.MANUAL.value,
     show_default=True,
+    help="Why: one of the fixed kinds (free text goes in --note).",
 )
 @expires_option
+@note_option
 @actor_option
 @click.argument("addresses", nargs=-1, required=True)
 def suppress_add(
@@ -114,11 +133,13 @@ def suppress_add(
     scope: str,
     reason: str,
     expires: str | None,
+    note: str | None,
     actor: str | None,
     addresses: tuple[str, ...],
 ) -> None:
     """Suppress ADDRESSES (an existing suppression is only ever made stronger)."""
     expires_at = _expires_at(expires)
+    detail = {"note": note} if _note(note) else None
 
     async def add(store: SuppressionStore) -> list[Outcome]:
         return [
@@ -129,6 +150,7 @@ def suppress_add(
                 source="cli",
                 actor=actor_of(actor),
                 expires_at=expires_at,
+                detail=detail,
             )
             for a in addresses
         ]
@@ -146,15 +168,35 @@ def suppress_add(
 @suppress.command("remove")
 @config_option
 @click.option("--scope", default=None, help="Only this scope (default: every scope).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Lift it even though the recipient made it (an unsubscribe, a complaint) or was"
+    " erased; recorded as forced in the audit log.",
+)
+@note_option
 @actor_option
 @click.argument("address")
 def suppress_remove(
-    config_path: Path | None, scope: str | None, actor: str | None, address: str
+    config_path: Path | None,
+    scope: str | None,
+    force: bool,
+    note: str | None,
+    actor: str | None,
+    address: str,
 ) -> int:
-    """Lift the suppression of ADDRESS. Exits 1 when there was none."""
+    """Lift the suppression of ADDRESS. Exits 1 when there was none.
+
+    What a recipient made stays made: an unsubscribe or a complaint, and the suppression
+    kept after an erasure, are lifted only with --force (exit 2 otherwise, nothing
+    removed). Only the recipient's own undo, on the page they unsubscribed on, needs none.
+    """
+    note = _note(note)
     removed = _with_store(
         config_path,
-        lambda s: s.remove(address, scope=scope, source="cli", actor=actor_of(actor)),
+        lambda s: s.remove(
+            address, scope=scope, source="cli", actor=actor_of(actor), force=force, note=note
+        ),
     )
     click.echo(f"removed {removed} suppression{'s' if removed != 1 else ''} of {address}")
     return 0 if removed else 1
