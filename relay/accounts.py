@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import RelayError
 
@@ -15,6 +16,10 @@ SCRYPT_N = 2**14
 SCRYPT_R = 8
 SCRYPT_P = 1
 _PREFIX = "scrypt"
+# What an account sends: marketing mail, or transactional mail (receipts, password resets),
+# which only hard bounces and complaints stop. Known from the login, so already at RCPT.
+Category = Literal["marketing", "transactional"]
+CATEGORIES: tuple[Category, ...] = ("marketing", "transactional")
 
 
 class PasswordHashError(RelayError, ValueError):
@@ -76,6 +81,7 @@ class Account:
     topic: str | None = None
     track_opens: bool = True
     feedback_domain: str | None = None  # this account's bounces and complaints come here
+    category: Category = "marketing"
 
     def may_send_as(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")

@@ -50,6 +50,7 @@ class Addresses:
     http: tuple[str, int]
     smtps: tuple[str, int] | None = None
     feedback: tuple[str, int] | None = None
+    transactional: tuple[str, int] | None = None
 
 
 def tracking_app(
@@ -170,7 +171,8 @@ class Relay:
         purger = asyncio.create_task(self._purge_hourly(stores), name="retention-purge")
         self._exit.callback(purger.cancel)
 
-        front_door = FrontDoor(
+        door = functools.partial(
+            FrontDoor,
             spool=spool,
             suppressions=stores.suppressions,
             settings=settings.smtp,
@@ -179,8 +181,11 @@ class Relay:
             accounts=self.accounts,
             events=stores.events,
         )
-        servers = await self._listen_smtp(front_door, hostname, spool.incoming)
-        self._exit.push_async_callback(self._close_smtp, servers, front_door)
+        front_doors = [door()]
+        if settings.smtp.transactional_listen is not None:
+            front_doors.append(door(transactional=True))
+        servers = await self._listen_smtp(front_doors, hostname, spool.incoming)
+        self._exit.push_async_callback(self._close_smtp, list(servers.values()), front_doors)
         feedback = None
         if settings.feedback.intake:
             # Imported here: without [feedback] listen, serve loads none of it.
@@ -197,12 +202,19 @@ class Relay:
             )
             self._exit.push_async_callback(listener.stop)
             feedback = listener.address
-        server = servers[0]
+
+        def bound(key: str) -> tuple[str, int] | None:
+            server = servers.get(key)
+            return None if server is None else _host_port(server.sockets[0].getsockname())
+
+        smtp_address = bound("smtp.listen")
+        assert smtp_address is not None
         self.addresses = Addresses(
-            smtp=_host_port(server.sockets[0].getsockname()),
+            smtp=smtp_address,
             http=_host_port(runner.addresses[0]),
-            smtps=_host_port(servers[1].sockets[0].getsockname()) if len(servers) > 1 else None,
+            smtps=bound("smtp.implicit_tls_listen"),
             feedback=feedback,
+            transactional=bound("smtp.transactional_listen"),
         )
         log.info(
             "listening: smtp=%s http=%s, delivering to %s, data in %s",
@@ -211,12 +223,15 @@ class Relay:
             destination,
             settings.storage.dir,
         )
+        if self.addresses.transactional is not None:
+            log.info("listening: transactional smtp=%s", _fmt(self.addresses.transactional))
 
     async def _listen_smtp(
-        self, front_door: FrontDoor, hostname: str, spill_dir: Path
-    ) -> list[asyncio.Server]:
-        """The submission listener, plus the implicit-TLS one when configured. Big messages
-        are spilled to `spill_dir` as they arrive."""
+        self, front_doors: list[FrontDoor], hostname: str, spill_dir: Path
+    ) -> dict[str, asyncio.Server]:
+        """The submission listener, plus the implicit-TLS one and the transactional one
+        (with `front_doors[1]`) when configured, by config key. Big messages are spilled to
+        `spill_dir` as they arrive."""
         smtp = self.settings.smtp
         context = None
         if smtp.tls_cert is not None and smtp.tls_key is not None:
@@ -228,7 +243,7 @@ class Relay:
         limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
         auth = AuthPolicy(self.accounts)
 
-        def session(implicit_tls: bool) -> RelaySMTP:
+        def session(front_door: FrontDoor, implicit_tls: bool) -> RelaySMTP:
             return RelaySMTP(
                 front_door,
                 limits=limits,
@@ -246,23 +261,27 @@ class Relay:
             )
 
         loop = asyncio.get_running_loop()
-        servers = []
-        listeners = [("smtp.listen", smtp.listen, False)]
+        servers: dict[str, asyncio.Server] = {}
+        listeners = [("smtp.listen", smtp.listen, False, front_doors[0])]
         if smtp.implicit_tls_listen is not None:
-            listeners.append(("smtp.implicit_tls_listen", smtp.implicit_tls_listen, True))
-        for key, listen, implicit in listeners:
+            listeners.append(
+                ("smtp.implicit_tls_listen", smtp.implicit_tls_listen, True, front_doors[0])
+            )
+        if smtp.transactional_listen is not None:
+            listeners.append(
+                ("smtp.transactional_listen", smtp.transactional_listen, False, front_doors[1])
+            )
+        for key, listen, implicit, handler in listeners:
             try:
-                servers.append(
-                    await loop.create_server(
-                        lambda implicit=implicit: session(implicit),
-                        listen.host,
-                        listen.port,
-                        reuse_address=True,
-                        ssl=context if implicit else None,
-                    )
+                servers[key] = await loop.create_server(
+                    functools.partial(session, handler, implicit),
+                    listen.host,
+                    listen.port,
+                    reuse_address=True,
+                    ssl=context if implicit else None,
                 )
             except OSError as exc:
-                for started in servers:
+                for started in servers.values():
                     started.close()
                 raise ConfigError(key, f"cannot listen on {listen}: {exc.strerror}") from None
         return servers
@@ -280,12 +299,13 @@ class Relay:
             log.info("certificate reloaded from %s", smtp.tls_cert)
 
     @staticmethod
-    async def _close_smtp(servers: list[asyncio.Server], front_door: FrontDoor) -> None:
+    async def _close_smtp(servers: list[asyncio.Server], front_doors: list[FrontDoor]) -> None:
         for server in servers:
             server.close()
         # Replies not yet sent for messages being spooled must still be sent as 250 or 451.
         try:
-            await asyncio.wait_for(front_door.drain(), timeout=30)
+            drained = asyncio.gather(*(door.drain() for door in front_doors))
+            await asyncio.wait_for(drained, timeout=30)
         except TimeoutError:
             log.error("messages still being spooled after 30 s; stopping anyway")
 

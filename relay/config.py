@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from suppression import InvalidAge, NormalizationPolicy, parse_age
 from tracking.retention import Retention
 
-from .accounts import Account, PasswordHashError, check_password_hash
+from .accounts import CATEGORIES, Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
 from .names import domain_name, selector_name
 from .settings import (
@@ -253,6 +253,7 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                 "topic",
                 "tracking",
                 "feedback_domain",
+                "category",
             ):
                 raise ConfigError(f"{where}.{name}", "unknown key")
         for name in ("username", "password_hash", "from_domains"):
@@ -268,6 +269,11 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
             raise ConfigError(f"{where}.from_domains", "must be a non-empty array of domains")
         topic = entry.get("topic")
         tracking = entry.get("tracking", True)
+        category = entry.get("category", "marketing")
+        if category not in CATEGORIES:
+            raise ConfigError(
+                f"{where}.category", f"must be one of {', '.join(CATEGORIES)} (got {category!r})"
+            )
         accounts.append(
             Account(
                 username=_string(entry["username"], f"{where}.username"),
@@ -280,6 +286,7 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                     if "feedback_domain" in entry
                     else None
                 ),
+                category=category,
             )
         )
     names = [a.username for a in accounts]
@@ -313,6 +320,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "tls_cert": _readable_file,
             "tls_key": _readable_file,
             "implicit_tls_listen": _listen,
+            "transactional_listen": _listen,
             "max_connections": _positive_int,
             "max_connections_per_client": _positive_int,
             "idle_timeout": _positive_number,

@@ -58,6 +58,7 @@ class SmtpSettings:
     tls_cert: Path | None = None  # with tls_key: STARTTLS offered, AUTH possible
     tls_key: Path | None = None
     implicit_tls_listen: Listen | None = None  # a second listener, TLS from the first byte
+    transactional_listen: Listen | None = None  # a listener whose mail is all transactional
     max_connections: int = 200
     max_connections_per_client: int = 20
     idle_timeout: float = 300.0

@@ -24,7 +24,7 @@ from .errors import (
     SuppressionError,
 )
 from .imports import BadRow, ImportOptions, ImportReport, import_file
-from .reasons import SOFT_REASONS, parse_reason
+from .reasons import SOFT_REASONS, STOPS_TRANSACTIONAL, parse_reason
 from .retention import format_age, parse_age
 from .scopes import sender_scopes, topic_scope
 from .store import (
@@ -42,6 +42,7 @@ __all__ = [
     "GLOBAL",
     "MIGRATIONS",
     "SOFT_REASONS",
+    "STOPS_TRANSACTIONAL",
     "AddressHasher",
     "AuditRecord",
     "BadRow",

@@ -26,6 +26,9 @@ RANK: dict[str, int] = {
     Reason.HARD_BOUNCE: 3,
     Reason.COMPLAINT: 4,
 }
+# The reasons that stop transactional mail too (DESIGN: only hard bounces and complaints);
+# every reason stops marketing mail.
+STOPS_TRANSACTIONAL = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
 # Reasons that may carry an expiry. A withdrawal of consent (unsubscribe, complaint) never lapses.
 SOFT_REASONS = frozenset({Reason.HARD_BOUNCE, Reason.MANUAL, Reason.IMPORT, Reason.SOFT_BOUNCE})
 

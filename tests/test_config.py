@@ -50,6 +50,7 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         "topic",
         "tracking",
         "feedback_domain",
+        "category",
     }
     for needs_a_real_file in ("tls_cert", "tls_key", "implicit_tls_listen"):
         del uncommented["smtp"][needs_a_real_file]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from suppression import Reason, SuppressionStore
+from suppression import STOPS_TRANSACTIONAL, Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
@@ -26,8 +26,6 @@ from .transport import Outcome, Outgoing, Status, Transport
 log = logging.getLogger("optout.delivery")
 T = TypeVar("T")
 
-# Only these keep a transactional message from someone who unsubscribed from marketing.
-TRANSACTIONAL_BLOCKERS = frozenset({Reason.HARD_BOUNCE, Reason.COMPLAINT})
 IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
 REPORT_EVERY = 60.0
@@ -443,7 +441,7 @@ class DeliveryWorker:
         found = await self._suppressions.check_hash(address_hash, scopes)
         if found is None:
             return None
-        if transactional and found.reason not in TRANSACTIONAL_BLOCKERS:
+        if transactional and found.reason not in STOPS_TRANSACTIONAL:
             return None
         return found.scope
 

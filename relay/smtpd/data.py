@@ -93,9 +93,12 @@ async def read_data(
     *,
     spill_to: Path | None = None,
     threshold: int = SPILL_THRESHOLD,
+    prefix: bytes = b"",
 ) -> DataResult:
     """The message up to the end marker, unstuffed; or the problem, once all was read.
-    A `size_limit` of None or 0 means no limit, as in aiosmtpd.
+    A `size_limit` of None or 0 means no limit, as in aiosmtpd. `prefix` (CRLF-ended
+    header lines of the relay's own) goes before the message; the client's limits do not
+    count it.
 
     Past `size_limit` the data is read to the end and dropped, so the reply comes in turn
     (RFC 5321 §4.2.5) and memory stays bounded. Past `threshold` octets the message goes
@@ -103,8 +106,9 @@ async def read_data(
     the result; on any problem or exception the file is already gone. Raises
     IncompleteReadError if the client goes away before the end marker.
     """
-    # The CRLF that ended the DATA command: an empty message is just `.<CRLF>`.
-    buffer = bytearray(b"\r\n")
+    # The CRLF that ended the DATA command: an empty message is just `.<CRLF>`. After the
+    # prefix's own CRLF a dot that begins the message is still seen as stuffed.
+    buffer = bytearray(b"\r\n" + prefix)
     received = 0  # the client's octets, the end marker's included
     while True:
         chunk = await _next_chunk(reader)

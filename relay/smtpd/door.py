@@ -10,7 +10,13 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from suppression import InvalidAddress, Suppression, SuppressionStore, sender_scopes
+from suppression import (
+    STOPS_TRANSACTIONAL,
+    InvalidAddress,
+    Suppression,
+    SuppressionStore,
+    sender_scopes,
+)
 from tracking.events import Event, EventStore, EventType
 
 from ..accounts import Account
@@ -22,6 +28,10 @@ from .senders import header_refusal
 from .server import RelayEnvelope
 
 log = logging.getLogger("optout.smtp")
+
+# Put at the top of transactional mail as it arrives: the pipeline reads this control
+# header (and removes it, as every X-Optout-* header, before delivery).
+TRANSACTIONAL_HEADER = b"X-Optout-Category: transactional\r\n"
 
 
 def peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -121,9 +131,13 @@ class FrontDoor:
         on_spooled: Callable[[], None],
         accounts: Mapping[str, Account] | None = None,
         events: EventStore | None = None,
+        transactional: bool = False,
     ) -> None:
+        """`transactional`: every message of this listener is transactional mail (else
+        only an account's of `category = "transactional"`)."""
         self._accounts = dict(accounts or {})
         self._events = events
+        self._transactional = transactional
         self._max_queued = max_queued_messages
         self._spool = spool
         self._suppressions = suppressions
@@ -168,6 +182,12 @@ class FrontDoor:
             why = f"{reply} (spool holds {self._spool.waiting} messages)"
             _log_reject(session, "MAIL", why, mail_from=address, level=logging.WARNING)
             return reply
+        if isinstance(envelope, RelayEnvelope) and (
+            self._transactional or (account is not None and account.category == "transactional")
+        ):
+            # Known before RCPT, where it decides which opt-outs refuse a recipient.
+            envelope.transactional = True
+            envelope.prefix = TRANSACTIONAL_HEADER
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -191,6 +211,13 @@ class FrontDoor:
         except Exception:
             log.exception("suppression lookup failed")
             return "451 4.3.0 Suppression list unavailable, try again later"
+        if (
+            suppressed is not None
+            and isinstance(envelope, RelayEnvelope)
+            and envelope.transactional
+            and suppressed.reason not in STOPS_TRANSACTIONAL
+        ):
+            suppressed = None  # an opt-out of marketing mail: a receipt still goes
         if suppressed is not None:
             reply = f"550 5.7.1 <{address}>: Recipient has opted out of this sender's mail"
             why = f"{reply} ({suppressed.reason} in {suppressed.scope})"

@@ -87,6 +87,10 @@ class RelayEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.spilled: Spilled | None = None
+        # Set by the handler at MAIL: header lines of the relay's own that go before the
+        # message as it is read (control headers the pipeline reads and removes).
+        self.prefix = b""
+        self.transactional = False  # the handler's verdict on this transaction's mail
 
 
 def is_localhost(hostname: str) -> bool:
@@ -267,11 +271,13 @@ class RelaySMTP(SMTP):
     async def _read_message(self) -> DataResult | None:
         """The message up to its end marker; None once the client has gone away."""
         try:
+            envelope = self.envelope
             return await read_data(
                 self._reader,
                 self.data_size_limit,
                 spill_to=self._spill_dir,
                 threshold=self.spill_threshold,
+                prefix=envelope.prefix if isinstance(envelope, RelayEnvelope) else b"",
             )
         except (asyncio.CancelledError, asyncio.IncompleteReadError) as lost:
             log.info("connection lost during DATA from %s", self._client_ip())
