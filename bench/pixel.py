@@ -17,6 +17,12 @@ Run from the repository root:
 
 `--durable` answers each pixel only after its open is committed (create_app(durable_events=
 True)); by default opens are committed within one batch round after the answer.
+`--replay` fetches one recipient's pixel URL over and over (a replay flood): every fetch is
+counted, on one row per repeat window.
+
+Every request comes from one client (127.0.0.1), so the app runs without its per-client limit
+on recorded opens (create_app(fetch_limit=None)): each fetch is resolved and counted, as
+fetches from many clients would be.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +79,7 @@ async def serve(kind: str, data: Path | None, durable: bool, event_process: bool
             TrackingUrls(PUBLIC, Signer(KEYS)),
             durable_events=durable,
             event_process=event_process,
+            fetch_limit=None,
             clock=lambda: 4e9,  # opened long after delivery: the verdict runs in full
         )
     runner = web.AppRunner(app, access_log=None)
@@ -91,13 +99,13 @@ async def serve(kind: str, data: Path | None, durable: bool, event_process: bool
 # --- the driver ---------------------------------------------------------------------------
 
 
-def lua_script(directory: Path) -> Path:
+def lua_script(directory: Path, recipients: int = RECIPIENTS) -> Path:
     urls = TrackingUrls(PUBLIC, Signer(KEYS))
     paths = [
         urls.pixel_url(RecipientRef(f"bench-{i:06d}", "global", "bench", f"Q{i}")).removeprefix(
             PUBLIC
         )
-        for i in range(RECIPIENTS)
+        for i in range(recipients)
     ]
     script = directory / "pixels.lua"
     entries = ",\n".join(f'  "{p}"' for p in paths)
@@ -154,12 +162,21 @@ def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[fl
     return rate, answered, int(bad.group(1)) if bad else 0
 
 
+def dropped_events(port: int) -> float:
+    """What the app's /metrics says it had to drop (its buffer full: the writer too slow)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    found = re.search(r"^optout_events_dropped_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--durable", action="store_true")
+    parser.add_argument("--replay", action="store_true", help="one pixel URL, fetched again")
     parser.add_argument(
         "--in-process", action="store_true", help="opens written on the app's event loop"
     )
@@ -172,7 +189,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-pixel-") as tmp:
         directory = Path(tmp)
-        script = lua_script(directory)
+        script = lua_script(directory, 1 if args.replay else RECIPIENTS)
         data = directory / "data"
         bare, bare_port = start("bare", directory, False, False)
         app, app_port = start("app", data, args.durable, args.in_process)
@@ -192,11 +209,14 @@ def main() -> None:
                     if kind == "app":
                         answered += count
                     print(f"round {round_ + 1}: {kind:4} {rate:10.0f} requests/s", flush=True)
+            dropped = dropped_events(app_port)
         finally:
             stop(bare)
             stop(app)
         with sqlite3.connect(data / "optout.db") as db:
-            rows = db.execute("SELECT COUNT(*) FROM events WHERE type = 'open'").fetchone()[0]
+            rows, fetches = db.execute(
+                "SELECT COUNT(*), SUM(count) FROM events WHERE type = 'open'"
+            ).fetchone()
     bare_rate = statistics.median(rates["bare"])
     app_rate = statistics.median(rates["app"])
     mode = "durable (answered after commit)" if args.durable else "batched (committed after)"
@@ -206,8 +226,10 @@ def main() -> None:
     print(f"ratio app/bare:       {app_rate / bare_rate:10.2f}  (target >= 0.80)")
     # wrk counts the answers it read before its deadline; the server may answer (and record)
     # a few more that were in flight, never fewer.
-    print(f"open rows in SQLite:  {rows:10d} for {answered} pixel requests wrk saw answered")
-    if rows < answered:
+    print(f"open rows in SQLite:  {rows:10d}, counting {fetches} fetches")
+    print(f"pixel requests:       {answered:10d} answered, as wrk saw them")
+    print(f"events dropped:       {dropped:10.0f} (the event writer fell behind)")
+    if fetches < answered:
         raise SystemExit("an answered open is missing from the database")
 
 

@@ -69,6 +69,10 @@ def tracking_app(
         event_process=settings.http.event_process,
         event_process_logging=functools.partial(setup_logging, log_format),
         rate_limit=RateLimit(per_minute=tracking.rate_per_minute, burst=tracking.rate_burst),
+        fetch_limit=RateLimit(
+            per_minute=tracking.fetch_rate_per_minute, burst=tracking.fetch_rate_burst
+        ),
+        repeat_window=timedelta(seconds=tracking.repeat_window),
         trusted_proxies=settings.http.trusted_proxies,
         metrics_from=settings.http.metrics_from,
         undo_window=timedelta(seconds=tracking.undo_window),

@@ -88,6 +88,9 @@ class TrackingSettings:
     machine_seconds: float = 10.0
     rate_per_minute: float = 60.0
     rate_burst: int = 20
+    fetch_rate_per_minute: float = 600.0  # opens and clicks recorded per client
+    fetch_rate_burst: int = 300
+    repeat_window: float = 3600.0  # seconds: repeated fetches of one copy counted on one row
 
 
 @dataclass(frozen=True, slots=True)

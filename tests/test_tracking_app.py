@@ -59,8 +59,8 @@ async def client(make_client: Client) -> TestClient[Any, Any]:
     return await make_client()
 
 
-def ref(stores: Stores, scope: str = "global") -> RecipientRef:
-    return RecipientRef(stores.suppressions.hasher.hash(ADDRESS), scope, "spring", "Q1")
+def ref(stores: Stores, scope: str = "global", queue_id: str = "Q1") -> RecipientRef:
+    return RecipientRef(stores.suppressions.hasher.hash(ADDRESS), scope, "spring", queue_id)
 
 
 def path(url: str) -> str:
@@ -449,10 +449,10 @@ async def test_configured_ip_is_truncated_and_agent_kept(
     make_client: Client, stores: Stores, urls: TrackingUrls
 ) -> None:
     client = await make_client(clock=AN_HOUR_LATER, store_ip=True, store_user_agent=True)
-    url = path(urls.pixel_url(ref(stores)))
     # The test client connects from 127.0.0.1, a trusted proxy by default: the forwarded
     # address is the client's, and what a client puts before it is not believed.
-    for forwarded in ("198.51.100.1, 203.0.113.77", "2001:db8:1234:5678::9"):
+    for copy, forwarded in enumerate(("198.51.100.1, 203.0.113.77", "2001:db8:1234:5678::9")):
+        url = path(urls.pixel_url(ref(stores, queue_id=f"Q{copy}")))
         await client.get(url, headers={"User-Agent": HUMAN_AGENT, "X-Forwarded-For": forwarded})
     first, second = await events(stores, client)
     assert first["detail"]["ip"] == "203.0.113.0/24"
@@ -473,8 +473,8 @@ async def test_buffered_opens_are_written_when_the_app_stops(
     aiohttp_client: Any, stores: Stores, urls: TrackingUrls
 ) -> None:
     client = await aiohttp_client(create_app(stores.suppressions, stores.events, urls))
-    for _ in range(50):
-        await client.get(path(urls.pixel_url(ref(stores))))
+    for copy in range(50):
+        await client.get(path(urls.pixel_url(ref(stores, queue_id=f"Q{copy}"))))
     await client.close()  # runs the app's cleanup: the recorder writes what it holds
     assert len(await events(stores)) == 50
 
@@ -583,9 +583,10 @@ async def test_the_proxy_line_names_the_client_however_many_lines_come(
         headers = {"X-Forwarded-For": garbage}
         statuses.append((await client.post(url, data={"confirm": "yes"}, headers=headers)).status)
     assert statuses == [200, 200, 429]
-    pixel = path(urls.pixel_url(ref(stores)))
     two_lines = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")]
+    pixel = path(urls.pixel_url(ref(stores, queue_id="Q1")))
     await client.get(pixel, headers=[("User-Agent", HUMAN_AGENT), *two_lines])
+    pixel = path(urls.pixel_url(ref(stores, queue_id="Q2")))
     await client.get(pixel, headers={"User-Agent": HUMAN_AGENT, "X-Forwarded-For": "garbage"})
     opens = [e for e in await events(stores, client) if e["type"] == "open"]
     assert [e["detail"].get("ip") for e in opens] == ["203.0.113.0/24", None]

@@ -14,7 +14,7 @@ from multidict import istr
 
 from suppression import SuppressionStore
 
-from .beacons import BeaconSpec, resolve_fetch
+from .beacons import DEFAULT_FETCH_LIMIT, DEFAULT_REPEAT_WINDOW, BeaconSpec, resolve_fetch
 from .clicks import click
 from .event_process import EventProcess, EventProcessSpec
 from .events import EventStore
@@ -50,6 +50,8 @@ def create_app(
     event_process: bool = False,
     event_process_logging: Callable[[], object] | None = None,
     rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
+    fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT,
+    repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
     trusted_proxies: Sequence[str] = LOOPBACK,
     metrics_from: Sequence[str] = LOOPBACK,
     undo_window: timedelta = timedelta(hours=1),
@@ -70,6 +72,11 @@ def create_app(
       (picklable, e.g. a functools.partial of a module's function; default: plain text).
     - `rate_limit`: on the state-changing POSTs, per client address (a genuine one-click:
       per recipient, so a mail provider's shared addresses never have an opt-out refused).
+    - `fetch_limit`: opens and clicks recorded per client address; past it the image or
+      redirect is still answered, unrecorded (None: no limit). Known proxy networks are
+      not limited.
+    - `repeat_window`: fetches of one copy's pixel (or one of its links), with one verdict,
+      within this long of the first are one event with a count, not a row each.
     - `trusted_proxies`: peers whose X-Forwarded-For is believed (a local reverse proxy).
     - `metrics_from`: client networks that may read /metrics.
     - `undo_window`: how long the done page's undo works after an opt-out.
@@ -85,6 +92,8 @@ def create_app(
         machine_seconds=machine_seconds,
         machine_agents=machine_agents,
         machine_networks=machine_networks,
+        repeat_window=repeat_window,
+        fetch_limit=fetch_limit,
     )
     beacons = spec.build()
     recorder: Recorder
@@ -94,7 +103,10 @@ def create_app(
         )
     else:
         recorder = EventRecorder(
-            events, metrics, resolve=functools.partial(resolve_fetch, beacons, metrics)
+            events,
+            metrics,
+            resolve=functools.partial(resolve_fetch, beacons, metrics),
+            repeat_window=repeat_window,
         )
     tracking = app[TRACKING] = Tracking(
         suppressions=suppressions,

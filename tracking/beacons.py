@@ -4,9 +4,11 @@ which therefore needs none of the HTTP app's imports."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from multidict import istr
@@ -14,7 +16,16 @@ from multidict import istr
 from .errors import BadToken
 from .events import Event, EventType
 from .metrics import Tally
-from .network import IPAddress, Ranges, client_address, forwarded_for, networks, truncated
+from .network import (
+    IPAddress,
+    Ranges,
+    client_address,
+    forwarded_for,
+    limiter_key,
+    networks,
+    truncated,
+)
+from .ratelimit import RateLimit, RateLimiter
 from .tokens import Reading, TrackingUrls
 from .verdict import Judge, Verdict
 
@@ -22,6 +33,13 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 MAX_STORED_AGENT = 256
+# Fetches of one copy's pixel (or of one of its links) within this long of the first are one
+# event with a count: a replayed URL adds no rows.
+DEFAULT_REPEAT_WINDOW = timedelta(hours=1)
+# Opens and clicks recorded per client address (an IPv6 /64), beyond which a fetch is still
+# answered (the image, the redirect) but not recorded. Generous: many readers may share one
+# address (an office's NAT); known image proxies and scanners are not limited at all.
+DEFAULT_FETCH_LIMIT = RateLimit(per_minute=600.0, burst=300)
 # Header names as multidict keys made once: a lookup by a plain str folds its case each time.
 _USER_AGENT = istr("User-Agent")
 _SEC_PURPOSE = istr("Sec-Purpose")
@@ -45,6 +63,18 @@ class Beacons:
     trusted_proxies: Ranges
     store_ip: bool
     store_user_agent: bool
+    repeat_window: timedelta = DEFAULT_REPEAT_WINDOW
+    limiter: RateLimiter | None = None  # None: every fetch recorded
+
+    def admits(self, address: IPAddress | None) -> bool:
+        """Whether a fetch from `address` may be recorded: within its rate limit, or from a
+        known proxy or scanner network (which fetches for many people at once)."""
+        limiter = self.limiter
+        if limiter is None:
+            return True
+        if address is not None and self.judge.network_reason(address) is not None:
+            return True
+        return limiter.take(limiter_key(address)) == 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +89,8 @@ class BeaconSpec:
     machine_seconds: float
     machine_agents: tuple[tuple[str, str], ...] = ()
     machine_networks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    repeat_window: timedelta = DEFAULT_REPEAT_WINDOW
+    fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT
 
     @classmethod
     def of(
@@ -71,6 +103,8 @@ class BeaconSpec:
         machine_seconds: float,
         machine_agents: Mapping[str, str] | None,
         machine_networks: Mapping[str, Sequence[str]] | None,
+        repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
+        fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT,
     ) -> BeaconSpec:
         return cls(
             urls,
@@ -80,6 +114,8 @@ class BeaconSpec:
             machine_seconds,
             tuple((machine_agents or {}).items()),
             tuple((label, tuple(nets)) for label, nets in (machine_networks or {}).items()),
+            repeat_window,
+            fetch_limit,
         )
 
     def build(self) -> Beacons:
@@ -94,6 +130,8 @@ class BeaconSpec:
             networks(self.trusted_proxies),
             self.store_ip,
             self.store_user_agent,
+            self.repeat_window,
+            None if self.fetch_limit is None else RateLimiter(self.fetch_limit),
         )
 
 
@@ -134,29 +172,36 @@ def raw_fetch(request: web.Request, token: str, at: float) -> RawFetch:
 
 
 def resolve_fetch(beacons: Beacons, tally: Tally, raw: Fetch | RawFetch) -> Event | None:
-    """The open event of a pixel fetch, or None for a token that is not genuine."""
+    """The open event of a pixel fetch, or None for a token that is not genuine or a client
+    past its rate limit (its pixel was answered all the same)."""
     fetch = raw if isinstance(raw, Fetch) else Fetch._make(raw)
+    address = client_of_fetch(beacons, fetch)
+    if not beacons.admits(address):
+        tally.limited("pixel")
+        return None
     try:
         reading = beacons.urls.check_open(fetch.token)
     except BadToken:
         tally.bad_token("pixel")
         return None
-    verdict, address = judge(beacons, reading, fetch)
+    verdict = judge(beacons, reading, fetch, address)
     tally.open(verdict.machine, verdict.reason)
     return beacon_event(beacons, EventType.OPEN, reading, verdict, fetch, address)
 
 
-def judge(beacons: Beacons, reading: Reading, fetch: Fetch) -> tuple[Verdict, IPAddress | None]:
-    """The verdict, as of the request, and the client address it was given on."""
-    address = client_address(fetch.remote, fetch.forwarded_for, beacons.trusted_proxies)
-    verdict = beacons.judge.judge(
+def client_of_fetch(beacons: Beacons, fetch: Fetch) -> IPAddress | None:
+    return client_address(fetch.remote, fetch.forwarded_for, beacons.trusted_proxies)
+
+
+def judge(beacons: Beacons, reading: Reading, fetch: Fetch, address: IPAddress | None) -> Verdict:
+    """The verdict, as of the request, given on the client's address."""
+    return beacons.judge.judge(
         fetch.user_agent,
         address,
         fetch.at - reading.signed_at,
         head=fetch.head,
         prefetch=fetch.purpose is not None and "prefetch" in fetch.purpose.lower(),
     )
-    return verdict, address
 
 
 def beacon_event(
@@ -175,6 +220,7 @@ def beacon_event(
     if beacons.store_user_agent and fetch.user_agent:
         detail["user_agent"] = fetch.user_agent[:MAX_STORED_AGENT]
     ref = reading.ref
+    key = repeat_key(kind, ref.address_hash, ref.queue_id, verdict.reason, *extra.values())
     return Event(
         kind,
         ref.address_hash,
@@ -183,7 +229,17 @@ def beacon_event(
         verdict.machine,
         detail,
         event_time(fetch.at),
+        repeat_key=key,
     )
+
+
+def repeat_key(*parts: object) -> str:
+    """What makes two fetches the same event: the kind, the copy (recipient and message),
+    the verdict's reason (a scanner's fetch never hides a person's, nor one proxy's another's;
+    there are a few dozen reasons, so a copy still has a bounded number of rows per window)
+    and, for a click, the link."""
+    text = "\x1f".join("" if part is None else str(part) for part in parts)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 class _EventClock:

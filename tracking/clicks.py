@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from .beacons import Fetch, beacon_event, judge
+from .beacons import Fetch, beacon_event, client_of_fetch, judge
 from .errors import BadToken
 from .events import EventType
 from .pages import NO_STORE, guarded, page
@@ -37,8 +37,13 @@ async def click(request: web.Request) -> web.Response:
     if not is_redirectable(found.url):  # signed, yet not safe to send a browser to
         tracking.metrics.bad_tokens.labels("click").inc()
         return page(request, "invalid.html", status=404, kind="link")
+    redirect = web.Response(status=302, headers={"Location": found.url, "Cache-Control": NO_STORE})
     fetch = Fetch.of(request, request.match_info["recipient"], tracking.options.clock())
-    verdict, address = judge(tracking.beacons, found.reading, fetch)
+    address = client_of_fetch(tracking.beacons, fetch)
+    if not tracking.beacons.admits(address):  # the reader still gets there, unrecorded
+        tracking.metrics.limited("click")
+        return redirect
+    verdict = judge(tracking.beacons, found.reading, fetch, address)
     tracking.metrics.click(verdict.machine, verdict.reason)
     event = beacon_event(
         tracking.beacons,
@@ -57,4 +62,4 @@ async def click(request: web.Request) -> web.Response:
     except Exception:  # the reader still gets where the link goes
         tracking.metrics.errors.labels("click").inc()
         log.exception("click not recorded")
-    return web.Response(status=302, headers={"Location": found.url, "Cache-Control": NO_STORE})
+    return redirect

@@ -81,6 +81,7 @@ class Counts:
     bad_tokens: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     written: int = 0
+    limited_: dict[str, int] = field(default_factory=dict)  # by route (`limited` counts)
 
     def open(self, machine: bool, reason: str, count: int = 1) -> None:
         key = (machine, reason)
@@ -92,6 +93,9 @@ class Counts:
     def error(self, where: str, count: int = 1) -> None:
         self.errors[where] = self.errors.get(where, 0) + count
 
+    def limited(self, route: str, count: int = 1) -> None:
+        self.limited_[route] = self.limited_.get(route, 0) + count
+
     def add_to(self, metrics: Metrics) -> None:
         for (machine, reason), count in self.opens.items():
             metrics.open(machine, reason, count)
@@ -99,11 +103,13 @@ class Counts:
             metrics.bad_token(route, count)
         for where, count in self.errors.items():
             metrics.error(where, count)
+        for route, count in self.limited_.items():
+            metrics.limited(route, count)
         if self.written:
             metrics.written(self.written)
 
     def wire(self) -> _WireCounts:
-        return (self.opens, self.bad_tokens, self.errors, self.written)
+        return (self.opens, self.bad_tokens, self.errors, self.written, self.limited_)
 
     @classmethod
     def unwire(cls, wire: _WireCounts) -> Counts:
@@ -120,7 +126,9 @@ class _Ready:
 # Batches done: their ids, what the round counted (`Counts.wire`), and None if committed, else
 # why they were lost (as a failed in-process write is). A plain tuple of builtins: one comes
 # per round, and pickle reads it in C, where a dataclass costs Python calls to rebuild.
-_WireCounts = tuple[dict[tuple[bool, str], int], dict[str, int], dict[str, int], int]
+_WireCounts = tuple[
+    dict[tuple[bool, str], int], dict[str, int], dict[str, int], int, dict[str, int]
+]
 _Ack = tuple[tuple[int, ...], _WireCounts, str | None]
 
 
@@ -553,7 +561,7 @@ async def _write_rounds(
         error: str | None = None
         try:
             events = resolve_items(items, resolve, counts)
-            await _write(store, events)
+            await _write(store, events, beacons)
         except Exception as exc:
             counts.error("event-write")
             error = str(exc) or type(exc).__name__
@@ -567,6 +575,6 @@ async def _write_rounds(
             return  # the app is gone; what it did not hear of, it cannot resend either
 
 
-async def _write(store: EventStore, events: Sequence[Event]) -> None:
+async def _write(store: EventStore, events: Sequence[Event], beacons: Beacons) -> None:
     if events:
-        await store.record(*events)
+        await store.record_fetches(events, beacons.repeat_window)

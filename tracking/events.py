@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,10 @@ class Event:
     """`queue_id` is the relay's name for the message (the one tokens carry); `message_id`
     its RFC 5322 Message-ID. An event that has the queue id but not the Message-ID (an open,
     a click: tokens stay small and carry no header text) gets it when it is recorded, from
-    an earlier event of the same message that had both."""
+    an earlier event of the same message that had both.
+
+    `repeat_key` (opens and clicks): fetches with the same key are one event, counted, while
+    they come within `record_fetches`' window of its first."""
 
     type: EventType
     address_hash: str | None
@@ -66,6 +69,8 @@ class Event:
     detail: Mapping[str, Any] = field(default_factory=dict)
     at: str = field(default_factory=utc_now)
     message_id: str | None = None
+    # Opens and clicks: what makes two fetches the same one (`record_fetches`).
+    repeat_key: str | None = None
 
 
 def _create_events(db: sqlite_utils.Database) -> None:
@@ -109,9 +114,25 @@ def _queue_and_message_ids(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+_REPEATED_FETCHES = [
+    # A fetch repeated within the window adds to its event's count (and moves last_at)
+    # instead of adding a row: a replayed pixel URL costs an UPDATE, not a row per fetch.
+    "ALTER TABLE events ADD COLUMN repeat_key TEXT",
+    "ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE events ADD COLUMN last_at TEXT",
+    "CREATE INDEX events_repeats ON events (repeat_key, at) WHERE repeat_key IS NOT NULL",
+]
+
+
+def _repeated_fetches(db: sqlite_utils.Database) -> None:
+    for statement in _REPEATED_FETCHES:
+        db.execute(statement)
+
+
 MIGRATIONS = (
     Migration("tracking/0001-events", _create_events),
     Migration("tracking/0002-queue-and-message-ids", _queue_and_message_ids),
+    Migration("tracking/0003-repeated-fetches", _repeated_fetches),
 )
 
 PAGE_SIZE = 1000
@@ -152,6 +173,14 @@ class EventStore:
     async def record(self, *events: Event) -> None:
         await self._db.write(lambda db: insert_events(db, events))
 
+    async def record_fetches(self, events: Sequence[Event], window: timedelta) -> None:
+        """Record opens and clicks, in one transaction: a fetch whose `repeat_key` has an
+        event begun less than `window` before it adds to that event's count; the others are
+        new rows. The window is read from the rows themselves, so it holds across batches,
+        processes and restarts (a batch resent after a lost acknowledgement adds to counts,
+        never rows)."""
+        await self._db.write(lambda db: _insert_or_count(db, events, window))
+
     async def export(self) -> AsyncIterator[dict[str, Any]]:
         """Every event, oldest first, as the documented JSON object (recipient resolved)."""
         after = 0
@@ -179,8 +208,8 @@ class EventStore:
             with zeroing(db):
                 return int(
                     db.execute(
-                        "UPDATE events SET address_hash = NULL, detail = NULL"
-                        " WHERE address_hash = ?",
+                        "UPDATE events SET address_hash = NULL, detail = NULL,"
+                        " repeat_key = NULL WHERE address_hash = ?",
                         [address_hash],
                     ).rowcount
                 )
@@ -257,7 +286,8 @@ class EventStore:
 # contacts belongs to the suppression package; an erased contact shows as null.
 _EVENT_ROWS = (
     "SELECT e.id, e.type, e.at, c.address AS recipient, e.campaign, e.queue_id,"
-    " e.message_id, e.machine, e.detail FROM events e LEFT JOIN contacts c USING (address_hash)"
+    " e.message_id, e.machine, e.detail, e.count, e.last_at"
+    " FROM events e LEFT JOIN contacts c USING (address_hash)"
 )
 
 
@@ -276,8 +306,8 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
         )
     db.conn.executemany(
         "INSERT INTO events (type, at, address_hash, campaign, queue_id, message_id, machine,"
-        " detail) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT message_id FROM event_messages"
-        " WHERE queue_id = ?)), ?, ?)",
+        " detail, repeat_key) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT message_id FROM"
+        " event_messages WHERE queue_id = ?)), ?, ?, ?)",
         [
             (
                 str(e.type),
@@ -289,10 +319,52 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
                 None if e.message_id is not None else e.queue_id,
                 None if e.machine is None else int(e.machine),
                 json.dumps(dict(e.detail), separators=(",", ":")) if e.detail else None,
+                e.repeat_key,
             )
             for e in events
         ],
     )
+
+
+# The event a fetch at time T repeats: the latest of its key begun in (T - window, T].
+_FIND_REPEATED = (
+    "SELECT id, at FROM events WHERE repeat_key = ? AND at > ? AND at <= ? ORDER BY at DESC LIMIT 1"
+)
+_COUNT_REPEATS = (
+    "UPDATE events SET count = count + ?, last_at = max(coalesce(last_at, at), ?) WHERE id = ?"
+)
+
+
+def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window: timedelta) -> None:
+    """`EventStore.record_fetches` in the database thread. Each fetch, in order, finds the
+    event it repeats (met earlier in this batch, else one indexed lookup) or becomes a new
+    row; the counts are added at the end, one UPDATE per event repeated: a replay flood
+    arrives in batches of one key, and costs one lookup and one UPDATE per batch."""
+    plain = [event for event in events if event.repeat_key is None]
+    if plain:
+        insert_events(db, plain)
+    met: dict[str, tuple[int, datetime]] = {}  # key -> (row id, when its event began)
+    added: dict[int, tuple[int, str]] = {}  # row id -> (fetches to add, the latest)
+    for event in events:
+        key = event.repeat_key
+        if key is None:
+            continue
+        moment = datetime.fromisoformat(event.at)
+        row = met.get(key)
+        if row is None or not timedelta(0) <= moment - row[1] < window:
+            since = format_time(moment - window)
+            found = db.execute(_FIND_REPEATED, [key, since, event.at]).fetchone()
+            if found is None:
+                insert_events(db, [event])
+                met[key] = (db.execute("SELECT last_insert_rowid()").fetchone()[0], moment)
+                continue
+            row = met[key] = (found[0], datetime.fromisoformat(found[1]))
+        count, last = added.get(row[0], (0, event.at))
+        added[row[0]] = (count + 1, max(last, event.at))
+    if added:
+        db.conn.executemany(
+            _COUNT_REPEATS, [(count, last, row_id) for row_id, (count, last) in added.items()]
+        )
 
 
 def _page(db: sqlite_utils.Database, *, after: int) -> list[dict[str, Any]]:
@@ -311,6 +383,9 @@ def _as_public(row: dict[str, Any]) -> dict[str, Any]:
     }
     if row["type"] in _MACHINE_VERDICT:
         event["machine"] = bool(row["machine"])
+        event["count"] = row["count"]  # fetches within the repeat window, this one included
+        if row["last_at"] is not None:
+            event["last_at"] = row["last_at"]
     if row["detail"]:
         event["detail"] = json.loads(row["detail"])
     return event

@@ -22,6 +22,8 @@ class Tally(Protocol):
 
     def error(self, where: str, count: int = 1) -> None: ...
 
+    def limited(self, route: str, count: int = 1) -> None: ...
+
 
 class _PlainCounter(Collector):
     """A counter family kept in a plain dict, label values -> count, and read by Prometheus
@@ -90,7 +92,10 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "optout_rate_limited", "Requests refused with 429", ["route"], registry=r
+            "optout_rate_limited",
+            "Requests refused with 429; for the pixel and clicks, answered but not recorded",
+            ["route"],
+            registry=r,
         )
         self.errors = Counter(
             "optout_errors",
@@ -132,6 +137,9 @@ class Metrics:
 
     def error(self, where: str, count: int = 1) -> None:
         self.errors.labels(where).inc(count)
+
+    def limited(self, route: str, count: int = 1) -> None:
+        self.rate_limited.labels(route).inc(count)
 
     def _verdict(self, counter: Counter, kind: str, machine: bool, reason: str, count: int) -> None:
         key = (kind, machine, reason)

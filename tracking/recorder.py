@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
+from .beacons import DEFAULT_REPEAT_WINDOW
 from .events import Event, EventStore
 from .metrics import Metrics, Tally
 
@@ -130,10 +132,12 @@ class EventRecorder:
         metrics: Metrics,
         *,
         resolve: Resolver = _no_resolver,
+        repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self.resolve = resolve
+        self._repeat_window = repeat_window
         self._gathering = Gathering()
         self._inflight: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
@@ -191,7 +195,7 @@ class EventRecorder:
         try:
             events = await self._resolved(batch)
             if events:
-                await self._events.record(*events)
+                await self._events.record_fetches(events, self._repeat_window)
         except Exception as exc:
             # The events are lost; the pixels were answered. Say so, loudly and countably.
             self.healthy = False

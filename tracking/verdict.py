@@ -76,6 +76,10 @@ class Judge:
             return Verdict(True, "too-fast")
         return HUMAN
 
+    def network_reason(self, address: IPAddress | None) -> str | None:
+        """The label of the proxy or scanner network `address` is in, or None."""
+        return self._ranges.label(address)
+
     def agent_reason(self, user_agent: str) -> str | None:
         """Why this user agent is a machine's, or None. Agents repeat: answers are cached."""
         try:
