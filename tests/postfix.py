@@ -98,7 +98,10 @@ class Postfix:
 
 
 @contextlib.contextmanager
-def running_postfix(domains: tuple[str, ...] = ("example.org",)) -> Iterator[Postfix]:
+def running_postfix(
+    domains: tuple[str, ...] = ("example.org",), extra: tuple[str, ...] = ()
+) -> Iterator[Postfix]:
+    """`extra`: main.cf lines after the defaults (a later setting wins in Postfix)."""
     user = pwd.getpwnam("postfix")
     root = Path(tempfile.mkdtemp(prefix="optout-postfix-"))
     root.chmod(0o755)
@@ -133,6 +136,7 @@ def running_postfix(domains: tuple[str, ...] = ("example.org",)) -> Iterator[Pos
                 f"maillog_file = {root / 'maillog'}",
                 f"maillog_file_prefixes = /var, /dev/stdout, {root}",
                 "smtpd_banner = $myhostname ESMTP",
+                *extra,
                 "",
             ]
         )
