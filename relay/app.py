@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
 from tracking.retention import purge
+from tracking.webhooks.dispatch import Dispatcher
 
 from ._malloc import return_big_buffers
 from .delivery import DeliveryProcess, DeliveryRuntime
@@ -54,7 +56,11 @@ class Addresses:
 
 
 def tracking_app(
-    settings: Settings, stores: Stores, urls: TrackingUrls, log_format: LogFormat = "text"
+    settings: Settings,
+    stores: Stores,
+    urls: TrackingUrls,
+    log_format: LogFormat = "text",
+    health_details: Callable[[], Sequence[str]] | None = None,
 ) -> web.Application:
     tracking = settings.tracking
     return create_app(
@@ -77,6 +83,7 @@ def tracking_app(
         metrics_from=settings.http.metrics_from,
         undo_window=timedelta(seconds=tracking.undo_window),
         machine_seconds=tracking.machine_seconds,
+        health_details=health_details,
     )
 
 
@@ -160,8 +167,16 @@ class Relay:
             notify = runtime.worker.notify
             destination = runtime.transport.describe()
 
+        webhooks = await self._start_webhooks(stores)
         runner = web.AppRunner(
-            tracking_app(settings, stores, urls, self.log_format), access_log=None
+            tracking_app(
+                settings,
+                stores,
+                urls,
+                self.log_format,
+                health_details=webhooks.health_lines if webhooks else None,
+            ),
+            access_log=None,
         )
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
@@ -229,6 +244,20 @@ class Relay:
         )
         if self.addresses.transactional is not None:
             log.info("listening: transactional smtp=%s", _fmt(self.addresses.transactional))
+
+    async def _start_webhooks(self, stores: Stores) -> Dispatcher | None:
+        """From now on every process queues webhooks for the configured endpoints (none:
+        none); this one POSTs them, in a task of its own."""
+        settings = self.settings
+        delivery = settings.webhook_delivery
+        await stores.webhooks.subscribe(settings.webhooks, delivery.give_up_after)
+        if not settings.webhooks:
+            return None
+        dispatcher = Dispatcher(stores.webhooks, settings.webhooks, delivery)
+        task = asyncio.create_task(dispatcher.run(), name="webhooks")
+        self._exit.push_async_callback(_cancelled, task)
+        log.info("webhooks: to %s", ", ".join(endpoint.label for endpoint in settings.webhooks))
+        return dispatcher
 
     async def _listen_smtp(
         self, front_doors: list[FrontDoor], hostname: str, spill_dir: Path
@@ -342,6 +371,12 @@ class Relay:
             self._delivery.expect_stop()
         await self._exit.aclose()
         log.info("stopped")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _host_port(address: object) -> tuple[str, int]:

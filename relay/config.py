@@ -15,6 +15,14 @@ from urllib.parse import urlsplit
 
 from suppression import InvalidAge, NormalizationPolicy, parse_age
 from tracking.retention import Retention
+from tracking.webhooks import (
+    WebhookConfigError,
+    WebhookDelivery,
+    WebhookEndpoint,
+    check_secret,
+    check_types,
+    check_url,
+)
 
 from .accounts import CATEGORIES, Account, PasswordHashError, check_password_hash
 from .errors import ConfigError
@@ -295,6 +303,63 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
     return tuple(accounts)
 
 
+def _webhooks(value: Any, key: str) -> tuple[WebhookEndpoint, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be [[webhooks]] tables, not {_type_name(value)}")
+    endpoints = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
+        for name in entry:
+            if name not in ("url", "secret", "events", "previous_secret"):
+                raise ConfigError(f"{where}.{name}", "unknown key")
+        for name in ("url", "secret"):
+            if name not in entry:
+                raise ConfigError(f"{where}.{name}", "is required")
+        events = entry.get("events")
+        if events is not None and (not isinstance(events, list) or not events):
+            raise ConfigError(f"{where}.events", "must be a non-empty array of event types")
+        # Each value checked on its own, so the error names its key (never the secret).
+        checks: list[tuple[str, Callable[[Any], object]]] = [
+            ("url", check_url),
+            ("secret", check_secret),
+            ("previous_secret", check_secret),
+            ("events", check_types),
+        ]
+        for name, check in checks:
+            if entry.get(name) is None:
+                continue
+            raw = entry[name]
+            if name == "events":
+                raw = [_string(item, f"{where}.events") for item in raw]
+            else:
+                raw = _string(raw, f"{where}.{name}")
+            try:
+                check(raw)
+            except WebhookConfigError as exc:
+                raise ConfigError(f"{where}.{name}", str(exc)) from None
+        endpoints.append(
+            WebhookEndpoint(
+                url=entry["url"],
+                secret=entry["secret"],
+                events=None if events is None else tuple(dict.fromkeys(events)),
+                previous_secret=entry.get("previous_secret"),
+            )
+        )
+    urls = [endpoint.url for endpoint in endpoints]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(key, "a url appears twice")
+    return tuple(endpoints)
+
+
+def _concurrency(value: Any, key: str) -> int:
+    count = _positive_int(value, key)
+    if count > 64:
+        raise ConfigError(key, f"at most 64 (got {count})")
+    return count
+
+
 def _directory(value: Any, key: str) -> Path:
     path = Path(_string(value, key)).expanduser()
     existing = path
@@ -393,6 +458,15 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "policy_alert": _positive_int,
         },
     ),
+    "webhook_delivery": (
+        WebhookDelivery,
+        {
+            "timeout": _positive_number,
+            "first_retry": _positive_number,
+            "give_up_after": _positive_number,
+            "concurrency": _concurrency,
+        },
+    ),
     "dkim": (DkimSettings, {"keys": _dkim_keys}),
     "suppression": (
         NormalizationPolicy,
@@ -414,6 +488,9 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
             continue
         if name == "retention":
             sections[name] = _retention(value, name)
+            continue
+        if name == "webhooks":
+            sections[name] = _webhooks(value, name)
             continue
         if name not in _SCHEMA:
             raise ConfigError(name, "unknown section")

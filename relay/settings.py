@@ -10,6 +10,7 @@ from pathlib import Path
 
 from suppression import NormalizationPolicy
 from tracking.retention import Retention
+from tracking.webhooks import WebhookDelivery, WebhookEndpoint
 
 from .accounts import Account
 
@@ -164,6 +165,8 @@ class Settings:
     retention: Retention = field(default_factory=Retention)
     accounts: tuple[Account, ...] = ()
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    webhook_delivery: WebhookDelivery = field(default_factory=WebhookDelivery)
 
     def feedback_domains(self) -> tuple[str, ...]:
         """Every domain the feedback listener answers for: the configured one and the

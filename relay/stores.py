@@ -17,6 +17,8 @@ from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
 from tracking.events import EventStore
 from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
+from tracking.webhooks import MIGRATIONS as WEBHOOK_MIGRATIONS
+from tracking.webhooks import WebhookOutbox
 
 from .errors import ConfigError, MissingStore
 from .feedback.schema import MIGRATIONS as FEEDBACK_MIGRATIONS
@@ -33,7 +35,8 @@ HASH_KEY_FILE = "address-hash.key"
 
 
 class Stores:
-    """The suppression list and the event log, opened from the data dir (async context)."""
+    """The suppression list, the event log and the webhook outbox, opened from the data dir
+    (async context)."""
 
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         """`create`: make the data dir, store and keys when missing; else MissingStore
@@ -60,10 +63,13 @@ class Stores:
             policy=self.settings.suppression,
         )
         self._db = await Database.open(
-            data_dir / STORE_FILE, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS + FEEDBACK_MIGRATIONS
+            data_dir / STORE_FILE,
+            SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS + FEEDBACK_MIGRATIONS + WEBHOOK_MIGRATIONS,
         )
         self.suppressions = SuppressionStore(self._db, hasher)
         self.events = EventStore(self._db)
+        # Filled as events and suppression changes are written, in their transactions.
+        self.webhooks = WebhookOutbox(self._db)
         try:
             # A changed normalisation would silently stop old entries matching: refuse it.
             await self.suppressions.verify_normalization()

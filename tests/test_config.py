@@ -15,6 +15,8 @@ from relay.errors import ConfigError
 from relay.settings import Downstream, Listen, Settings
 from tests.helpers import ROOT, run_cli
 
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
 
 def test_embedded_defaults_match_the_contract() -> None:
     settings = Settings()
@@ -52,12 +54,15 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         "feedback_domain",
         "category",
     }
+    [webhook] = uncommented["webhooks"]
+    assert set(webhook) == {"url", "secret", "events", "previous_secret"}
     for needs_a_real_file in ("tls_cert", "tls_key", "implicit_tls_listen"):
         del uncommented["smtp"][needs_a_real_file]
     del uncommented["tracking"]["templates"]
     full = parse_settings(uncommented)
     assert full.delivery.downstream == Downstream("127.0.0.1", 25)
     assert full.http.public_url == "https://mail.example.com"
+    assert full.webhooks[0].events == ("unsubscribe", "complaint", "bounced")
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,19 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         ({"signing": {"secret_keys": ["short"]}}, "signing.secret_keys"),
         ({"signing": {"secret_keys": []}}, "signing.secret_keys"),
         ({"storage": "x"}, "storage"),
+        ({"webhooks": [{"url": "ftp://crm.example/", "secret": WHSEC}]}, "webhooks[0].url"),
+        ({"webhooks": [{"url": "https://crm.example/", "secret": "s3cr3t"}]}, "webhooks[0].secret"),
+        ({"webhooks": [{"url": "https://crm.example/"}]}, "webhooks[0].secret"),
+        (
+            {"webhooks": [{"url": "https://crm.example/", "secret": WHSEC, "events": ["opne"]}]},
+            "webhooks[0].events",
+        ),
+        (
+            {"webhooks": [{"url": "https://crm.example/", "secret": WHSEC, "colour": "red"}]},
+            "webhooks[0].colour",
+        ),
+        ({"webhooks": [{"url": "https://a.example/", "secret": WHSEC}] * 2}, "webhooks"),
+        ({"webhook_delivery": {"concurrency": 1000}}, "webhook_delivery.concurrency"),
     ],
 )
 def test_bad_values_name_their_key(document: dict[str, object], key: str) -> None:

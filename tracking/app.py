@@ -35,6 +35,8 @@ __all__ = ["MAX_REQUEST_BODY", "PIXEL_GIF", "SECURITY_HEADERS", "create_app"]
 MAX_REQUEST_BODY = 16 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST"})
 _CSP = istr("Content-Security-Policy")
+HealthDetails = Callable[[], Sequence[str]]
+HEALTH_DETAILS: web.AppKey[HealthDetails] = web.AppKey("optout.health_details")
 
 
 def create_app(
@@ -59,6 +61,7 @@ def create_app(
     machine_agents: Mapping[str, str] | None = None,
     machine_networks: Mapping[str, Sequence[str]] | None = None,
     clock: Callable[[], float] = time.time,
+    health_details: HealthDetails | None = None,
 ) -> web.Application:
     """The app. Every keyword has a safe default:
 
@@ -81,6 +84,8 @@ def create_app(
     - `metrics_from`: client networks that may read /metrics.
     - `undo_window`: how long the done page's undo works after an opt-out.
     - `machine_*`: when an open or click counts as a machine's, beyond the built-in lists.
+    - `health_details`: lines /healthz adds below "ok" (a webhook endpoint failing for an
+      hour, say); they do not make it fail.
     """
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     metrics = Metrics()
@@ -127,6 +132,7 @@ def create_app(
         limiter=RateLimiter(rate_limit),
         recorder=recorder,
     )
+    app[HEALTH_DETAILS] = health_details or _no_details
     app.on_startup.append(_start_recorder)
     app.on_cleanup.append(_stop_recorder)
     app.on_response_prepare.append(functools.partial(_on_response, metrics))
@@ -165,10 +171,15 @@ async def _on_response(
     metrics.request(route, method, response.status)
 
 
+def _no_details() -> Sequence[str]:
+    return ()
+
+
 async def healthz(request: web.Request) -> web.Response:
+    details = "".join(f"{line}\n" for line in request.app[HEALTH_DETAILS]())
     if not request.app[TRACKING].recorder.healthy:
-        return web.Response(status=503, text="event writes failing\n")
-    return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"event writes failing\n{details}")
+    return web.Response(text=f"ok\n{details}")
 
 
 async def metrics_page(request: web.Request) -> web.Response:

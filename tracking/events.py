@@ -24,6 +24,8 @@ from suppression import (
     zeroing,
 )
 
+from .webhooks.schema import OUTBOX_MIGRATION, queue_event_webhooks
+
 
 class EventType(StrEnum):
     OPEN = "open"
@@ -129,10 +131,12 @@ def _repeated_fetches(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# The webhook outbox comes with the events: whoever writes events has it.
 MIGRATIONS = (
     Migration("tracking/0001-events", _create_events),
     Migration("tracking/0002-queue-and-message-ids", _queue_and_message_ids),
     Migration("tracking/0003-repeated-fetches", _repeated_fetches),
+    OUTBOX_MIGRATION,
 )
 
 PAGE_SIZE = 1000
@@ -297,7 +301,10 @@ def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dic
 
 
 def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
+    """Insert, then queue the batch's webhooks in the same transaction (one statement for
+    the whole batch)."""
     events = list(events)
+    last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
     known = {e.queue_id: (e.queue_id, e.message_id, e.at) for e in events if e.message_id}
     if known:
         db.conn.executemany(
@@ -324,6 +331,7 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
             for e in events
         ],
     )
+    queue_event_webhooks(db, last_id)
 
 
 # The event a fetch at time T repeats: the latest of its key begun in (T - window, T].

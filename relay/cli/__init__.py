@@ -28,6 +28,7 @@ COMMANDS = {
     "queue": "queue:queue",
     "dkim": "dkim:dkim",
     "account": "account:account",
+    "webhooks": "webhooks:webhooks",
 }
 
 

@@ -1,0 +1,58 @@
+"""Signed webhooks (Standard Webhooks) for events and suppression changes, through an
+outbox that triggers fill in the event's own transaction.
+
+This face loads no HTTP client: the CLI lists and retries through it. The dispatcher and
+the POST itself are in `tracking.webhooks.dispatch` (aiohttp).
+"""
+
+from .endpoints import (
+    SUPPRESSION_ADDED,
+    SUPPRESSION_REMOVED,
+    TEST_TYPE,
+    WebhookConfigError,
+    WebhookDelivery,
+    WebhookEndpoint,
+    check_secret,
+    check_types,
+    check_url,
+    known_types,
+    url_label,
+)
+from .outbox import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    STATES,
+    Attempt,
+    EndpointHealth,
+    OutboxRow,
+    WebhookOutbox,
+    describe_health,
+    iso_time,
+)
+from .schema import MIGRATIONS
+
+__all__ = [
+    "DELIVERED",
+    "FAILED",
+    "MIGRATIONS",
+    "PENDING",
+    "STATES",
+    "SUPPRESSION_ADDED",
+    "SUPPRESSION_REMOVED",
+    "TEST_TYPE",
+    "Attempt",
+    "EndpointHealth",
+    "OutboxRow",
+    "WebhookConfigError",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookOutbox",
+    "check_secret",
+    "check_types",
+    "check_url",
+    "describe_health",
+    "iso_time",
+    "known_types",
+    "url_label",
+]
