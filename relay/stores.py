@@ -16,6 +16,7 @@ from suppression import AddressHasher, Database, SuppressionError, SuppressionSt
 from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
 from tracking.events import EventStore
 from tracking.signing import Signer
+from tracking.statistics import Statistics
 from tracking.tokens import TrackingUrls
 from tracking.webhooks import MIGRATIONS as WEBHOOK_MIGRATIONS
 from tracking.webhooks import WebhookOutbox
@@ -68,8 +69,9 @@ class Stores:
         )
         self.suppressions = SuppressionStore(self._db, hasher)
         self.events = EventStore(self._db)
-        # Filled as events and suppression changes are written, in their transactions.
+        # Both filled as events and suppression changes are written, in their transactions.
         self.webhooks = WebhookOutbox(self._db)
+        self.statistics = Statistics(self._db)
         try:
             # A changed normalisation would silently stop old entries matching: refuse it.
             await self.suppressions.verify_normalization()

@@ -24,6 +24,7 @@ from suppression import (
     zeroing,
 )
 
+from .statistics.rollup import ROLLUP_MIGRATION, count_events, forget_reach, purge_reach
 from .webhooks.schema import OUTBOX_MIGRATION, queue_event_webhooks
 
 
@@ -131,11 +132,12 @@ def _repeated_fetches(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-# The webhook outbox comes with the events: whoever writes events has it.
+# The counts and the webhook outbox come with the events: whoever writes events has them.
 MIGRATIONS = (
     Migration("tracking/0001-events", _create_events),
     Migration("tracking/0002-queue-and-message-ids", _queue_and_message_ids),
     Migration("tracking/0003-repeated-fetches", _repeated_fetches),
+    ROLLUP_MIGRATION,
     OUTBOX_MIGRATION,
 )
 
@@ -210,6 +212,7 @@ class EventStore:
 
         def unlink(db: sqlite_utils.Database) -> int:
             with zeroing(db):
+                forget_reach(db, address_hash)
                 return int(
                     db.execute(
                         "UPDATE events SET address_hash = NULL, detail = NULL,"
@@ -247,6 +250,19 @@ class EventStore:
         if dry_run:
             return await self._count(sql, params)
         return await self._purge(sql, [*params, PURGE_BATCH])
+
+    async def purge_firsts(self, kind: str, older_than: datetime) -> int:
+        """The statistics' record of whose first open (click) was counted goes with the
+        events it stands for."""
+        cutoff = format_time(older_than)
+        total = 0
+        while True:
+            removed = await self._db.write(
+                functools.partial(purge_reach, kind=kind, older_than=cutoff, limit=PURGE_BATCH)
+            )
+            total += removed
+            if removed < PURGE_BATCH:
+                return total
 
     async def purge_contacts(self, older_than: datetime, *, dry_run: bool = False) -> int:
         """Forget addresses first seen before `older_than` with no event since then.
@@ -301,10 +317,25 @@ def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dic
 
 
 def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
-    """Insert, then queue the batch's webhooks in the same transaction (one statement for
-    the whole batch)."""
+    """Insert, then what follows from the batch in the same transaction: its counts and
+    its webhooks (one statement each for the whole batch)."""
+    after = _last_id(db)
+    _insert_rows(db, events)
+    _follow_up(db, after)
+
+
+def _last_id(db: sqlite_utils.Database) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
+
+def _follow_up(db: sqlite_utils.Database, after: int) -> None:
+    """The counts and the webhooks of the rows inserted after id `after` (one batch)."""
+    count_events(db, after)
+    queue_event_webhooks(db, after)
+
+
+def _insert_rows(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
     events = list(events)
-    last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
     known = {e.queue_id: (e.queue_id, e.message_id, e.at) for e in events if e.message_id}
     if known:
         db.conn.executemany(
@@ -331,7 +362,6 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
             for e in events
         ],
     )
-    queue_event_webhooks(db, last_id)
 
 
 # The event a fetch at time T repeats: the latest of its key begun in (T - window, T].
@@ -348,9 +378,10 @@ def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window:
     event it repeats (met earlier in this batch, else one indexed lookup) or becomes a new
     row; the counts are added at the end, one UPDATE per event repeated: a replay flood
     arrives in batches of one key, and costs one lookup and one UPDATE per batch."""
+    after = _last_id(db)
     plain = [event for event in events if event.repeat_key is None]
     if plain:
-        insert_events(db, plain)
+        _insert_rows(db, plain)
     met: dict[str, tuple[int, datetime]] = {}  # key -> (row id, when its event began)
     added: dict[int, tuple[int, str]] = {}  # row id -> (fetches to add, the latest)
     for event in events:
@@ -363,7 +394,7 @@ def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window:
             since = format_time(moment - window)
             found = db.execute(_FIND_REPEATED, [key, since, event.at]).fetchone()
             if found is None:
-                insert_events(db, [event])
+                _insert_rows(db, [event])
                 met[key] = (db.execute("SELECT last_insert_rowid()").fetchone()[0], moment)
                 continue
             row = met[key] = (found[0], datetime.fromisoformat(found[1]))
@@ -373,6 +404,7 @@ def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window:
         db.conn.executemany(
             _COUNT_REPEATS, [(count, last, row_id) for row_id, (count, last) in added.items()]
         )
+    _follow_up(db, after)  # the new rows only: a repeat is no new event
 
 
 def _page(db: sqlite_utils.Database, *, after: int) -> list[dict[str, Any]]:

@@ -146,6 +146,9 @@ async def purge(
             continue
         which = Others(retention.own_kinds()) if kind == "other" else kind
         report.events[kind] = await events.purge(which, moment - age, dry_run=dry_run)
+        if kind in ("open", "click") and not dry_run:
+            # Whose first open (click) the statistics counted goes with those events.
+            await events.purge_firsts(kind, moment - age)
     if retention.contacts is not None:
         report.contacts = await events.purge_contacts(moment - retention.contacts, dry_run=dry_run)
     if dry_run:

@@ -29,6 +29,7 @@ COMMANDS = {
     "dkim": "dkim:dkim",
     "account": "account:account",
     "webhooks": "webhooks:webhooks",
+    "stats": "stats:stats",
 }
 
 

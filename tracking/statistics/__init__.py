@@ -1,0 +1,39 @@
+"""Campaign statistics: counts rolled up as events are written, read back with rates and
+warnings (`optout-relay stats`, the dashboard)."""
+
+from .report import (
+    COMPLAINT_LIMIT,
+    COMPLAINT_TARGET,
+    HARD_BOUNCE_LIMIT,
+    SERIES,
+    CampaignStats,
+    CountRow,
+    CountSource,
+    GroupBy,
+    Selection,
+    Series,
+    Statistics,
+    rollup_counts,
+    totals,
+)
+from .rollup import ROLLUP_MIGRATION, count_events, forget_reach, purge_reach
+
+__all__ = [
+    "COMPLAINT_LIMIT",
+    "COMPLAINT_TARGET",
+    "HARD_BOUNCE_LIMIT",
+    "ROLLUP_MIGRATION",
+    "SERIES",
+    "CampaignStats",
+    "CountRow",
+    "CountSource",
+    "GroupBy",
+    "Selection",
+    "Series",
+    "Statistics",
+    "count_events",
+    "forget_reach",
+    "purge_reach",
+    "rollup_counts",
+    "totals",
+]
