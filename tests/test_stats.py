@@ -6,18 +6,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from relay.app import Relay
 from relay.settings import Settings, StorageSettings
 from relay.stores import HASH_KEY_FILE, STORE_FILE, Stores, load_or_create_secret
 from suppression import Database, format_time
-from tests.helpers import cli
+from tests.helpers import (
+    CaptureServer,
+    asubmit,
+    body_of,
+    cli,
+    local_url,
+    newsletter,
+    parse,
+    wait_for,
+)
 from tracking.events import Event, EventType
 from tracking.retention import Retention, purge
 from tracking.statistics import Selection
@@ -222,3 +234,33 @@ async def test_series_per_day_for_a_chart(stores: Stores) -> None:
     assert hourly.lines["opens (human)"] == [200]
     assert hourly.lines["opens (machine)"] == [100]
     assert hourly.lines["clicks (human)"] == [40]
+
+
+async def test_a_relayed_campaign_counts_per_sending_domain(
+    relay: Relay, downstream: CaptureServer
+) -> None:
+    """Mail through a real relay: deliveries carry the From domain, and the open that
+    follows is counted under it too."""
+    recipients = ["kim@example.org", "lee@example.org"]
+    message = newsletter(recipients, headers={"X-Optout-Campaign": "launch"})
+    await asubmit(relay.addresses.smtp[1], message, "news@shop.example", recipients)
+    await wait_for(lambda: len(downstream.handler.messages) == 2, what="two copies")
+    html = body_of(parse(downstream.handler.messages[0].content), "html")
+    pixel = re.search(r'src="(https://mail\.shop\.example/o/[^"]+)"', html)
+    assert pixel
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(local_url(relay, pixel.group(1))) as response,
+    ):
+        assert response.status == 200
+
+    async def counted() -> bool:
+        report = await relay.stores.statistics.report(Selection(group_by="domain"))
+        return bool(report) and report[0].count("open_machine_unique") == 1
+
+    await wait_for(counted, what="the open counted")
+    [shop] = await relay.stores.statistics.report(Selection(group_by="domain"))
+    assert shop.as_dict()["domain"] == "shop.example"
+    assert (shop.sent, shop.delivered, shop.as_dict()["opens_machine"]) == (2, 2, 1)
+    [launch] = await relay.stores.statistics.report(Selection(campaign="launch"))
+    assert launch.sent == 2

@@ -333,6 +333,7 @@ class DeliveryWorker:
                     outcome,
                     time.time(),
                     message_id=meta.message_id,
+                    from_domain=meta.from_domain,
                 )
                 del self._unrecorded[delivery.id]
                 return
@@ -391,6 +392,7 @@ class DeliveryWorker:
                     outcome,
                     started,
                     message_id=meta.message_id,
+                    from_domain=meta.from_domain,
                 )
             except Exception:
                 if outcome.status is not Status.DEFERRED:
@@ -455,9 +457,13 @@ class DeliveryWorker:
         started: float,
         *,
         message_id: str | None = None,
+        from_domain: str | None = None,
     ) -> None:
         attempt = delivery.attempts + 1
         detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
+        if from_domain:
+            # The sending domain, for statistics per domain (complaint rates are per domain).
+            detail["from_domain"] = from_domain
         if outcome.status is Status.DEFERRED:
             retry_at = time.time() + self._retry.delay(delivery.attempts)
             detail["retry_at"] = iso_utc(retry_at)
