@@ -36,7 +36,14 @@ from .store import (
     SuppressionStore,
     parse_scope,
 )
-from .subject import DataHolder, ErasureReport, Subject, erase_subject, export_subject
+from .subject import (
+    DataHolder,
+    ErasureReport,
+    Subject,
+    caseless,
+    erase_subject,
+    export_subject,
+)
 
 __all__ = [
     "GLOBAL",
@@ -69,6 +76,7 @@ __all__ = [
     "Suppression",
     "SuppressionError",
     "SuppressionStore",
+    "caseless",
     "digest_keys",
     "erase_subject",
     "export_subject",

@@ -8,46 +8,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .addresses import digest_texts
 from .database import fsync_directory
-from .subject import DataHolder, Subject
+from .headers import without_recipient
+from .subject import DataHolder, Subject, caseless
+
+# Given the first bytes of a message: the length of its header section and that section
+# rewritten, or None to leave the message as it is.
+Redact = Callable[[bytes], tuple[int, bytes] | None]
 
 
 class SpoolLike(Protocol):
-    async def for_recipient(self, address: str) -> list[dict[str, object]]: ...
+    async def for_recipient(self, matches: Callable[[str], bool]) -> list[dict[str, object]]: ...
 
-    async def erase_recipient(self, address: str) -> int: ...
+    async def erase_recipient(
+        self, matches: Callable[[str], bool], redact: Redact
+    ) -> tuple[int, int]: ...
 
 
-def spellings(subject: Subject) -> list[str]:
-    """How the subject may have been written as an envelope recipient (compared caselessly)."""
-    texts = [
-        subject.address.strip().strip("<>"),
-        subject.normalized,
-        *digest_texts(subject.address),
-    ]
-    return list(dict.fromkeys(text.lower() for text in texts))
+CANCELLED = "waiting deliveries cancelled"
+REWRITTEN = "waiting messages with the address taken out of To/Cc"
 
 
 def spool_holder(spool: SpoolLike, path: Path) -> DataHolder:
-    async def export(subject: Subject) -> list[dict[str, object]]:
-        found: list[dict[str, object]] = []
-        for spelling in spellings(subject):
-            found.extend(await spool.for_recipient(spelling))
-        return found
+    """Mail waiting for delivery: deliveries to the subject are cancelled (they are
+    suppressed from now on), and messages still waiting for others lose the subject's
+    mailbox from their recipient fields (see `suppression.headers`)."""
 
-    async def erase(subject: Subject) -> int:
-        removed = 0
-        for spelling in spellings(subject):
-            removed += await spool.erase_recipient(spelling)
+    async def export(subject: Subject) -> list[dict[str, object]]:
+        return await spool.for_recipient(subject.matches)
+
+    async def erase(subject: Subject) -> dict[str, int]:
+        cancelled, rewritten = await spool.erase_recipient(
+            subject.matches, functools.partial(without_recipient, matches=subject.matches)
+        )
         # Bodies of mail delivered earlier sit in pages the spool freed without zeroing them;
         # rebuilding the file leaves no copy behind (the spool holds only pending mail).
         await asyncio.to_thread(compact, path)
-        return removed
+        return {CANCELLED: cancelled, REWRITTEN: rewritten}
 
     return DataHolder("spool", export, erase)
 
@@ -71,13 +74,13 @@ def outbox_holder(directory: Path) -> DataHolder:
     def mentioning(subject: Subject) -> list[Path]:
         if not directory.is_dir():
             return []
-        needles = [spelling.encode("utf-8") for spelling in spellings(subject)]
+        needles = subject.spellings()
         found = []
         for path in sorted(directory.iterdir()):
             if not path.is_file() or path.name.startswith("."):
                 continue
             try:
-                content = path.read_bytes().lower()
+                content = caseless(path.read_bytes().decode("utf-8", "surrogateescape"))
             except OSError:
                 continue
             if any(needle in content for needle in needles):
@@ -99,4 +102,4 @@ def outbox_holder(directory: Path) -> DataHolder:
 
         return await asyncio.to_thread(delete)
 
-    return DataHolder("outbox", export, erase)
+    return DataHolder("outbox", export, erase, effect="files deleted")

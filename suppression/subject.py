@@ -8,18 +8,28 @@ through a `DataHolder`, so this package needs to know nothing about them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import unicodedata
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlite_utils
 
 from . import audit
+from .addresses import digest_texts, normalize_address
 from .database import utc_now, zeroing
 from .entries import Entry, Outcome, apply_entries
+from .errors import InvalidAddress
 from .reasons import Reason
 from .scopes import GLOBAL
 from .store import SuppressionStore, subject_record
+
+
+def caseless(text: str) -> str:
+    """Text compared without case in any script (not only ASCII, as bytes.lower() and
+    SQLite's lower() do) and in one Unicode normal form."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFC", text).casefold()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +40,48 @@ class Subject:
     normalized: str
     address_hash: str
     keys: tuple[str, ...]  # the keyed hash, then md5/sha256 keys of hashed lists
+    # The store's normalisation (its policy), so that holders compare as the store does.
+    normalize: Callable[[str], str] = field(default=normalize_address, compare=False)
+
+    def mentioned_in(self, text: str) -> bool:
+        """Whether `text` (a Message-ID, say) contains this person's address in one of its
+        usual spellings, without regard to case."""
+        folded = caseless(text)
+        return any(spelling in folded for spelling in self.spellings())
+
+    def spellings(self) -> list[str]:
+        """How the address may be written: as given, normalised, with the domain in IDNA or
+        Unicode form; caseless (see `caseless`)."""
+        texts = [self.address.strip().strip("<>"), self.normalized]
+        with contextlib.suppress(InvalidAddress):
+            texts.extend(digest_texts(self.address))
+        return list(dict.fromkeys(caseless(text) for text in texts))
+
+    def matches(self, address: str) -> bool:
+        """Whether `address`, however spelt (case, IDNA or Unicode domain, NFC or not), is
+        this person's: compared in the normalised form, never by SQLite's ASCII lower()."""
+        try:
+            return self.normalize(address) == self.normalized
+        except InvalidAddress:
+            return False
+
+
+# What a holder's erasure did: a count of what it names `effect`, or counts by effect.
+Erased = int | Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
 class DataHolder:
-    """A store holding personal data: what it has about a subject, and how to delete it."""
+    """A store holding personal data: what it has about a subject, and how to delete it.
+
+    `effect` says what `erase` did to what it counts ("deleted", "anonymised"), for the
+    report, when it returns a plain count.
+    """
 
     name: str
     export: Callable[[Subject], Awaitable[Any]]
-    erase: Callable[[Subject], Awaitable[int]]
+    erase: Callable[[Subject], Awaitable[Erased]]
+    effect: str = "removed"
 
 
 @dataclass(slots=True)
@@ -47,13 +90,14 @@ class ErasureReport:
     tombstone: Outcome
     suppressions_kept: int  # entries still in force, now without the plain address
     contact_deleted: bool
-    erased: dict[str, int] = field(default_factory=dict)  # per holder: rows/files removed
+    erased: dict[str, int] = field(default_factory=dict)  # per holder: everything it changed
+    effects: dict[str, dict[str, int]] = field(default_factory=dict)  # per holder, by effect
     checkpointed: bool = False  # False: a reader kept old pages in the WAL; run again
 
 
 def subject_of(store: SuppressionStore, address: str) -> Subject:
     keys = store.hasher.lookup_keys(address)
-    return Subject(address, store.hasher.normalize(address), keys[0], keys)
+    return Subject(address, store.hasher.normalize(address), keys[0], keys, store.hasher.normalize)
 
 
 async def export_subject(
@@ -104,7 +148,10 @@ async def erase_subject(
     # the person is already suppressed and their address gone from this store.
     report = await store.database.write(lambda db: _erase_own(db, subject, actor))
     for holder in holders:
-        report.erased[holder.name] = await holder.erase(subject)
+        done = await holder.erase(subject)
+        effects = {holder.effect: done} if isinstance(done, int) else dict(done)
+        report.effects[holder.name] = effects
+        report.erased[holder.name] = sum(effects.values())
     await store.database.write(
         lambda db: audit.record(
             db,
@@ -117,6 +164,7 @@ async def erase_subject(
                 "suppressions_kept": report.suppressions_kept,
                 "contact_deleted": report.contact_deleted,
                 **{f"{name}_erased": count for name, count in report.erased.items()},
+                "effects": report.effects,
             },
         )
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -203,16 +203,31 @@ class EventStore:
         rows = await self._db.read(functools.partial(_recipient_rows, address_hash=address_hash))
         return [_as_public(row) for row in rows]
 
-    async def erase_recipient(self, address_hash: str) -> int:
-        """Unlink a recipient's events (erasure): campaign counts stay, the person goes.
+    async def erase_recipient(
+        self, address_hash: str, mentions: Callable[[str], bool] = lambda _text: False
+    ) -> int:
+        """Anonymise a recipient's events (erasure): campaign counts stay, the person goes.
 
         The hash is removed, and so is the detail, which may quote the address (a bounce
-        reply often does). The number of events unlinked.
+        reply often does), and a Message-ID that `mentions` the person (some senders put
+        the recipient in it). The number of events anonymised.
         """
 
         def unlink(db: sqlite_utils.Database) -> int:
             with zeroing(db):
                 forget_reach(db, address_hash)
+                quoting = {
+                    queue_id
+                    for queue_id, message_id in db.execute(
+                        "SELECT DISTINCT queue_id, message_id FROM events"
+                        " WHERE address_hash = ? AND message_id IS NOT NULL",
+                        [address_hash],
+                    )
+                    if queue_id is not None and mentions(message_id)
+                }
+                for queue_id in quoting:
+                    db.execute("UPDATE events SET message_id = NULL WHERE queue_id = ?", [queue_id])
+                    db.execute("DELETE FROM event_messages WHERE queue_id = ?", [queue_id])
                 return int(
                     db.execute(
                         "UPDATE events SET address_hash = NULL, detail = NULL,"
@@ -224,15 +239,16 @@ class EventStore:
         return await self._db.write(unlink)
 
     def holder(self) -> DataHolder:
-        """This store's part in data-subject exports and erasures."""
+        """This store's part in data-subject exports and erasures: events are anonymised,
+        not deleted (they still count in their campaign's figures)."""
 
         async def export(subject: Subject) -> list[dict[str, Any]]:
             return await self.for_recipient(subject.address_hash)
 
         async def erase(subject: Subject) -> int:
-            return await self.erase_recipient(subject.address_hash)
+            return await self.erase_recipient(subject.address_hash, subject.mentioned_in)
 
-        return DataHolder("events", export, erase)
+        return DataHolder("events", export, erase, effect="anonymised")
 
     async def purge(
         self, kind: EventType | str | Others, older_than: datetime, *, dry_run: bool = False

@@ -83,13 +83,17 @@ def subject_export(
 def subject_erase(config_path: Path | None, yes: bool, actor: str | None, address: str) -> None:
     """Erase the personal data of ADDRESS everywhere (GDPR Art. 17); keep it suppressed.
 
-    Suppressions, events, spooled mail and outbox files: the plain address goes, a keyed hash
-    stays as a global suppression, and the erasure is recorded.
+    The plain address leaves the suppression list and the contacts; its events are
+    anonymised (they still count in their campaigns); deliveries to it waiting in the spool
+    are cancelled, and messages waiting for others lose it from To/Cc; outbox files that
+    mention it are deleted. A keyed hash stays as a global suppression, so mail to it is
+    still refused, and the erasure is recorded. Without --yes, asks on a terminal and
+    refuses anywhere else.
     """
     if not yes:
-        if not sys.stdin.isatty():
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise click.UsageError("erasure cannot be undone: pass --yes to confirm")
-        click.confirm(f"Erase all personal data of {address}?", abort=True)
+        click.confirm(f"Erase all personal data of {address}? It cannot be undone", abort=True)
 
     async def run(stores: Stores) -> Any:
         return await _with_holders(
@@ -103,12 +107,15 @@ def subject_erase(config_path: Path | None, yes: bool, actor: str | None, addres
     tombstone = "added" if report.tombstone is Outcome.ADDED else "already there"
     click.echo(f"erased {address} (key {report.address_hash}):")
     click.echo(
-        f"  suppressions: {report.suppressions_kept} kept by key only"
-        f" (global tombstone {tombstone})"
+        f"  suppressions: {report.suppressions_kept} kept, by key only, address deleted"
+        f" (global suppression by key {tombstone}: mail to it stays refused)"
     )
-    click.echo(f"  contact: {'deleted' if report.contact_deleted else 'none'}")
-    for name, count in report.erased.items():
-        click.echo(f"  {name}: {count} removed")
+    click.echo(f"  contact: {'deleted' if report.contact_deleted else 'none held'}")
+    for name, effects in report.effects.items():
+        done = ", ".join(f"{count} {effect}" for effect, count in effects.items())
+        click.echo(f"  {name}: {done}")
+    if report.effects.get("events", {}).get("anonymised"):
+        click.echo("  (anonymised events keep their campaign counts, without the address)")
     if not report.checkpointed:
         click.echo(
             f"{PROG}: warning: a running process kept old pages in the WAL;"

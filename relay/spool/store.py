@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -75,6 +75,9 @@ MIGRATIONS = (
 
 MAIL = "mail"
 DSN = "dsn"
+# An erasure reads this much of each waiting message to find its recipient header fields
+# (the front door refuses a header section over 1 MiB).
+ERASURE_HEAD_BYTES = 1024 * 1024 + 4
 
 
 # Message contents pass through the spool once (in, then out): caching their pages would
@@ -330,36 +333,80 @@ class Spool:
 
         return await self._db.read(query)
 
-    async def for_recipient(self, address: str) -> list[dict[str, object]]:
-        """Spooled deliveries to `address` (compared case-insensitively), for data exports."""
+    async def for_recipient(self, matches: Callable[[str], bool]) -> list[dict[str, object]]:
+        """Spooled deliveries to one person, for data exports. `matches` tells their
+        addresses in any spelling (the suppression store's normalised form: SQLite's
+        lower() folds ASCII only)."""
 
         def query(db: sqlite_utils.Database) -> list[dict[str, object]]:
             cursor = db.execute(
                 "SELECT d.queue_id, d.recipient, d.attempts, d.last_reply, m.mail_from,"
                 " m.received_at, m.size FROM deliveries d JOIN messages m USING (queue_id)"
-                " WHERE lower(d.recipient) = lower(?) ORDER BY d.id",
-                [address],
+                " ORDER BY d.id"
             )
-            return row_dicts(cursor)
+            return [row for row in row_dicts(cursor) if matches(str(row["recipient"]))]
 
         return await self._db.read(query)
 
-    async def erase_recipient(self, address: str) -> int:
-        """Drop every pending delivery to `address` (erasure); messages left empty go too."""
+    async def erase_recipient(
+        self,
+        matches: Callable[[str], bool],
+        redact: Callable[[bytes], tuple[int, bytes] | None],
+    ) -> tuple[int, int]:
+        """Erasure of one person (`matches` tells their addresses): every pending delivery
+        to them is dropped (messages left empty go too), and messages still waiting for
+        others get the header section `redact` makes of their first bytes (the person's
+        mailbox out of To/Cc). (Deliveries dropped, messages rewritten.)
 
-        def erase(db: sqlite_utils.Database) -> tuple[int, int]:
-            removed = db.execute(
-                "DELETE FROM deliveries WHERE lower(recipient) = lower(?)", [address]
+        Found with a read, then changed in one short write, so a running relay's writes
+        are not held up while every waiting message's headers are read.
+        """
+
+        def find(db: sqlite_utils.Database) -> tuple[list[int], dict[str, tuple[int, bytes]]]:
+            doomed = [
+                id_
+                for id_, recipient in db.execute("SELECT id, recipient FROM deliveries")
+                if matches(recipient)
+            ]
+            edits = {}
+            for queue_id, rowid, size in db.execute(
+                "SELECT queue_id, rowid, size FROM messages WHERE kind = ?", [MAIL]
+            ).fetchall():
+                with db.conn.blobopen("messages", "content", rowid, readonly=True) as blob:
+                    head = blob.read(min(size, ERASURE_HEAD_BYTES))
+                edit = redact(head)
+                if edit is not None:
+                    edits[queue_id] = edit
+            return doomed, edits
+
+        doomed, edits = await self._db.read(find)
+
+        def erase(db: sqlite_utils.Database) -> tuple[int, int, int]:
+            removed = db.conn.executemany(
+                "DELETE FROM deliveries WHERE id = ?", [(id_,) for id_ in doomed]
             ).rowcount
             emptied = db.execute(
                 "DELETE FROM messages WHERE NOT EXISTS"
                 " (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.queue_id)"
             ).rowcount
-            return int(removed), int(emptied)
+            rewritten = 0
+            for queue_id, (length, header) in edits.items():
+                row = db.execute(
+                    "SELECT content FROM messages WHERE queue_id = ?", [queue_id]
+                ).fetchone()
+                if row is None:
+                    continue  # delivered meanwhile, or only the erased person was waiting
+                content = header + bytes(row[0])[length:]
+                db.execute(
+                    "UPDATE messages SET content = ?, size = ? WHERE queue_id = ?",
+                    [content, len(content), queue_id],
+                )
+                rewritten += 1
+            return max(int(removed), 0), int(emptied), rewritten
 
-        removed, emptied = await self._db.write(erase)
+        removed, emptied, rewritten = await self._db.write(erase)
         self._waiting -= emptied
-        return removed
+        return removed, rewritten
 
     # ---- operator commands (optout-relay queue ...) ----
 
