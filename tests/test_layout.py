@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -120,7 +121,12 @@ def _loaded_after(code: str, cwd: Path) -> list[str]:
         f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({HEAVY!r}))))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout, not an installed copy
     )
     loaded: list[str] = json.loads(result.stdout.splitlines()[-1])
     return loaded
@@ -131,6 +137,14 @@ def test_importing_the_cli_loads_no_server(tmp_path: Path) -> None:
 
 
 def test_suppress_check_loads_neither_servers_nor_delivery(tmp_path: Path) -> None:
+    _loaded_after(  # a store to check against (a command that only reads creates none)
+        "from relay.cli import main\n"
+        "try:\n"
+        "    main(['suppress', 'add', 'other@example.org'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n",
+        tmp_path,
+    )
     run = (
         "from relay.cli import main\n"
         "try:\n"
@@ -139,4 +153,4 @@ def test_suppress_check_loads_neither_servers_nor_delivery(tmp_path: Path) -> No
         "    assert exit.code == 1, exit.code\n"
     )
     assert _loaded_after(run, tmp_path) == []
-    assert (tmp_path / "optout-data" / "optout.db").exists()  # it did open the store
+    assert (tmp_path / "optout-data" / "optout.db").exists()
