@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from relay.settings import Settings, StorageSettings
-from relay.stores import STORE_FILE, Stores
+from relay.stores import HASH_KEY_FILE, STORE_FILE, Stores
 from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
 from suppression import Database
 from tests.helpers import (
@@ -76,6 +76,7 @@ async def test_events_recorded_before_the_change_keep_their_queue_id(tmp_path: P
     path = tmp_path / STORE_FILE
     db = await Database.open(path, SUPPRESSION_MIGRATIONS + EVENT_MIGRATIONS[:1])
     await db.close()
+    (tmp_path / HASH_KEY_FILE).write_text("the-address-hash-key-0123456789\n")
     with sqlite3.connect(path) as conn:
         conn.execute(
             "INSERT INTO events (type, at, campaign, message_id)"
