@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import mmap
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
+from email.utils import collapse_rfc2231_value
+from typing import TypeAlias
 
 from .errors import RelayError
 
@@ -16,8 +20,16 @@ _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
+# What the MIME functions read: the message in memory, or a spilled one mapped from its file.
+Buffer = bytes | mmap.mmap
+
+
 class MimeError(RelayError, ValueError):
     """The structure of a message or part cannot be followed."""
+
+
+class MimeLimitError(MimeError):
+    """The message is past one of the limits that bound the work spent on it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +53,19 @@ def crlf_line_breaks(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
-def entity_bounds(data: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+def _starts(data: Buffer, prefix: bytes, start: int, stop: int) -> bool:
+    """data[start:stop].startswith(prefix), for an mmap too."""
+    return stop - start >= len(prefix) and data[start : start + len(prefix)] == prefix
+
+
+def entity_bounds(data: Buffer, start: int = 0, end: int | None = None) -> tuple[int, int]:
     """Where the header block of the entity `data[start:end]` ends and where its body
     begins, as offsets in `data` (the blank line between belongs to neither). Without a
     blank line the entity is all headers: (end, end). Nothing is copied."""
     stop = len(data) if end is None else end
-    if data.startswith(b"\r\n", start, stop):
+    if _starts(data, b"\r\n", start, stop):
         return start, start + 2
-    if data.startswith(b"\n", start, stop):
+    if _starts(data, b"\n", start, stop):
         return start, start + 1
     crlf = data.find(b"\r\n\r\n", start, stop)
     # Only a bare-LF blank line before that one counts: no need to scan the whole body.
@@ -113,42 +130,222 @@ def parse_headers(block: bytes) -> Message:
     return message
 
 
+def first_non_header(block: bytes) -> int | None:
+    """Where the first line of a header block that is no header field starts (parsers read
+    the body from there: `parse_headers` stops at it), or None when every line is one."""
+    offset = 0
+    for line in _LINE.findall(block.decode("ascii", "surrogateescape")):
+        if not _HEADER_LINE.match(line):
+            return offset
+        offset += len(line)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BodyPart:
     start: int  # first byte of the part's headers
     end: int  # one past its last byte (the line break before the next delimiter excluded)
 
 
-def split_multipart(body: bytes, boundary: str) -> list[BodyPart]:
-    """The parts of a multipart body, by offset; a missing close delimiter ends at the end."""
+@dataclass(frozen=True, slots=True)
+class Multipart:
+    """A multipart body split at its delimiters, by offsets into the whole message."""
+
+    parts: list[BodyPart]
+    close: int | None  # where the close delimiter line starts; None when it is missing
+
+
+def split_multipart(
+    data: Buffer, boundary: str, start: int = 0, end: int | None = None, max_parts: int = 0
+) -> Multipart:
+    """The parts of the multipart body `data[start:end]`, by offsets into `data`; a missing
+    close delimiter ends the last part at `end`. Nothing is copied, and with `max_parts`
+    the search stops at the first delimiter past that many parts (MimeLimitError)."""
+    stop = len(data) if end is None else end
     if not boundary or len(boundary) > 200:
         raise MimeError("multipart without a usable boundary")
     delimiter = b"--" + boundary.encode("latin-1")
-    lines: list[tuple[int, int, bool]] = []  # (delimiter start, next line start, is close)
-    pos = 0
-    while (found := body.find(delimiter, pos)) >= 0:
-        pos = found + len(delimiter)
-        if found and body[found - 1 : found] != b"\n":
-            continue
-        line_end = body.find(b"\n", found)
-        next_line = len(body) if line_end < 0 else line_end + 1
-        rest = body[pos:next_line].rstrip(b"\r\n \t")
-        if rest not in (b"", b"--"):
-            continue
-        lines.append((found, next_line, rest == b"--"))
+    # (delimiter line start, next line start); delimiters start a line, so the search is
+    # for a line break and the delimiter together, in C, except at the very start.
+    lines: list[tuple[int, int]] = []
+    close: int | None = None
+    found = (
+        start
+        if _starts(data, delimiter, start, stop)
+        else _next_delimiter(data, delimiter, start, stop)
+    )
+    while found >= 0:
+        after = found + len(delimiter)
+        line_end = data.find(b"\n", after, stop)
+        next_line = stop if line_end < 0 else line_end + 1
+        rest = bytes(data[after:next_line]).rstrip(b"\r\n \t")
         if rest == b"--":
+            close = found
             break
-    if not lines or lines[0][2]:
+        if rest == b"":
+            if max_parts and len(lines) >= max_parts:
+                raise MimeLimitError(f"more than {max_parts} MIME parts")
+            lines.append((found, next_line))
+        found = _next_delimiter(data, delimiter, after, stop)
+    if not lines:
         raise MimeError(f"multipart body has no delimiter for boundary {boundary!r}")
-    parts = []
-    for (_, part_start, _), (next_delim, _, _) in itertools.pairwise(lines):
-        parts.append(BodyPart(part_start, _before_line_break(body, next_delim)))
-    if not lines[-1][2]:
-        parts.append(BodyPart(lines[-1][1], len(body)))
-    return parts
+    parts = [
+        BodyPart(part_start, _before_line_break(data, next_delim))
+        for (_, part_start), (next_delim, _) in itertools.pairwise(lines)
+    ]
+    last_end = stop if close is None else _before_line_break(data, close)
+    parts.append(BodyPart(lines[-1][1], max(last_end, lines[-1][1])))
+    return Multipart(parts, close)
 
 
-def _before_line_break(body: bytes, index: int) -> int:
-    if body[index - 2 : index] == b"\r\n":
+def _next_delimiter(data: Buffer, delimiter: bytes, start: int, stop: int) -> int:
+    found = data.find(b"\n" + delimiter, start, stop)
+    return found + 1 if found >= 0 else -1
+
+
+def _before_line_break(data: Buffer, index: int) -> int:
+    if data[index - 2 : index] == b"\r\n":
         return index - 2
     return index - 1
+
+
+# The MIME tree, walked within limits ------------------------------------------------------------
+
+# Subtrees whose bytes are a signature or ciphertext: any change breaks a signature or alters
+# what someone else wrote. They (and message/* parts) are never opened.
+UNTOUCHABLE_TYPES = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+    }
+)
+# The header section of one part; a longer one is not read (the front door refuses a
+# message's own over this size, as Postfix's header_size_limit bounds what it reads).
+MAX_HEADER_BYTES = 1024 * 1024
+
+# A parameter's value as the email package gives it: RFC 2231 ones as (charset, language, text).
+ParamValue: TypeAlias = str | tuple[str | None, str | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class MimeLimits:
+    """How much work one message may cost the relay, whatever its shape. Past a limit the
+    front door refuses it when it can tell (parts, nesting), else the rewrite falls back."""
+
+    max_parts: int = 1000  # MIME entities in the whole tree
+    max_depth: int = 100  # nesting of multiparts, as Postfix's mime_nesting_limit
+    max_html_tokens: int = 100_000  # tags, comments and declarations kept per HTML part
+    max_tag_attributes: int = 1000  # attributes read in one HTML tag
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """A leaf of the MIME tree, or a subtree never opened (`sealed`), by offsets."""
+
+    headers: Message
+    ctype: str
+    start: int  # first byte of its header block
+    header_end: int
+    body_start: int  # == header_end == end when there is no blank line after the headers
+    end: int
+    sealed: bool
+
+    @property
+    def separated(self) -> bool:
+        """Its header block ends with a blank line (else it is all headers, no body)."""
+        return self.body_start > self.header_end
+
+
+def walk_entities(
+    data: Buffer, headers: Message | None = None, limits: MimeLimits | None = None
+) -> Iterator[Entity]:
+    """Every leaf and sealed subtree of `data`, in order. MimeError when the structure is
+    broken; MimeLimitError as soon as it goes past `limits`, so the work stays bounded.
+    `headers`: the message's own header block, parsed already."""
+    limits = limits or MimeLimits()
+    header_end, body_start = entity_bounds(data)
+    if headers is None:
+        headers = parse_headers(_header_block(data, 0, header_end))
+    counter = [1]
+    yield from _entity(data, 0, header_end, body_start, len(data), headers, 0, limits, counter)
+
+
+def _header_block(data: Buffer, start: int, end: int) -> bytes:
+    if end - start > MAX_HEADER_BYTES:
+        raise MimeLimitError(f"a header section over {MAX_HEADER_BYTES} octets")
+    return bytes(data[start:end])
+
+
+def _entity(
+    data: Buffer,
+    start: int,
+    header_end: int,
+    body_start: int,
+    end: int,
+    headers: Message,
+    depth: int,
+    limits: MimeLimits,
+    counter: list[int],
+) -> Iterator[Entity]:
+    ctype = headers.get_content_type()
+    maintype = ctype.partition("/")[0]
+    if maintype != "multipart" or ctype in UNTOUCHABLE_TYPES:
+        sealed = ctype in UNTOUCHABLE_TYPES or maintype == "message"
+        yield Entity(headers, ctype, start, header_end, body_start, end, sealed)
+        return
+    if depth >= limits.max_depth:
+        raise MimeLimitError(f"MIME parts nested deeper than {limits.max_depth}")
+    boundary = parameters(headers).get("boundary")
+    if boundary is None:
+        raise MimeError(f"{ctype} without a boundary parameter")
+    boundary = collapse_rfc2231_value(boundary).rstrip()  # as Message.get_boundary
+    budget = limits.max_parts - counter[0]
+    if budget <= 0:
+        raise MimeLimitError(f"more than {limits.max_parts} MIME parts")
+    try:
+        body = split_multipart(data, boundary, body_start, end, max_parts=budget)
+    except MimeLimitError:
+        raise MimeLimitError(f"more than {limits.max_parts} MIME parts") from None
+    counter[0] += len(body.parts)
+    for part in body.parts:
+        part_end = max(part.end, part.start)
+        part_header_end, part_body = entity_bounds(data, part.start, part_end)
+        child = parse_headers(_header_block(data, part.start, part_header_end))
+        if ctype == "multipart/digest" and "content-type" not in child:
+            child.set_default_type("message/rfc822")  # RFC 2046 5.1.5
+        yield from _entity(
+            data,
+            part.start,
+            part_header_end,
+            part_body,
+            part_end,
+            child,
+            depth + 1,
+            limits,
+            counter,
+        )
+
+
+def parameters(headers: Message) -> dict[str, ParamValue]:
+    """Content-Type's parameters by lowercased name; the first of a repeated name counts,
+    as with Message.get_param. Asked once: the email package parses them anew each time."""
+    params: dict[str, ParamValue] = {}
+    for name, value in headers.get_params([]):
+        params.setdefault(name.lower(), value)
+    return params
+
+
+def limit_problem(data: Buffer, limits: MimeLimits | None = None) -> str | None:
+    """Why the MIME structure of `data` is past `limits` (parts, nesting, header sections),
+    or None. A structure broken in other ways is not this function's business: the rewrite
+    copes with it. Reads only the header blocks and delimiter lines."""
+    try:
+        for _ in walk_entities(data, limits=limits):
+            pass
+    except MimeLimitError as exc:
+        return str(exc)
+    except MimeError:
+        return None
+    return None

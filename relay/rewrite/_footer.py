@@ -52,14 +52,16 @@ _TAB_OR_NEWLINE = re.compile(r"[\t\n\r]")
 _WEB = re.compile(r"https?://", re.IGNORECASE)
 
 
-def link_edits(text: str, tracked: list[str]) -> list[Edit]:
+def link_edits(
+    text: str, tracked: list[str], max_tokens: int = 0, max_attributes: int = 0
+) -> list[Edit]:
     """Each trackable link's href becomes a click URL hole; its URL is appended to `tracked`.
 
     Left alone: links marked data-optout-notrack, anything but absolute http(s) URLs
     (mailto:, tel:, #anchors, relative), the unsubscribe placeholder, and overlong URLs.
     """
     edits = []
-    for link in links(text):
+    for link in links(text, max_tokens, max_attributes):
         if link.notrack or len(tracked) >= MAX_TRACKED_LINKS:
             continue
         url = trackable_url(link.value)
@@ -92,18 +94,18 @@ def placeholders(text: str, html: bool) -> list[Edit]:
     return [Edit(m.start(), m.end(), (Hole.UNSUBSCRIBE_URL,)) for m in pattern.finditer(text)]
 
 
-def html_footer(text: str, unsubscribe: bool, pixel: bool) -> Edit:
+def html_footer(text: str, unsubscribe: bool, pixel: bool, max_tokens: int = 0) -> Edit:
     nl = line_ending(text)
     added: list[str | Hole] = [nl]
     if unsubscribe:
         added += [_LINK_OPEN, nl, _LINK[0], Hole.UNSUBSCRIBE_URL, _LINK[1], nl, "</div>", nl]
     if pixel:
         added += [_PIXEL[0], Hole.PIXEL_URL, _PIXEL[1], nl]
-    at = insertion_point(text)
+    at = insertion_point(text, max_tokens)
     return Edit(at, at, tuple(added))
 
 
-def text_footer(text: str) -> Edit:
+def text_footer(text: str, nl: str | None = None) -> Edit:
     """At the end, as a signature block: after the sender's own, or behind a new `-- ` line.
 
     Mail clients hide or grey what follows `-- ` and leave it out of replies, so a recipient who
@@ -111,7 +113,7 @@ def text_footer(text: str) -> Edit:
     separator is the one line ending in a space that never flows (RFC 3676 4.3); a blank line
     before it ends any flowed paragraph the sender left open, and no line we add ends in a space.
     """
-    nl = line_ending(text)
+    nl = nl or line_ending(text)
     added: list[str | Hole] = []
     if text and not text.endswith("\n"):
         added.append(nl)

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from enum import Enum
 from html.entities import html5 as _ENTITIES
 
+from ..mime import MimeLimitError
+
 _TAG_NAME = re.compile(r"[A-Za-z][^\t\n\f\r />]*")
 # Attributes up to (not including) the closing ">": a quote only opens a value after "=".
+# Possessive throughout: nothing follows, so backtracking could never change the match, and
+# without it the regex engine keeps no state per attribute (a tag with nine million of them
+# cost gigabytes).
 _ATTRIBUTES = re.compile(
-    r"""(?:[\t\n\f\r /]+"""
-    r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*"""
-    r"""(?:[\t\n\f\r ]*=[\t\n\f\r ]*(?:"[^"]*(?:"|\Z)|'[^']*(?:'|\Z)|[^\t\n\f\r >]+))?)*"""
+    r"""(?:[\t\n\f\r /]++"""
+    r"""|[^\t\n\f\r />][^\t\n\f\r /=>]*+"""
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^\t\n\f\r >]++))?+)*+"""
 )
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_TEXT = frozenset(
@@ -138,14 +143,15 @@ class Scan:
     open_from: int
 
 
-def tokenize(text: str, *, links: bool = False, careful: bool = False) -> Scan:
+def tokenize(text: str, *, links: bool = False, careful: bool = False, max_tokens: int = 0) -> Scan:
     """`links`: record <a> and <area> start tags too (for click tracking). `careful`: check
-    each tag's name as it goes (the same tokens, more slowly; for tests)."""
+    each tag's name as it goes (the same tokens, more slowly; for tests). `max_tokens`:
+    MimeLimitError once more tokens than that would be kept (0: no limit)."""
     tokens: list[Token] = []
     names = _SPECIAL | _LINK_TAGS if links else _SPECIAL
     specials = None if careful else _SpecialTags.of(text, names)
     ordinary = _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN
-    open_from = _tokenize(text, tokens, names, ordinary, specials)
+    open_from = _tokenize(text, tokens, names, ordinary, specials, max_tokens)
     return Scan(tokens, open_from)
 
 
@@ -155,6 +161,7 @@ def _tokenize(
     names: frozenset[str],
     ordinary: re.Pattern[str],
     specials: _SpecialTags | None,
+    max_tokens: int,
 ) -> int:
     """Tokens that matter: comments, declarations and tags named in `names`. Other tags
     are skipped, not recorded, also when a run of ordinary markup stopped short of one."""
@@ -202,6 +209,8 @@ def _tokenize(
         if token is None:
             return lt
         if not token.name or token.name in names:
+            if max_tokens and len(out) >= max_tokens:
+                raise MimeLimitError(f"an HTML part with more than {max_tokens} tags and comments")
             out.append(token)
         pos = token.end
         if token.kind is Kind.START:
@@ -279,13 +288,13 @@ def _conditional_regions(tokens: Iterator[Token] | list[Token]) -> Iterator[tupl
     yield from ((held, -1) for held in pending)  # a region never closed
 
 
-def insertion_point(text: str) -> int:
+def insertion_point(text: str, max_tokens: int = 0) -> int:
     """Before the last real `</body>`; else before the last `</html>`; else at the end.
 
     "The end" stops short of trailing whitespace and of any construct left open at the end of
     the document (an unclosed comment or script would swallow the footer).
     """
-    scan = tokenize(text)
+    scan = tokenize(text, max_tokens=max_tokens)
     body: tuple[Token, int] | None = None
     html: tuple[Token, int] | None = None
     for token, region_end in _conditional_regions(scan.tokens):
@@ -314,25 +323,30 @@ class Link:
     notrack: bool  # the tag has a data-optout-notrack attribute
 
 
-def links(text: str) -> list[Link]:
+def links(text: str, max_tokens: int = 0, max_attributes: int = 0) -> list[Link]:
     """Every link a browser would see, in document order: not those in comments (Outlook's
-    `<!--[if mso]>` blocks included), scripts, titles or other raw text."""
+    `<!--[if mso]>` blocks included), scripts, titles or other raw text. A tag with more than
+    `max_attributes` attributes is not read past them (its link, if any, is not reported)."""
     found = []
-    for token in tokenize(text, links=True).tokens:
+    for token in tokenize(text, links=True, max_tokens=max_tokens).tokens:
         if token.kind is Kind.START and token.name in _LINK_TAGS:
-            link = _link(text, token)
+            link = _link(text, token, max_attributes)
             if link is not None:
                 found.append(link)
     return found
 
 
-def _link(text: str, token: Token) -> Link | None:
+def _link(text: str, token: Token, max_attributes: int = 0) -> Link | None:
     pos = token.start + 1 + len(token.name)
     end = token.end - 1  # the ">"
     seen: set[str] = set()
     href: tuple[int, int, bool] | None = None
     notrack = False
+    count = 0
     while pos < end:
+        count += 1
+        if max_attributes and count > max_attributes:
+            return None  # past the bound on work: the link stays as the sender wrote it
         attribute = _ATTRIBUTE.match(text, pos, end)
         if attribute is None:
             break

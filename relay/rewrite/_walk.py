@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import collapse_rfc2231_value
-from typing import TypeAlias
 
-from ..mime import MimeError, entity_bounds, header_fields, parse_headers, split_multipart
-
-# A parameter's value as the email package gives it: RFC 2231 ones as (charset, language, text).
-ParamValue: TypeAlias = str | tuple[str | None, str | None, str]
-
-# Subtrees whose bytes are a signature or ciphertext, or a whole other message: any change
-# breaks a signature or alters what someone else wrote.
-UNTOUCHABLE_TYPES = frozenset(
-    {
-        "multipart/signed",
-        "multipart/encrypted",
-        "application/pkcs7-mime",
-        "application/x-pkcs7-mime",
-    }
+from ..mime import (
+    UNTOUCHABLE_TYPES,
+    Buffer,
+    MimeLimits,
+    entity_bounds,
+    header_fields,
+    parameters,
+    walk_entities,
 )
+
+__all__ = ["UNTOUCHABLE_TYPES", "Appendable", "Leaf", "Sealed", "Tree", "appendable", "walk"]
+
 DECORATED_TYPES = frozenset({"text/plain", "text/html"})
-MAX_DEPTH = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +31,7 @@ class Leaf:
     body_start: int
     body_end: int
     cte_field: tuple[int, int] | None  # the Content-Transfer-Encoding field's bytes, if any
-    decorable: bool  # inline text/plain or text/html, not an attachment
+    decorable: bool  # inline text/plain or text/html with a body, not an attachment
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,74 +49,76 @@ class Tree:
     sealed: list[Sealed]
 
 
-def walk(raw: bytes, headers: Message | None = None) -> Tree:
-    """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken.
-    `headers`: the message's own header block, parsed already."""
-    header_end, body_start = entity_bounds(raw)
+def walk(raw: bytes, headers: Message | None = None, limits: MimeLimits | None = None) -> Tree:
+    """Every leaf and sealed subtree of `raw`, in order; MimeError if the structure is broken,
+    MimeLimitError past `limits`. `headers`: the message's own header block, parsed already."""
     tree = Tree([], [])
-    if headers is None:
-        headers = parse_headers(raw[:header_end])
-    _entity(raw, tree, 0, body_start, len(raw), headers, 0)
+    for entity in walk_entities(raw, headers, limits):
+        if entity.sealed:
+            tree.sealed.append(Sealed(entity.ctype, entity.body_start, entity.end))
+            continue
+        headers_ = entity.headers
+        tree.leaves.append(
+            Leaf(
+                headers_,
+                entity.ctype,
+                str(headers_.get("Content-Transfer-Encoding") or "7bit").strip().lower(),
+                entity.start,
+                entity.body_start,
+                entity.end,
+                _cte_field(raw[entity.start : entity.header_end], entity.start),
+                entity.ctype in DECORATED_TYPES
+                and headers_.get_content_disposition() != "attachment"
+                # A part that is all headers has nowhere to put text: the footer would run
+                # into its last header line. The message itself gets a blank line added.
+                and (entity.separated or entity.start == 0),
+            )
+        )
     return tree
 
 
-def _entity(
-    raw: bytes, tree: Tree, start: int, body_start: int, end: int, headers: Message, depth: int
-) -> None:
-    if depth > MAX_DEPTH:
-        raise MimeError(f"MIME parts nested deeper than {MAX_DEPTH}")
-    ctype = headers.get_content_type()
-    maintype = ctype.partition("/")[0]
-    if ctype in UNTOUCHABLE_TYPES or maintype == "message":
-        tree.sealed.append(Sealed(ctype, body_start, end))
-        return
-    # The parameters parsed once: the email package parses them anew for every question.
-    params = _parameters(headers)
-    if maintype == "multipart":
-        boundary = params.get("boundary")
-        if boundary is None:
-            raise MimeError(f"{ctype} without a boundary parameter")
-        boundary = collapse_rfc2231_value(boundary).rstrip()  # as Message.get_boundary
-        for part in split_multipart(raw[body_start:end], boundary):
-            part_start = body_start + part.start
-            part_end = body_start + max(part.end, part.start)
-            header_end, part_body = entity_bounds(raw, part_start, part_end)
-            child = parse_headers(raw[part_start:header_end])
-            if ctype == "multipart/digest" and "content-type" not in child:
-                child.set_default_type("message/rfc822")  # RFC 2046 5.1.5
-            _entity(raw, tree, part_start, part_body, part_end, child, depth + 1)
-        return
-    tree.leaves.append(
-        Leaf(
-            headers,
-            ctype,
-            str(headers.get("Content-Transfer-Encoding") or "7bit").strip().lower(),
-            start,
-            body_start,
-            end,
-            _cte_field(raw[start:body_start], start),
-            ctype in DECORATED_TYPES and not _attached(headers, params),
-        )
-    )
+@dataclass(frozen=True, slots=True)
+class Appendable:
+    """Where a part can be added at the end of the message's own multipart/mixed."""
+
+    at: int  # the start of the close delimiter line, or the end of the message
+    boundary: bytes
+    closed: bool  # False: no close delimiter; the added part brings one
 
 
-def _parameters(headers: Message) -> dict[str, ParamValue]:
-    """Content-Type's parameters by lowercased name; the first of a repeated name counts,
-    as with Message.get_param."""
-    params: dict[str, ParamValue] = {}
-    for name, value in headers.get_params([]):
-        params.setdefault(name.lower(), value)
-    return params
+def appendable(raw: Buffer, headers: Message) -> Appendable | None:
+    """Where a text part can join a top-level multipart/mixed (None for any other shape).
+    Reads only the top level: the parts' own structure may be what defeated the rewrite.
+    With an unreadable top level (no delimiter at all) nothing is added."""
+    if headers.get_content_type() != "multipart/mixed":
+        return None
+    boundary = parameters(headers).get("boundary")
+    if not isinstance(boundary, str) or not boundary.strip():
+        return None
+    boundary = boundary.rstrip()
+    _, body_start = entity_bounds(raw)
+    delimiter = b"--" + boundary.encode("latin-1")
+    close = _close_delimiter(raw, delimiter, body_start)
+    if close is not None:
+        return Appendable(close, delimiter, True)
+    opened = raw[body_start : body_start + len(delimiter)] == delimiter
+    if not opened and raw.find(b"\n" + delimiter, body_start) < 0:
+        return None
+    return Appendable(len(raw), delimiter, False)
 
 
-def _attached(headers: Message, params: dict[str, ParamValue]) -> bool:
-    """An attachment, or a file shown inline (a file name in Content-Disposition or, as
-    Message.get_filename falls back to, in Content-Type): not the message's own text."""
-    return (
-        headers.get_content_disposition() == "attachment"
-        or headers.get_param("filename", None, "content-disposition") is not None
-        or "name" in params
-    )
+def _close_delimiter(raw: Buffer, delimiter: bytes, start: int) -> int | None:
+    """The first close delimiter line at the message's top level."""
+    close = delimiter + b"--"
+    at = raw.find(close, start)
+    while at >= 0:
+        line_start = at == start or raw[at - 1 : at] == b"\n"
+        line_end = raw.find(b"\n", at)
+        rest = bytes(raw[at + len(close) : len(raw) if line_end < 0 else line_end])
+        if line_start and not rest.strip(b"\r\t "):
+            return at
+        at = raw.find(close, at + len(close))
+    return None
 
 
 def _cte_field(block: bytes, offset: int) -> tuple[int, int] | None:

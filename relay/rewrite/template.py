@@ -6,18 +6,31 @@ part into chunks for its own transfer encoding. Rendering a recipient joins thos
 the recipient's URLs; every byte the relay has no reason to change is the sender's byte.
 
 A message the walker cannot follow is still delivered as it came, with the relay's headers and a
-`rewrite_failed: ...` note: a compliance relay must never be the reason a mail is lost.
+`rewrite_failed: ...` note: a compliance relay must never be the reason a mail is lost. A message
+past the limits on work (`MimeLimits`) is not rewritten either; where it is a multipart/mixed, a
+text part with the unsubscribe link joins it at the end, and `Template.over_limit` says why, so
+that the pipeline can refuse to send the rest without a link.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 
-from ..mime import HeaderField, MimeError, entity_bounds, header_fields, headers_of
+from ..mime import (
+    HeaderField,
+    MimeError,
+    MimeLimitError,
+    MimeLimits,
+    entity_bounds,
+    first_non_header,
+    header_fields,
+    headers_of,
+    parse_headers,
+)
 from ._compile import (
+    Decoded,
     base64_part,
     byte_edits,
     decode,
@@ -29,9 +42,7 @@ from ._encoding import line_ending
 from ._footer import Edit, html_footer, link_edits, placeholders, text_footer
 from ._html import sniff_charset
 from ._parts import CteField, Downgrade, Hole, HoleKey, LinkHole, Piece, Switch
-from ._walk import Leaf, Tree, walk
-
-log = logging.getLogger(__name__)
+from ._walk import Leaf, Tree, appendable, walk
 
 CONTROL_HEADER_PREFIX = "x-optout-"
 # Replaced by ours (RFC 8058 wants exactly one of each).
@@ -46,6 +57,8 @@ class Decorations:
     unsubscribe: bool = True
     pixel: bool = True
     clicks: bool = False  # HTML links become click-tracking URLs (LinkHole per link)
+    # False for automatic mail (bounces, auto-replies): its own List-* fields stay as sent.
+    replace_list_headers: bool = True
 
 
 @dataclass(slots=True)
@@ -57,6 +70,17 @@ class Template:
     notes: list[str] = field(default_factory=list)  # every decision, for logs and events
     holes: frozenset[Hole] = frozenset()
     links: tuple[str, ...] = ()  # LinkHole(i) is the click URL for links[i]
+    # The sender's first header block has a line parsers take for the start of the body:
+    # every field the relay adds then goes at the very top, as MTAs put Received fields.
+    headers_at_top: bool = False
+    over_limit: str | None = None  # the limit on work the message went past, if any
+    trace: list[bytes] = field(default_factory=list)  # Received: first of all fields
+    added: list[bytes] = field(default_factory=list)  # the same for every copy (Date, ...)
+
+    def add_fields(self, fields: Sequence[bytes], *, trace: bool = False) -> None:
+        """Header fields (CRLF-terminated) every copy gets: `trace` ones on top of all,
+        the others after the sender's (or on top too, see `headers_at_top`)."""
+        (self.trace if trace else self.added).extend(fields)
 
     def render(
         self,
@@ -67,13 +91,20 @@ class Template:
     ) -> bytes:
         """One recipient's copy. `eight_bit_ok=False` when the next hop lacks 8BITMIME: 8bit
         parts outside signed and forwarded content then go as quoted-printable (or base64)."""
-        out = [p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.head]
-        if self.nl == b"\n":
-            out.extend(h.replace(b"\r\n", b"\n") for h in extra_headers)
-        else:
-            out.extend(extra_headers)
+        ours = [*self.added, *extra_headers]
+        out = self._lines(self.trace)
+        if self.headers_at_top:
+            out += self._lines(ours)
+        out += [p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.head]
+        if not self.headers_at_top:
+            out += self._lines(ours)
         out.extend(p if isinstance(p, bytes) else p.render(values, eight_bit_ok) for p in self.body)
         return b"".join(out)
+
+    def _lines(self, fields: Sequence[bytes]) -> list[bytes]:
+        if self.nl == b"\n":
+            return [f.replace(b"\r\n", b"\n") for f in fields]
+        return list(fields)
 
 
 def list_unsubscribe_headers(unsubscribe_url: str, mailto: str | None = None) -> list[bytes]:
@@ -93,23 +124,44 @@ def list_unsubscribe_headers(unsubscribe_url: str, mailto: str | None = None) ->
 
 
 def build_template(
-    raw: bytes, decorations: Decorations, headers: Message | None = None
+    raw: bytes,
+    decorations: Decorations,
+    headers: Message | None = None,
+    limits: MimeLimits | None = None,
 ) -> Template:
     """The template of `raw`: owned and control headers dropped, text parts opened for holes.
-    `headers`: the message's header block, parsed already."""
+    `headers`: the message's header block, parsed already. `limits`: bounds on the work."""
+    limits = limits or MimeLimits()
     block = headers_of(raw)
     head_end = len(block)
     template = Template([], [], decorations, nl=line_ending(block or raw))
+    # Only what parsers read as the header section: from a line that is no header field on,
+    # they read the body (the block is all headers when there is none).
+    readable = first_non_header(block)
+    template.headers_at_top = readable is not None
+    if readable is not None:
+        template.notes.append(
+            "the header block has a line that is no header field: fields added on top"
+        )
+    fields = header_fields(block[:readable] if readable is not None else block)
     splices: list[Splice] = [
         Splice(start, start + len(f.raw), b"")
-        for start, f in _offsets(header_fields(block))
-        if not _kept(f)
+        for start, f in _offsets(fields)
+        if not _kept(f, decorations)
     ]
     if not (decorations.unsubscribe or decorations.pixel):
-        template.notes.append("body not decorated (transactional or tracking off)")
+        template.notes.append("body not decorated (transactional, automatic or tracking off)")
+    if headers is None:
+        headers = parse_headers(block)
     try:
-        tree = walk(raw, headers)
-        splices += _Builder(raw, tree, decorations, template).splices()
+        tree = walk(raw, headers, limits)
+        splices += _Builder(raw, headers, tree, decorations, template, limits).splices()
+    except MimeLimitError as exc:
+        template.over_limit = str(exc)
+        _failed(template, f"over the limits on work: {exc}")
+        splices = [s for s in splices if s.end <= head_end]
+        if decorations.unsubscribe:
+            splices += _footer_part(raw, headers, template)
     except MimeError as exc:
         _failed(template, str(exc))
         splices = [s for s in splices if s.end <= head_end]
@@ -128,10 +180,36 @@ def build_template(
 
 
 def _failed(template: Template, reason: str) -> None:
+    """The pipeline logs the note, with the message's queue id, in the relay's own logs."""
     template.notes.append(f"rewrite_failed: {reason}")
     template.holes = frozenset()
     template.links = ()
-    log.warning("rewrite failed, body left as sent: %s", reason)
+
+
+def _footer_part(raw: bytes, headers: Message, template: Template) -> list[Splice]:
+    """A text part with the unsubscribe link at the end of the message's own multipart/mixed,
+    where no part of the sender's can take the footer. Never a new container around the
+    message: its structure stays what the sender made."""
+    place = appendable(raw, headers)
+    if place is None:
+        return []
+    nl = template.nl
+    text_nl = nl.decode("ascii")
+    edit = text_footer("", text_nl)
+    data, edits, _ = byte_edits(Decoded(b"", "", "us-ascii"), [edit], False)
+    part = raw_part(nl, data, edits)
+    opening = b"" if place.closed or raw.endswith(b"\n") else nl
+    head = opening + place.boundary + nl + b"Content-Type: text/plain; charset=us-ascii" + nl
+    cte = CteField(
+        part,
+        b"Content-Transfer-Encoding: 7bit" + nl,
+        b"Content-Transfer-Encoding: quoted-printable" + nl,
+    )
+    tail = nl if place.closed else nl + place.boundary + b"--" + nl
+    template.notes.append("a text part with the unsubscribe link appended to the multipart/mixed")
+    template.holes = template.holes | {Hole.UNSUBSCRIBE_URL}
+    at = place.at
+    return [Splice(at, at, piece) for piece in (head, cte, nl, part, tail)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +230,11 @@ def _offsets(fields: list[HeaderField]) -> list[tuple[int, HeaderField]]:
     return out
 
 
-def _kept(field_: HeaderField) -> bool:
+def _kept(field_: HeaderField, decorations: Decorations) -> bool:
     name = field_.lname
-    return name not in OWNED_HEADERS and not name.startswith(CONTROL_HEADER_PREFIX)
+    if name.startswith(CONTROL_HEADER_PREFIX):
+        return False
+    return name not in OWNED_HEADERS or not decorations.replace_list_headers
 
 
 def _spliced(raw: bytes, start: int, end: int, splices: list[Splice]) -> list[Piece]:
@@ -175,12 +255,20 @@ def _spliced(raw: bytes, start: int, end: int, splices: list[Splice]) -> list[Pi
 
 class _Builder:
     def __init__(
-        self, raw: bytes, tree: Tree, decorations: Decorations, template: Template
+        self,
+        raw: bytes,
+        headers: Message,
+        tree: Tree,
+        decorations: Decorations,
+        template: Template,
+        limits: MimeLimits,
     ) -> None:
         self.raw = raw
+        self.headers = headers
         self.tree = tree
         self.decorations = decorations
         self.template = template
+        self.limits = limits
         self.notes = template.notes
         self.links: list[str] = []
 
@@ -201,10 +289,15 @@ class _Builder:
             else:
                 out += self._unchanged(leaf)
         self._undowngradable()
-        if (decorations.unsubscribe or decorations.pixel) and not holes - {Hole.CLICK_URL}:
-            self.notes.append("no text part could carry the unsubscribe link")
         self.template.holes = frozenset(holes)
         self.template.links = tuple(self.links)
+        if decorations.unsubscribe and Hole.UNSUBSCRIBE_URL not in holes:
+            appended = _footer_part(self.raw, self.headers, self.template)
+            if not appended:
+                self.notes.append("no text part could carry the unsubscribe link")
+            out += appended
+        elif decorations.pixel and not holes - {Hole.CLICK_URL}:
+            self.notes.append("no text part could carry the pixel")
         return out
 
     def _plan(self) -> dict[int, tuple[str, list[Edit]]]:
@@ -221,10 +314,13 @@ class _Builder:
                 texts[leaf.body_start] = (leaf, text, charset)
         edits: dict[int, list[Edit]] = {key: [] for key in texts}
         unsubscribe = self.decorations.unsubscribe
+        limits = self.limits
         if self.decorations.clicks:
             for key, (leaf, text, _) in texts.items():
                 if leaf.ctype == "text/html":
-                    edits[key] += link_edits(text, self.links)
+                    edits[key] += link_edits(
+                        text, self.links, limits.max_html_tokens, limits.max_tag_attributes
+                    )
         for ctype in ("text/plain", "text/html"):
             of_type = [(k, v) for k, v in texts.items() if v[0].ctype == ctype]
             html = ctype == "text/html"
@@ -238,7 +334,9 @@ class _Builder:
             key, (_, text, _) = of_type[-1]
             footer = unsubscribe and not with_placeholder
             if html and (footer or self.decorations.pixel):
-                edits[key].append(html_footer(text, footer, self.decorations.pixel))
+                edits[key].append(
+                    html_footer(text, footer, self.decorations.pixel, limits.max_html_tokens)
+                )
             elif not html and footer:
                 edits[key].append(text_footer(text))
         return {

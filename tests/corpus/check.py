@@ -44,6 +44,7 @@ class Entity:
     headers: Message
     header_block: bytes
     body: bytes
+    separated: bool  # a blank line ends its headers (else it is all headers)
 
     @property
     def ctype(self) -> str:
@@ -59,11 +60,12 @@ class Entity:
 
     @property
     def decorable(self) -> bool:
+        """Body text a reader sees: an inline text part (a file name does not make it an
+        attachment, only Content-Disposition does) that has a blank line after its headers."""
         return (
             self.ctype in ("text/plain", "text/html")
             and self.headers.get_content_disposition() != "attachment"
-            and self.headers.get_filename() is None
-            and self.headers.get_param("name") is None
+            and (self.path == "0" or self.separated)
         )
 
 
@@ -76,12 +78,17 @@ def split(data: bytes) -> tuple[bytes, bytes]:
     return data[: match.start() + (2 if data[match.start()] == 13 else 1)], data[match.end() :]
 
 
+def data_separated(data: bytes) -> bool:
+    return data.startswith((b"\r\n", b"\n")) or re.search(rb"\r?\n\r?\n", data) is not None
+
+
 def entities(raw: bytes, path: str = "0", default: str | None = None) -> list[Entity]:
     block, body = split(raw)
     headers = _PARSER.parsebytes(block)
     if default and "content-type" not in headers:
         headers.set_default_type(default)
-    entity = Entity(path, headers, block, body)
+    separated = data_separated(raw)
+    entity = Entity(path, headers, block, body, separated)
     out = [entity]
     if entity.sealed or headers.get_content_maintype() != "multipart":
         return out
@@ -138,8 +145,17 @@ def check_rewrite(original: bytes, rewritten: bytes, *, failed: bool = False) ->
         assert split(rewritten)[1] == split(original)[1], "a failed rewrite changed the body"
         return
     before, after = entities(original), entities(rewritten)
-    assert [e.path for e in before] == [e.path for e in after], "the MIME tree changed shape"
     html_linked = text_linked = False
+    if len(after) == len(before) + 1:
+        # No part of the sender's could take the footer: one text part joins the message's
+        # own multipart/mixed at its end, and holds nothing but the footer.
+        added = after.pop()
+        assert before[0].ctype == "multipart/mixed", "a part added outside a multipart/mixed"
+        assert added.path == f"0.{sum(e.path.count('.') == 1 for e in before)}", added.path
+        assert added.ctype == "text/plain" and not any(e.decorable for e in before)
+        assert _ADDED_TEXT.sub("", decoded_text(added)) == "", decoded_text(added)
+        text_linked = UNSUB in decoded_text(added)
+    assert [e.path for e in before] == [e.path for e in after], "the MIME tree changed shape"
     pixels = 0
     for old, new in zip(before, after, strict=True):
         assert new.ctype == old.ctype, f"{old.path}: content type changed"
@@ -163,8 +179,10 @@ def check_rewrite(original: bytes, rewritten: bytes, *, failed: bool = False) ->
     if any(e.ctype == "text/html" for e in decorable):
         assert html_linked, "no HTML part carries the unsubscribe link"
         assert pixels == 1, f"{pixels} tracking pixels"
-    if any(e.ctype == "text/plain" for e in decorable):
-        assert text_linked, "no text part carries the unsubscribe link"
+    if any(e.ctype == "text/plain" for e in decorable) or not decorable:
+        assert text_linked or before[0].ctype != "multipart/mixed", (
+            "no text part carries the unsubscribe link"
+        )
     if max(map(len, original.splitlines())) <= 998:
         longest = max(map(len, rewritten.splitlines()))
         assert longest <= 998, f"a line of {longest} octets"
