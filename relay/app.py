@@ -199,6 +199,7 @@ class Relay:
             on_spooled=notify,
             accounts=self.accounts,
             events=stores.events,
+            mime_limits=settings.rewrite.limits(),
         )
         front_doors = [door()]
         if settings.smtp.transactional_listen is not None:

@@ -36,6 +36,7 @@ from .settings import (
     HttpSettings,
     IPNetwork,
     Listen,
+    RewriteSettings,
     Settings,
     SigningSettings,
     SmtpSettings,
@@ -111,6 +112,16 @@ def _positive_int(value: Any, key: str) -> int:
     if value <= 0:
         raise ConfigError(key, f"must be greater than 0 (got {value})")
     return value
+
+
+def _choice(*allowed: str) -> Parser:
+    def parse(value: Any, key: str) -> str:
+        text = _string(value, key)
+        if text not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)} (got {text!r})")
+        return text
+
+    return parse
 
 
 def _positive_number(value: Any, key: str) -> float:
@@ -389,6 +400,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "max_connections": _positive_int,
             "max_connections_per_client": _positive_int,
             "idle_timeout": _positive_number,
+            "received_client": _choice("full", "network", "omitted"),
         },
     ),
     "http": (
@@ -432,6 +444,15 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "max_queued_messages": _positive_int,
             "separate_process": _boolean,
             "processes": _positive_int,
+        },
+    ),
+    "rewrite": (
+        RewriteSettings,
+        {
+            "max_mime_parts": _positive_int,
+            "max_mime_depth": _positive_int,
+            "max_html_tokens": _positive_int,
+            "max_tag_attributes": _positive_int,
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),

@@ -1,16 +1,19 @@
 """Message processing as an ordered pipeline of small named steps.
 
 Each step reads the parsed headers and records its decision on the message's metadata, so that
-what the relay did to a message can always be explained. The steps run once per message; the
-per-recipient work (tokens, URLs) happens at delivery time in `PreparedMessage.personalise`.
+what the relay did to a message can always be explained; a step may also add header fields every
+copy carries (`Metadata.add_field`). The steps run once per message; the per-recipient work
+(tokens, URLs) happens at delivery time in `PreparedMessage.personalise`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.header import decode_header, make_header
 from email.message import Message
 from typing import Protocol
 
@@ -28,19 +31,37 @@ from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
 from .feedback.outgoing import CopyMarks
 from .from_header import from_domains
-from .mime import headers_of, parse_headers
+from .mime import MAX_HEADER_BYTES, MimeLimits, address_domain, headers_of, parse_headers
 from .rewrite import (
     UNTOUCHABLE_TYPES,
     Decorations,
     Hole,
     HoleKey,
     LinkHole,
+    ReceivedClient,
     Template,
     build_template,
+    date_field,
+    list_id,
+    list_id_field,
     list_unsubscribe_headers,
+    message_id,
+    message_id_field,
+    received_field,
 )
 
 log = logging.getLogger("optout.delivery")
+rewrite_log = logging.getLogger("optout.rewrite")
+# RFC 3834 section 5: any value but "no" marks a message sent by a machine, not a person.
+_NOT_AUTOMATIC = "no"
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How the message reached the relay, as the spool recorded it."""
+
+    client: str | None = None  # "HELO[IP]"
+    at: float | None = None  # seconds since the epoch; None: now
 
 
 @dataclass(slots=True)
@@ -49,13 +70,16 @@ class Metadata:
 
     queue_id: str
     mail_from: str
-    # The message's RFC 5322 Message-ID as its events name it; None while it has none.
+    arrival: Arrival = field(default_factory=Arrival)
+    # The message's RFC 5322 Message-ID as its events name it: the sender's, or the one the
+    # relay added (AddDateAndMessageId); None while it has none.
     message_id: str | None = None
     campaign: str | None = None
     scope: str = GLOBAL
     track_opens: bool = True
     track_clicks: bool = False
     transactional: bool = False
+    automatic: bool = False  # a bounce, report or auto-reply: passes undecorated
     rewrite_body: bool = True
     from_domain: str | None = None
     signer: DkimSigner | None = None
@@ -64,9 +88,20 @@ class Metadata:
     warnings: list[str] = field(default_factory=list)  # recorded as warning events
     # Which of Feedback-ID and CFBL-Address the sender set: ours are then not added.
     sender_feedback_fields: frozenset[str] = frozenset()
+    fields: list[bytes] = field(default_factory=list)  # added to every copy
+    trace: list[bytes] = field(default_factory=list)  # added on top of every copy (Received)
 
     def decide(self, step: str, decision: str) -> None:
         self.decisions.append(f"{step}: {decision}")
+
+    def add_field(self, field_: bytes, *, trace: bool = False) -> None:
+        """A header field (CRLF-terminated) for every copy; `trace` ones go on top."""
+        (self.trace if trace else self.fields).append(field_)
+
+    @property
+    def received_at(self) -> float:
+        at = self.arrival.at
+        return time.time() if at is None else at
 
 
 class Step(Protocol):
@@ -105,6 +140,9 @@ class ReadCampaign:
 
     def process(self, headers: Message, meta: Metadata) -> None:
         campaign = _header(headers, "X-Optout-Campaign")
+        if campaign and "=?" in campaign:  # a non-ASCII name in RFC 2047 encoded words
+            with contextlib.suppress(ValueError, LookupError):
+                campaign = " ".join(str(make_header(decode_header(campaign))).split())
         if campaign:
             meta.campaign = campaign[:200]
             meta.decide(self.name, f"campaign {meta.campaign!r}")
@@ -188,6 +226,31 @@ class ReadFeedbackFields:
             meta.decide(self.name, f"sender's own {', '.join(sorted(present))} kept")
 
 
+class DetectAutomatic:
+    """Bounces, delivery and read reports, complaint reports and auto-replies are no marketing
+    mail: they go out undecorated (no List-Unsubscribe, no footer, no pixel, no click
+    tracking; their own List-* fields and body as sent), signed and delivered, stopped only by
+    hard bounces and complaints as transactional mail is. An unsubscribe link in a bounce
+    would unsubscribe the marketing sender itself."""
+
+    name = "automatic"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        reasons = []
+        if meta.mail_from in ("", "<>"):
+            reasons.append("null envelope sender")
+        auto = _header(headers, "Auto-Submitted")
+        if auto is not None and auto.partition(";")[0].strip().lower() != _NOT_AUTOMATIC:
+            reasons.append(f"Auto-Submitted: {auto[:40]}")
+        if headers.get_content_type() == "multipart/report":
+            reasons.append("multipart/report")
+        if not reasons:
+            return
+        meta.automatic = meta.transactional = True
+        meta.track_opens = meta.track_clicks = False
+        meta.decide(self.name, f"automatic mail ({', '.join(reasons)}): passes undecorated")
+
+
 class ReadFromDomain:
     name = "from"
 
@@ -225,6 +288,70 @@ def signer_for(signers: Mapping[str, DkimSigner], domain: str | None) -> DkimSig
     return None
 
 
+class AddDateAndMessageId:
+    """RFC 6409 section 8.3 and 8.6: a submission without Date or Message-ID gets them here,
+    before signing; left to the next MTA, they would land outside the DKIM signature, which
+    over-signs their absence, and every verifier would fail it."""
+
+    name = "msa"
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        if headers.get("Date") is None:
+            meta.add_field(date_field(meta.received_at))
+            meta.decide(self.name, "Date added (time of submission)")
+        if headers.get("Message-ID") is not None:
+            return  # the sender's, as written (meta.message_id: as events name it)
+        meta.message_id = message_id(meta.queue_id, meta.received_at, self.hostname)
+        meta.add_field(message_id_field(meta.message_id))
+        meta.decide(self.name, f"Message-ID {meta.message_id} added")
+
+
+class AddListId:
+    """RFC 2919 List-Id for campaign mail that has none, from the campaign and the sender's
+    domain: receivers group and score list mail by it (SpamAssassin's LIST_PARTIAL_* rules
+    fire on List-Unsubscribe without it). A sender's own List-Id stays as it is."""
+
+    name = "list-id"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        if meta.campaign is None or meta.transactional or headers.get("List-Id") is not None:
+            return
+        domain = meta.from_domain or address_domain(meta.mail_from)
+        identifier = list_id(meta.campaign, domain) if domain else None
+        if identifier is None:
+            meta.decide(self.name, "no List-Id: no sender domain to name it by")
+            return
+        meta.add_field(list_id_field(meta.campaign, identifier))
+        meta.decide(self.name, f"List-Id {identifier} added")
+
+
+class AddReceived:
+    """RFC 5321 section 4.4: the relay's own hop on top of the message, naming its client
+    as `smtp.received_client` allows."""
+
+    name = "received"
+
+    def __init__(self, hostname: str, mode: ReceivedClient) -> None:
+        self.hostname = hostname
+        self.mode = mode
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        meta.add_field(
+            received_field(
+                client=meta.arrival.client,
+                hostname=self.hostname,
+                queue_id=meta.queue_id,
+                moment=meta.received_at,
+                authenticated=meta.account is not None,
+                mode=self.mode,
+            ),
+            trace=True,
+        )
+
+
 DEFAULT_STEPS: tuple[Step, ...] = (
     ReadCampaign(),
     ReadTopic(),
@@ -232,6 +359,7 @@ DEFAULT_STEPS: tuple[Step, ...] = (
     ReadTracking(),
     ApplyAccountDefaults(),
     GuardSignedContent(),
+    DetectAutomatic(),
     ReadFromDomain(),
     ReadFeedbackFields(),
 )
@@ -246,6 +374,9 @@ class PreparedMessage:
     # What an opt-out must name to stop this message: everything, its topic, its sender
     # (envelope domain, account, From domain). Worked out once, checked per recipient.
     scopes_to_check: tuple[str, ...] = ()
+    # An SMTP reply when the message must not go out at all (past the limits on work with
+    # nowhere to put the unsubscribe link): every recipient's copy bounces with it.
+    refusal: str | None = None
     # The per-message halves of the click URLs, signed once for all recipients.
     _link_tokens: tuple[TrackingUrls, tuple[str, ...]] | None = field(
         default=None, repr=False, compare=False
@@ -328,18 +459,47 @@ class Pipeline:
         signers: Mapping[str, DkimSigner] | None = None,
         accounts: Mapping[str, Account] | None = None,
         clicks: bool = False,
+        hostname: str = "localhost",
+        received_client: ReceivedClient = ReceivedClient.OMITTED,
+        limits: MimeLimits | None = None,
     ) -> None:
-        """`clicks`: rewrite the HTML links of tracked messages to signed click URLs."""
-        self.steps = (*DEFAULT_STEPS, ChooseDkimKey(signers or {}))
+        """`clicks`: rewrite the HTML links of tracked messages to signed click URLs.
+        `hostname`: the relay's name in the fields it adds (Received, Message-ID).
+        `received_client`: what the Received field says about the submitting client.
+        `limits`: the bounds on the work one message may cost."""
+        self.steps: tuple[Step, ...] = (
+            *DEFAULT_STEPS,
+            ChooseDkimKey(signers or {}),
+            AddDateAndMessageId(hostname),
+            AddListId(),
+            AddReceived(hostname, received_client),
+        )
         self.accounts = dict(accounts or {})
         self.clicks = clicks
+        self.limits = limits or MimeLimits()
 
     def prepare(
-        self, queue_id: str, mail_from: str, raw: bytes, account: str | None = None
+        self,
+        queue_id: str,
+        mail_from: str,
+        raw: bytes,
+        account: str | None = None,
+        *,
+        arrival: Arrival | None = None,
     ) -> PreparedMessage:
-        meta = Metadata(queue_id, mail_from, track_clicks=self.clicks)
+        meta = Metadata(queue_id, mail_from, arrival or Arrival(), track_clicks=self.clicks)
         meta.account = self.accounts.get(account) if account else None
         block = headers_of(raw)
+        if len(block) > MAX_HEADER_BYTES:
+            # The front door refuses these; one spooled before that must still not cost
+            # unbounded work (every header line becomes an object).
+            reason = f"a header section over {MAX_HEADER_BYTES} octets"
+            meta.decide("limits", f"not sent: {reason}")
+            return PreparedMessage(
+                meta,
+                Template([], [raw], Decorations()),
+                refusal=f"554 5.6.0 message not sent: {reason}",
+            )
         headers = parse_headers(block)
         meta.message_id = message_id_of(headers)
         for step in self.steps:
@@ -359,12 +519,33 @@ class Pipeline:
             unsubscribe=not meta.transactional and meta.rewrite_body,
             pixel=meta.track_opens and meta.rewrite_body,
             clicks=meta.track_clicks,
+            replace_list_headers=not meta.automatic,
         )
-        template = build_template(raw, decorations, headers)
+        template = build_template(raw, decorations, headers, self.limits)
+        template.add_fields(meta.fields)
+        template.add_fields(meta.trace, trace=True)
         for note in template.notes:
             meta.decide("rewrite", note)
+            if note.startswith("rewrite_failed: "):
+                rewrite_log.warning(
+                    "rewrite failed: %s",
+                    note.removeprefix("rewrite_failed: "),
+                    extra={"queue_id": queue_id},
+                )
+        refusal: str | None = None
+        if (
+            template.over_limit
+            and decorations.unsubscribe
+            and Hole.UNSUBSCRIBE_URL not in template.holes
+        ):
+            # Never sent without an unsubscribe link (DESIGN rule 3): returned to the sender.
+            refusal = (
+                f"554 5.6.0 message not sent: {template.over_limit}, and no part of it"
+                " could carry the unsubscribe link"
+            )
+            meta.decide("limits", refusal)
         scopes = [*sender_scopes(mail_from, account), meta.scope]
         if meta.from_domain:
             with contextlib.suppress(InvalidScope):
                 scopes.append(parse_scope(f"sender:{meta.from_domain}"))
-        return PreparedMessage(meta, template, tuple(dict.fromkeys(scopes)))
+        return PreparedMessage(meta, template, tuple(dict.fromkeys(scopes)), refusal=refusal)

@@ -7,12 +7,16 @@ import ipaddress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from suppression import NormalizationPolicy
 from tracking.retention import Retention
 from tracking.webhooks import WebhookDelivery, WebhookEndpoint
 
 from .accounts import Account
+
+if TYPE_CHECKING:
+    from .mime import MimeLimits
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,6 +67,9 @@ class SmtpSettings:
     max_connections: int = 200
     max_connections_per_client: int = 20
     idle_timeout: float = 300.0
+    # What the relay's Received field says of the client: "full" (HELO and IP), "network"
+    # (HELO and its /24 or /48), "omitted" (data minimisation; the log keeps the client).
+    received_client: str = "omitted"
 
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
@@ -106,6 +113,23 @@ class DeliverySettings:
     max_queued_messages: int = 100_000
     separate_process: bool = True
     processes: int = 1  # delivery processes, each owning a share of the spool
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteSettings:
+    """Bounds on the work one message may cost (see relay.mime.MimeLimits)."""
+
+    max_mime_parts: int = 1000
+    max_mime_depth: int = 100
+    max_html_tokens: int = 100_000
+    max_tag_attributes: int = 1000
+
+    def limits(self) -> MimeLimits:
+        from .mime import MimeLimits  # the email package only where mail is handled
+
+        return MimeLimits(
+            self.max_mime_parts, self.max_mime_depth, self.max_html_tokens, self.max_tag_attributes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +184,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    rewrite: RewriteSettings = field(default_factory=RewriteSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     suppression: NormalizationPolicy = field(default_factory=NormalizationPolicy)
     retention: Retention = field(default_factory=Retention)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
@@ -39,16 +39,33 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _master_cf(port: int) -> str:
+def _inline(table: Mapping[str, str]) -> str:
+    """A Postfix inline: lookup table (no spaces, so it fits a master.cf -o value); an entry
+    whose value holds commas goes in braces of its own."""
+    entries = [
+        f"{{{key}={value}}}" if "," in value else f"{key}={value}" for key, value in table.items()
+    ]
+    return "inline:{" + ",".join(entries) + "}"
+
+
+def _master_cf(port: int, smtp_aliases: Mapping[str, str]) -> str:
     lines = []
     for line in Path("/etc/postfix/master.cf").read_text().splitlines():
         fields = line.split()
         if line and not line[0].isspace() and not line.startswith("#") and len(fields) >= 8:
             if fields[0] == "smtp" and fields[1] == "inet":
                 fields[0] = str(port)
+                if smtp_aliases:
+                    fields.append("-o cleanup_service_name=smtpcleanup")
             fields[4] = "n"  # no chroot: the queue lives in a temp dir without a chroot jail
             line = "  ".join(fields)
         lines.append(line)
+    if smtp_aliases:
+        # Mail received over SMTP is cleaned up by a service of its own, with aliases of
+        # its own instead of those for the mail Postfix makes itself.
+        lines.append(
+            f"smtpcleanup unix n - n - 0 cleanup -o virtual_alias_maps={_inline(smtp_aliases)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -99,9 +116,23 @@ class Postfix:
 
 @contextlib.contextmanager
 def running_postfix(
-    domains: tuple[str, ...] = ("example.org",), extra: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ("example.org",),
+    extra: tuple[str, ...] = (),
+    *,
+    mailboxes: tuple[str, ...] | None = None,
+    transports: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    smtp_aliases: Mapping[str, str] | None = None,
 ) -> Iterator[Postfix]:
-    """`extra`: main.cf lines after the defaults (a later setting wins in Postfix)."""
+    """A private instance delivering `domains` into one Maildir.
+
+    `extra`: main.cf lines after the defaults (a later setting wins in Postfix).
+    `mailboxes`: the only addresses that exist; mail to others is accepted and then bounced,
+    as a real MTA bounces after the fact. `transports`: domain -> next hop, e.g.
+    "smtp:[127.0.0.1]:2525". `aliases`: address -> addresses (comma-separated; the address
+    itself may be one of them), for the mail Postfix makes itself (its bounces).
+    `smtp_aliases`: the same for mail that arrives over SMTP, which then ignores `aliases`.
+    """
     user = pwd.getpwnam("postfix")
     root = Path(tempfile.mkdtemp(prefix="optout-postfix-"))
     root.chmod(0o755)
@@ -112,7 +143,19 @@ def running_postfix(
     for owned in (root / "data", root / "mail"):
         owned.mkdir()
         os.chown(owned, user.pw_uid, user.pw_gid)
-    (instance.conf / "master.cf").write_text(_master_cf(port))
+    (instance.conf / "master.cf").write_text(_master_cf(port, smtp_aliases or {}))
+    maps = []
+    if mailboxes is not None:
+        maps += [
+            f"virtual_mailbox_maps = {_inline(dict.fromkeys(mailboxes, 'catchall/'))}",
+            "smtpd_reject_unlisted_recipient = no",
+        ]
+    else:
+        maps.append("virtual_mailbox_maps = static:catchall/")
+    if transports:
+        maps.append(f"transport_maps = {_inline(transports)}")
+    if aliases:
+        maps.append(f"virtual_alias_maps = {_inline(aliases)}")
     (instance.conf / "main.cf").write_text(
         "\n".join(
             [
@@ -130,7 +173,7 @@ def running_postfix(
                 "alias_database =",
                 f"virtual_mailbox_domains = {' '.join(domains)}",
                 f"virtual_mailbox_base = {root / 'mail'}",
-                "virtual_mailbox_maps = static:catchall/",
+                *maps,
                 f"virtual_uid_maps = static:{user.pw_uid}",
                 f"virtual_gid_maps = static:{user.pw_gid}",
                 f"maillog_file = {root / 'maillog'}",

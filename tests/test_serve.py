@@ -112,3 +112,24 @@ def test_json_logs_carry_the_queue_id(
     purged = next(line for line in lines if line["message"].startswith("retention: "))
     assert purged["message"] == "retention: purged nothing"
     assert purged["events_purged"]["open"] == 0 and purged["contacts_purged"] == 0
+
+
+@pytest.mark.parametrize("served", ["json"], indirect=True)
+def test_a_rewrite_failure_is_a_json_log_line_with_its_queue_id(
+    served: tuple[subprocess.Popen[bytes], int, int, Path],
+) -> None:
+    process, smtp_port, _, cwd = served
+    broken = (
+        b"From: news@shop.example\r\nTo: lee@example.org\r\nSubject: broken\r\n"
+        b"Content-Type: multipart/mixed; boundary=nothere\r\n\r\nno delimiter at all\r\n"
+    )
+    submit(smtp_port, broken, "news@shop.example", ["lee@example.org"])
+    poll(lambda: len(list((cwd / "optout-data" / "outbox").glob("*.eml"))) == 1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in (cwd / "serve.log").read_text().splitlines()]
+    [failure] = [line for line in lines if line["message"].startswith("rewrite failed")]
+    assert failure["component"] == "rewrite" and failure["level"] == "warning"
+    assert "no delimiter" in failure["message"]
+    queued = next(line for line in lines if line["message"].endswith("(queued)"))
+    assert failure["queue_id"] == queued["queue_id"]

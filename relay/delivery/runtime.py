@@ -17,6 +17,7 @@ from ..accounts import Account
 from ..dkim import DkimSigner
 from ..feedback import CopyTokens, FeedbackMarks
 from ..pipeline import Pipeline
+from ..rewrite import ReceivedClient
 from ..settings import Settings
 from ..spool import WHOLE, Partition, Spool
 from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, signer, tracking_urls
@@ -97,6 +98,9 @@ class DeliveryRuntime:
                     ),
                     accounts=accounts,
                     clicks=settings.tracking.clicks,
+                    hostname=hostname,
+                    received_client=ReceivedClient(settings.smtp.received_client),
+                    limits=settings.rewrite.limits(),
                 ),
                 suppressions=stores.suppressions,
                 events=stores.events,

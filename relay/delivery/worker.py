@@ -18,7 +18,7 @@ from suppression import STOPS_TRANSACTIONAL, Reason, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
-from ..pipeline import Pipeline, PreparedMessage
+from ..pipeline import Arrival, Pipeline, PreparedMessage
 from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage, iso_utc
 from .dsn import Failure, build_dsn, status_of
 from .transport import Outcome, Outgoing, Status, Transport
@@ -180,7 +180,9 @@ class DeliveryWorker:
                 return
             prepared = await self._offload_if_big(
                 message,
-                self._pipeline.prepare,
+                functools.partial(
+                    self._pipeline.prepare, arrival=Arrival(message.client, message.received_ts)
+                ),
                 queue_id,
                 message.mail_from,
                 message.content,
@@ -206,6 +208,9 @@ class DeliveryWorker:
                         for warning in prepared.meta.warnings
                     )
                 )
+            if prepared.refusal is not None:
+                await self._refuse(message, prepared)
+                return
             await self._remember(d.recipient for d in message.deliveries)
             marks = await self._mark_copies(message, prepared)
             results = await asyncio.gather(
@@ -227,6 +232,19 @@ class DeliveryWorker:
             self._cooldown[queue_id] = time.time() + self._retry.delay(attempts)
             if message is not None:
                 await self._back_off(message)
+
+    async def _refuse(self, message: SpooledMessage, prepared: PreparedMessage) -> None:
+        """The pipeline will not let this message out (PreparedMessage.refusal): each waiting
+        copy bounces with its reason (a bounced event), and the sender gets a DSN saying it."""
+        assert prepared.refusal is not None
+        outcome = Outcome(Status.BOUNCED, prepared.refusal)
+        for delivery in message.deliveries:
+            if delivery.id in self._unrecorded:
+                continue  # sent before: only its outcome is left to write
+            address_hash = self._suppressions.hasher.hash(delivery.recipient)
+            await self._record(
+                message, prepared.meta.campaign, delivery, address_hash, outcome, time.time()
+            )
 
     async def _offload_if_big(
         self, message: SpooledMessage, work: Callable[..., T], *args: Any

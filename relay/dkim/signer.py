@@ -45,6 +45,7 @@ SIGNED_HEADERS: Final = (
 )
 #: In `h=` only when the message has them, then over-signed the same way. The feedback
 #: fields (relay.feedback.outgoing) must be signed by the domain they name (RFC 9477 §3.1).
+#: List-Id: the relay adds it to campaign mail (RFC 2919); receivers group list mail by it.
 SIGNED_IF_PRESENT: Final = (
     "reply-to",
     "sender",
@@ -53,6 +54,7 @@ SIGNED_IF_PRESENT: Final = (
     "cfbl-address",
     "cfbl-feedback-id",
     "feedback-id",
+    "list-id",
 )
 
 #: Fields a signer must not cover: they change in transit, or are the signature itself.

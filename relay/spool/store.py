@@ -136,6 +136,7 @@ class SpooledMessage:
     content: bytes
     deliveries: tuple[Delivery, ...]
     account: str | None = None
+    client: str | None = None  # "HELO[IP]" as the front door saw it, for the Received field
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +268,7 @@ class Spool:
 
         def query(db: sqlite_utils.Database) -> SpooledMessage | None:
             row = db.execute(
-                "SELECT mail_from, received_at, received_ts, kind, content, account"
+                "SELECT mail_from, received_at, received_ts, kind, content, account, client"
                 " FROM messages WHERE queue_id = ?",
                 [queue_id],
             ).fetchone()
@@ -281,9 +282,17 @@ class Spool:
                     [queue_id, now],
                 ).fetchall()
             )
-            mail_from, received_at, received_ts, kind, content, account = row
+            mail_from, received_at, received_ts, kind, content, account, client = row
             return SpooledMessage(
-                queue_id, mail_from, received_at, received_ts, kind, content, deliveries, account
+                queue_id,
+                mail_from,
+                received_at,
+                received_ts,
+                kind,
+                content,
+                deliveries,
+                account,
+                client,
             )
 
         return await self._db.read(query)
