@@ -20,11 +20,11 @@ from suppression import (
 from tracking.events import Event, EventStore, EventType
 
 from ..accounts import Account
-from ..mime import address_domain
+from ..mime import MimeLimits, address_domain
 from ..settings import IPNetwork, SmtpSettings
 from ..spool import Spilled, Spool
 from .data import DataProblem
-from .senders import header_refusal
+from .senders import header_refusal, structure_refusal
 from .server import RelayEnvelope
 
 log = logging.getLogger("optout.smtp")
@@ -132,12 +132,14 @@ class FrontDoor:
         accounts: Mapping[str, Account] | None = None,
         events: EventStore | None = None,
         transactional: bool = False,
+        mime_limits: MimeLimits | None = None,
     ) -> None:
         """`transactional`: every message of this listener is transactional mail (else
         only an account's of `category = "transactional"`)."""
         self._accounts = dict(accounts or {})
         self._events = events
         self._transactional = transactional
+        self._mime_limits = mime_limits or MimeLimits()
         self._max_queued = max_queued_messages
         self._spool = spool
         self._suppressions = suppressions
@@ -251,6 +253,14 @@ class FrontDoor:
         refusal = await header_refusal(
             account,
             message,
+            client=client_name(session),
+            mail_from=envelope_sender(envelope.mail_from),
+        )
+        if refusal is not None:
+            return refusal
+        refusal = await structure_refusal(
+            message,
+            self._mime_limits,
             client=client_name(session),
             mail_from=envelope_sender(envelope.mail_from),
         )

@@ -6,11 +6,12 @@ what the recipient's client shows."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from ..accounts import Account
 from ..from_header import AmbiguousFrom, authors, from_values
-from ..mime import entity_bounds, headers_of
+from ..mime import MimeLimits, entity_bounds, headers_of, limit_problem
 from ..spool import Spilled
 from .data import DataProblem
 
@@ -93,3 +94,24 @@ async def header_refusal(
         )
         return f"550 5.7.1 From domain {foreign[0]} not allowed for this account"
     return None
+
+
+async def structure_refusal(
+    message: bytes | Spilled, limits: MimeLimits, *, client: str, mail_from: str | None
+) -> str | None:
+    """The reply refusing a message whose MIME structure is past the limits on the work the
+    relay spends on one message (parts, nesting, header sections), or None. Only header
+    blocks and delimiter lines are read; a spilled message is mapped, not loaded."""
+    check = functools.partial(limit_problem, limits=limits)
+    try:
+        if isinstance(message, bytes):
+            problem = check(message)
+        else:
+            problem = await asyncio.to_thread(message.file.inspect, check)
+    except OSError as exc:
+        log.error("NOQUEUE: cannot read spilled message from=<%s>: %s", mail_from, exc)
+        return DataProblem.CANNOT_STORE.value
+    if problem is None:
+        return None
+    log.info("NOQUEUE: reject: DATA from %s: 554 5.6.0 %s; from=<%s>", client, problem, mail_from)
+    return f"554 5.6.0 Message structure over this relay's limits: {problem}"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("optout.spool")
+T = TypeVar("T")
 
 # Messages too big to hold in memory arrive into files here (next to the spool's database)
 # and are copied into the spool; a file left here was never acknowledged.
@@ -81,6 +84,17 @@ class SpillFile:
             offset += len(piece)
             count -= len(piece)
         return b"".join(pieces)
+
+    def inspect(self, check: Callable[[bytes | mmap.mmap], T]) -> T:
+        """`check` run on the whole message, mapped read-only from the file: a look at its
+        structure costs page cache, not a copy in memory."""
+        with self._lock:
+            if self._fd is None or self._discarded:
+                if self.size:
+                    raise OSError(f"{self.path} is gone")
+                return check(b"")
+            with mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ) as mapped:
+                return check(mapped)
 
     def discard(self) -> None:
         """Close and remove the file (again: nothing); never raises."""
