@@ -22,6 +22,7 @@ from tracking.retention import purge
 from tracking.webhooks.dispatch import Dispatcher
 
 from ._malloc import return_big_buffers
+from .accounts import verify_password
 from .delivery import DeliveryProcess, DeliveryRuntime
 from .delivery import destination as delivery_destination
 from .errors import ConfigError
@@ -53,6 +54,7 @@ class Addresses:
     smtps: tuple[str, int] | None = None
     feedback: tuple[str, int] | None = None
     transactional: tuple[str, int] | None = None
+    admin: tuple[str, int] | None = None
 
 
 def tracking_app(
@@ -186,6 +188,7 @@ class Relay:
             await site.start()
         except OSError as exc:
             raise ConfigError("http.listen", f"cannot listen on {http}: {exc.strerror}") from None
+        admin = await self._start_admin(stores, spool, webhooks) if settings.admin.enabled else None
 
         purger = asyncio.create_task(self._purge_hourly(stores), name="retention-purge")
         self._exit.callback(purger.cancel)
@@ -235,6 +238,7 @@ class Relay:
             smtps=bound("smtp.implicit_tls_listen"),
             feedback=feedback,
             transactional=bound("smtp.transactional_listen"),
+            admin=admin,
         )
         log.info(
             "listening: smtp=%s http=%s, delivering to %s, data in %s",
@@ -259,6 +263,39 @@ class Relay:
         self._exit.push_async_callback(_cancelled, task)
         log.info("webhooks: to %s", ", ".join(endpoint.label for endpoint in settings.webhooks))
         return dispatcher
+
+    async def _start_admin(
+        self, stores: Stores, spool: Spool, webhooks: Dispatcher | None
+    ) -> tuple[str, int]:
+        """The dashboard, on a listener of its own: never the public tracking one."""
+        # Imported here: the charts' library loads only when the dashboard is on.
+        from tracking.admin import create_admin_app
+
+        settings = self.settings
+        app = create_admin_app(
+            users={user.username: user.password_hash for user in settings.admin.users},
+            check_password=verify_password,
+            suppressions=stores.suppressions,
+            statistics=stores.statistics,
+            webhooks=stores.webhooks,
+            queue=spool.entries,  # the relay's spool API, read-only
+            webhook_alerts=webhooks.health_lines if webhooks else lambda: (),
+            give_up_after=settings.webhook_delivery.give_up_after,
+            session_timeout=settings.admin.session_timeout,
+            trusted_proxies=settings.http.trusted_proxies,
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._exit.push_async_callback(runner.cleanup)
+        listen = settings.admin.listen
+        try:
+            await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+        except OSError as exc:
+            problem = f"cannot listen on {listen}: {exc.strerror}"
+            raise ConfigError("admin.listen", problem) from None
+        address = _host_port(runner.addresses[0])
+        log.info("dashboard on http://%s", _fmt(address))
+        return address
 
     async def _listen_smtp(
         self, front_doors: list[FrontDoor], hostname: str, spill_dir: Path

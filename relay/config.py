@@ -28,6 +28,8 @@ from .accounts import CATEGORIES, Account, PasswordHashError, check_password_has
 from .errors import ConfigError
 from .names import domain_name, selector_name
 from .settings import (
+    AdminSettings,
+    AdminUser,
     DeliverySettings,
     DkimKey,
     DkimSettings,
@@ -364,6 +366,35 @@ def _webhooks(value: Any, key: str) -> tuple[WebhookEndpoint, ...]:
     return tuple(endpoints)
 
 
+def _admin_users(value: Any, key: str) -> tuple[AdminUser, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be [[admin.users]] tables, not {_type_name(value)}")
+    users = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
+        for name in entry:
+            if name not in ("username", "password_hash"):
+                raise ConfigError(f"{where}.{name}", "unknown key")
+        for name in ("username", "password_hash"):
+            if name not in entry:
+                raise ConfigError(f"{where}.{name}", "is required")
+        username = _string(entry["username"], f"{where}.username")
+        if not username or not username.isprintable() or username != username.strip():
+            raise ConfigError(f"{where}.username", "must be printable, without outer spaces")
+        password_hash = _string(entry["password_hash"], f"{where}.password_hash")
+        try:
+            check_password_hash(password_hash)
+        except PasswordHashError as exc:
+            raise ConfigError(f"{where}.password_hash", str(exc)) from None
+        users.append(AdminUser(username, password_hash))
+    names = [user.username for user in users]
+    if len(set(names)) != len(names):
+        raise ConfigError(key, "a username appears twice")
+    return tuple(users)
+
+
 def _concurrency(value: Any, key: str) -> int:
     count = _positive_int(value, key)
     if count > 64:
@@ -479,6 +510,10 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "policy_alert": _positive_int,
         },
     ),
+    "admin": (
+        AdminSettings,
+        {"listen": _listen, "session_timeout": _positive_number, "users": _admin_users},
+    ),
     "webhook_delivery": (
         WebhookDelivery,
         {
@@ -526,6 +561,13 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
             values[key] = parsers[key](raw, dotted)
         sections[name] = cls(**values)
     settings = Settings(**sections)
+    if "admin" in document and not settings.admin.users:
+        # A dashboard nobody can log in to is a mistake, not a choice.
+        raise ConfigError(
+            "admin.users",
+            "[admin] needs at least one [[admin.users]] (username, and a password_hash"
+            " from `optout-relay account hash-password`)",
+        )
     _check_consistency(settings)
     return settings
 

@@ -133,6 +133,25 @@ class RewriteSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminUser:
+    username: str
+    password_hash: str = field(repr=False)  # made by `optout-relay account hash-password`
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The dashboard; on when `[admin]` lists users (an `[admin]` without any is refused)."""
+
+    listen: Listen = Listen("127.0.0.1", 8081)
+    session_timeout: float = 8 * 3600.0
+    users: tuple[AdminUser, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users)
+
+
+@dataclass(frozen=True, slots=True)
 class SigningSettings:
     secret_keys: tuple[str, ...] | None = None
 
@@ -192,6 +211,7 @@ class Settings:
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     webhooks: tuple[WebhookEndpoint, ...] = ()
     webhook_delivery: WebhookDelivery = field(default_factory=WebhookDelivery)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
     def feedback_domains(self) -> tuple[str, ...]:
         """Every domain the feedback listener answers for: the configured one and the

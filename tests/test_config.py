@@ -13,7 +13,7 @@ from relay.accounts import hash_password
 from relay.config import load_settings, parse_settings, section_keys
 from relay.errors import ConfigError
 from relay.settings import Downstream, Listen, Settings
-from tests.helpers import ROOT, run_cli
+from tests.helpers import PASSWORD, ROOT, run_cli
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -39,7 +39,7 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         "\n".join(
             line.removeprefix("# ")
             for line in text.splitlines()
-            if setting.match(line) or line.startswith(("[", "# [["))
+            if setting.match(line) or line.startswith(("[", "# ["))
         )
     )
     for section, keys in section_keys().items():
@@ -56,6 +56,9 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
     }
     [webhook] = uncommented["webhooks"]
     assert set(webhook) == {"url", "secret", "events", "previous_secret"}
+    [user] = uncommented["admin"]["users"]
+    assert set(user) == {"username", "password_hash"}
+    user["password_hash"] = hash_password(PASSWORD)
     for needs_a_real_file in ("tls_cert", "tls_key", "implicit_tls_listen"):
         del uncommented["smtp"][needs_a_real_file]
     del uncommented["tracking"]["templates"]
@@ -63,6 +66,7 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
     assert full.delivery.downstream == Downstream("127.0.0.1", 25)
     assert full.http.public_url == "https://mail.example.com"
     assert full.webhooks[0].events == ("unsubscribe", "complaint", "bounced")
+    assert full.admin.enabled and full.admin.listen == Listen("127.0.0.1", 8081)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +102,12 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         ),
         ({"webhooks": [{"url": "https://a.example/", "secret": WHSEC}] * 2}, "webhooks"),
         ({"webhook_delivery": {"concurrency": 1000}}, "webhook_delivery.concurrency"),
+        ({"admin": {"listen": "127.0.0.1:8081"}}, "admin.users"),
+        (
+            {"admin": {"users": [{"username": "ops", "password_hash": "x"}]}},
+            "admin.users[0].password_hash",
+        ),
+        ({"admin": {"users": [{"username": "ops"}]}}, "admin.users[0].password_hash"),
     ],
 )
 def test_bad_values_name_their_key(document: dict[str, object], key: str) -> None:
