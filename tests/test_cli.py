@@ -75,7 +75,7 @@ def test_scopes(config: Path) -> None:
         (("suppress", "add", "--reason", "whim", "a@example.org"), "'whim' is not one of"),
         (("suppress", "check"), "Missing argument 'ADDRESS'"),
         (("suppress", "frobnicate"), "No such command 'frobnicate'"),
-        (("events", "--format", "xml"), "'xml' is not 'jsonl'"),
+        (("events", "--format", "xml"), "'xml' is not one of 'jsonl', 'csv'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -187,16 +187,19 @@ class EventStore:
         never rows)."""
         await self._db.write(lambda db: _insert_or_count(db, events, window))
 
-    async def export(self) -> AsyncIterator[dict[str, Any]]:
-        """Every event, oldest first, as the documented JSON object (recipient resolved)."""
-        after = 0
+    async def export(self, only: EventFilter | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Every event (or those `only` picks), oldest first, as the documented JSON object
+        (recipient resolved), a page per read."""
+        after: tuple[str, int] = ("", 0)
         while True:
-            rows = await self._db.read(functools.partial(_page, after=after))
+            rows = await self._db.read(
+                functools.partial(_page, after=after, only=only or EventFilter())
+            )
             for row in rows:
                 yield _as_public(row)
             if len(rows) < PAGE_SIZE:
                 return
-            after = rows[-1]["id"]
+            after = (rows[-1]["at"], rows[-1]["id"])
 
     async def for_recipient(self, address_hash: str) -> list[dict[str, Any]]:
         """Every event about one recipient, oldest first, as the public JSON objects."""
@@ -423,8 +426,45 @@ def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window:
     _follow_up(db, after)  # the new rows only: a repeat is no new event
 
 
-def _page(db: sqlite_utils.Database, *, after: int) -> list[dict[str, Any]]:
-    cursor = db.execute(f"{_EVENT_ROWS} WHERE e.id > ? ORDER BY e.id LIMIT ?", [after, PAGE_SIZE])
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events an export gives: `since` (inclusive) and `until` (exclusive) in the
+    events' time format (`format_time`), types and campaigns (any of them; empty: all)."""
+
+    since: str | None = None
+    until: str | None = None
+    types: tuple[str, ...] = ()
+    campaigns: tuple[str, ...] = ()
+
+    def where(self) -> tuple[str, list[object]]:
+        """SQL conditions (fixed text, `?` placeholders only) and their parameters."""
+        conditions: list[str] = []
+        params: list[object] = []
+        if self.since is not None:
+            conditions.append("e.at >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            conditions.append("e.at < ?")
+            params.append(self.until)
+        if self.types:
+            conditions.append("e.type IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(self.types)))
+        if self.campaigns:
+            conditions.append("e.campaign IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(self.campaigns)))
+        return "".join(f" AND {condition}" for condition in conditions), params
+
+
+def _page(
+    db: sqlite_utils.Database, *, after: tuple[str, int], only: EventFilter
+) -> list[dict[str, Any]]:
+    # Ordered by time along the index on `at` (the row id breaks ties, and is in it): a page
+    # begins where the last one ended, whatever the filter, without sorting what it skips.
+    where, params = only.where()
+    cursor = db.execute(
+        f"{_EVENT_ROWS} WHERE (e.at, e.id) > (?, ?){where} ORDER BY e.at, e.id LIMIT ?",
+        [*after, *params, PAGE_SIZE],
+    )
     return row_dicts(cursor)
 
 
