@@ -4,10 +4,12 @@ same GIF, side by side on this machine with `wrk` (Debian package `wrk`). As `se
 the app checks, judges and writes the opens in its event process (create_app(event_process=
 True)); `--in-process` does that on the app's own event loop instead.
 
-Each server runs in its own process on a free loopback port; wrk fetches 5,000 distinct
-recipients' pixel URLs in turn, and the two servers take turns for several rounds so that
-other load on the machine hits both alike. Afterwards the app is stopped cleanly and the open
-rows in its SQLite file are counted against the requests wrk saw answered.
+Each server runs in its own process on a free loopback port (the app behind the HTTP
+listener `serve` uses, tracking.listener, with its connection caps and header deadlines);
+wrk fetches 5,000 distinct recipients' pixel URLs in turn, and the two servers take turns
+for several rounds so that other load on the machine hits both alike. Afterwards the app is
+stopped cleanly and the open rows in its SQLite file are counted against the requests wrk
+saw answered.
 
 Run from the repository root:
 
@@ -84,13 +86,24 @@ async def serve(kind: str, data: Path | None, durable: bool, event_process: bool
         )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    listener = None
+    if kind == "bare":
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+    else:  # behind the listener serve puts in front of it: caps and header deadlines
+        from tracking.listener import ConnectionCaps, HttpListener
+
+        assert runner.server is not None
+        listener = HttpListener(runner.server, ConnectionCaps(4096, 1024))
+        await listener.start("127.0.0.1", 0)
+        port = listener.addresses[0][1]
     print(port, flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
+    if listener is not None:
+        listener.close()
     await runner.cleanup()  # the app writes the opens it still holds
     if stores is not None:
         await stores.__aexit__(None, None, None)

@@ -18,13 +18,23 @@ from pathlib import Path
 from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
+from tracking.listener import ConnectionCaps, HttpListener
 from tracking.retention import purge
+from tracking.state import TRACKING
 from tracking.webhooks.dispatch import Dispatcher
 
 from ._malloc import return_big_buffers
 from .accounts import verify_password
 from .delivery import DeliveryProcess, DeliveryRuntime
 from .delivery import destination as delivery_destination
+from .descriptors import (
+    ADMIN_CONNECTIONS,
+    Budget,
+    QuietAcceptErrors,
+    descriptors_open,
+    plan,
+    raise_limit,
+)
 from .errors import ConfigError
 from .logs import LogFormat, setup_logging
 from .pipeline import signer_for
@@ -81,6 +91,7 @@ def tracking_app(
             per_minute=tracking.fetch_rate_per_minute, burst=tracking.fetch_rate_burst
         ),
         repeat_window=timedelta(seconds=tracking.repeat_window),
+        body_timeout=settings.http.body_timeout,
         trusted_proxies=settings.http.trusted_proxies,
         metrics_from=settings.http.metrics_from,
         undo_window=timedelta(seconds=tracking.undo_window),
@@ -114,6 +125,9 @@ class Relay:
 
     async def _start(self) -> None:
         settings = self.settings
+        # Before anything is opened or spawned: children inherit the raised limit, and a
+        # configuration whose connection caps cannot fit is refused before any work.
+        budget = plan(settings, raise_limit(), descriptors_open())
         stores = await self._exit.enter_async_context(Stores(settings))
         signed_by = signer(settings)
         urls = tracking_urls(settings, signed_by)
@@ -170,24 +184,9 @@ class Relay:
             destination = runtime.transport.describe()
 
         webhooks = await self._start_webhooks(stores)
-        runner = web.AppRunner(
-            tracking_app(
-                settings,
-                stores,
-                urls,
-                self.log_format,
-                health_details=webhooks.health_lines if webhooks else None,
-            ),
-            access_log=None,
+        http_listener = await self._listen_http(
+            stores, urls, budget, webhooks.health_lines if webhooks else None
         )
-        await runner.setup()
-        self._exit.push_async_callback(runner.cleanup)
-        http = settings.http.listen
-        site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError("http.listen", f"cannot listen on {http}: {exc.strerror}") from None
         admin = await self._start_admin(stores, spool, webhooks) if settings.admin.enabled else None
 
         purger = asyncio.create_task(self._purge_hourly(stores), name="retention-purge")
@@ -234,7 +233,7 @@ class Relay:
         assert smtp_address is not None
         self.addresses = Addresses(
             smtp=smtp_address,
-            http=_host_port(runner.addresses[0]),
+            http=_host_port(http_listener.addresses[0]),
             smtps=bound("smtp.implicit_tls_listen"),
             feedback=feedback,
             transactional=bound("smtp.transactional_listen"),
@@ -249,6 +248,44 @@ class Relay:
         )
         if self.addresses.transactional is not None:
             log.info("listening: transactional smtp=%s", _fmt(self.addresses.transactional))
+        log.info(budget.describe())
+
+    async def _listen_http(
+        self,
+        stores: Stores,
+        urls: TrackingUrls,
+        budget: Budget,
+        health_details: Callable[[], Sequence[str]] | None,
+    ) -> HttpListener:
+        """The tracking app behind our own listener (tracking.listener): connections capped
+        by the budget and per client, request headers and bodies on a deadline. aiohttp's
+        keep-alive timeout holds the requests after a connection's first to the same."""
+        http = self.settings.http
+        app = tracking_app(
+            self.settings, stores, urls, self.log_format, health_details=health_details
+        )
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=http.header_timeout)
+        await runner.setup()
+        self._exit.push_async_callback(runner.cleanup)
+        assert runner.server is not None
+        total = budget.http_connections
+        caps = ConnectionCaps(
+            total,
+            # However it is configured, one client never holds more than half of them.
+            min(http.max_connections_per_client, max(1, total // 2)),
+            exempt=http.trusted_proxies,
+            header_timeout=http.header_timeout,
+        )
+        listener = HttpListener(runner.server, caps)
+        try:
+            await listener.start(http.listen.host, http.listen.port)
+        except OSError as exc:
+            raise ConfigError(
+                "http.listen", f"cannot listen on {http.listen}: {exc.strerror}"
+            ) from None
+        self._exit.callback(listener.close)  # before the runner's cleanup: no new ones
+        app[TRACKING].metrics.watch_listener(listener.stats)
+        return listener
 
     async def _start_webhooks(self, stores: Stores) -> Dispatcher | None:
         """From now on every process queues webhooks for the configured endpoints (none:
@@ -284,16 +321,28 @@ class Relay:
             session_timeout=settings.admin.session_timeout,
             trusted_proxies=settings.http.trusted_proxies,
         )
-        runner = web.AppRunner(app, access_log=None)
+        http = settings.http
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=http.header_timeout)
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
+        assert runner.server is not None
+        # Its own small share of descriptors (relay.descriptors), so that no one can starve
+        # the other listeners through it.
+        caps = ConnectionCaps(
+            ADMIN_CONNECTIONS,
+            ADMIN_CONNECTIONS // 4,
+            exempt=http.trusted_proxies,
+            header_timeout=http.header_timeout,
+        )
+        listener = HttpListener(runner.server, caps, name="admin")
         listen = settings.admin.listen
         try:
-            await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+            await listener.start(listen.host, listen.port)
         except OSError as exc:
             problem = f"cannot listen on {listen}: {exc.strerror}"
             raise ConfigError("admin.listen", problem) from None
-        address = _host_port(runner.addresses[0])
+        self._exit.callback(listener.close)
+        address = _host_port(listener.addresses[0])
         log.info("dashboard on http://%s", _fmt(address))
         return address
 
@@ -430,6 +479,7 @@ async def serve(settings: Settings, log_format: LogFormat = "text") -> None:
     """Run until SIGINT or SIGTERM, then finish in-flight work and close the stores."""
     return_big_buffers()
     loop = asyncio.get_running_loop()
+    QuietAcceptErrors(loop).install()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)

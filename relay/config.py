@@ -442,6 +442,10 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "trusted_proxies": _network_strings,
             "metrics_from": _network_strings,
             "event_process": _boolean,
+            "max_connections": _positive_int,
+            "max_connections_per_client": _positive_int,
+            "header_timeout": _positive_number,
+            "body_timeout": _positive_number,
         },
     ),
     "tracking": (

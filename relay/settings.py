@@ -82,6 +82,11 @@ class HttpSettings:
     trusted_proxies: tuple[str, ...] = LOOPBACK_NETWORKS  # whose X-Forwarded-For is believed
     metrics_from: tuple[str, ...] = LOOPBACK_NETWORKS  # who may read /metrics
     event_process: bool = True  # opens and clicks checked and written by a child process
+    # None: what the open-files limit leaves after SMTP (relay.descriptors), at most 4096.
+    max_connections: int | None = None
+    max_connections_per_client: int = 64  # trusted proxies count towards the total only
+    header_timeout: float = 30.0  # seconds for a request's headers to arrive
+    body_timeout: float = 30.0  # seconds for a POST's body to arrive
 
 
 @dataclass(frozen=True, slots=True)

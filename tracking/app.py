@@ -54,6 +54,7 @@ def create_app(
     rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
     fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT,
     repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
+    body_timeout: float = 30.0,
     trusted_proxies: Sequence[str] = LOOPBACK,
     metrics_from: Sequence[str] = LOOPBACK,
     undo_window: timedelta = timedelta(hours=1),
@@ -78,6 +79,8 @@ def create_app(
     - `fetch_limit`: opens and clicks recorded per client address; past it the image or
       redirect is still answered, unrecorded (None: no limit). Known proxy networks are
       not limited.
+    - `body_timeout`: seconds a POST's body may take to arrive (then 408, and the
+      connection closes).
     - `repeat_window`: fetches of one copy's pixel (or one of its links), with one verdict,
       within this long of the first are one event with a count, not a row each.
     - `trusted_proxies`: peers whose X-Forwarded-For is believed (a local reverse proxy).
@@ -126,6 +129,7 @@ def create_app(
             trusted_proxies=beacons.trusted_proxies,
             metrics_from=networks(metrics_from),
             clock=clock,
+            body_timeout=body_timeout,
         ),
         metrics=metrics,
         beacons=beacons,

@@ -4,12 +4,15 @@ apps in one process, as in tests, count separately)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .listener import ListenerStats
 
 
 class Tally(Protocol):
@@ -47,6 +50,40 @@ class _PlainCounter(Collector):
 
     def describe(self) -> Iterable[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+
+class _ListenerCollector(Collector):
+    """The HTTP listener's connections, read from its stats at scrape time."""
+
+    def __init__(self, stats: ListenerStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.stats
+        yield GaugeMetricFamily(
+            "optout_http_connections", "HTTP connections open", value=stats.open
+        )
+        refused = CounterMetricFamily(
+            "optout_http_connections_refused",
+            "HTTP connections refused at once (a client over its share)",
+            labels=("reason",),
+        )
+        for reason, count in sorted(stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield CounterMetricFamily(
+            "optout_http_header_timeouts",
+            "HTTP connections closed for not sending their request headers in time",
+            value=stats.header_timeouts,
+        )
+        yield CounterMetricFamily(
+            "optout_http_accept_failures",
+            "Failed accepts on the HTTP listener (out of descriptors or memory)",
+            value=stats.accept_failures,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 def _label(value: object) -> str:
@@ -150,6 +187,10 @@ class Metrics:
 
     def watch_buffer(self, size: Callable[[], int]) -> None:
         self.buffered.set_function(lambda: float(size()))
+
+    def watch_listener(self, stats: ListenerStats) -> None:
+        """Show an HTTP listener's connection counts (`tracking.listener`)."""
+        self.registry.register(_ListenerCollector(stats))
 
     def render(self) -> bytes:
         return _generate_latest(self.registry)

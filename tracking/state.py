@@ -41,6 +41,7 @@ class Options:
     trusted_proxies: Ranges
     metrics_from: Ranges
     clock: Callable[[], float] = time.time
+    body_timeout: float = 30.0  # seconds to read a POST's body
 
 
 @dataclass(slots=True)

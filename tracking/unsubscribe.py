@@ -8,6 +8,7 @@ without a redirect) or the page's confirm button.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -71,7 +72,13 @@ async def unsubscribe(request: web.Request) -> web.Response:
     """
     tracking = request.app[TRACKING]
     reading = _read(request)
-    form = await _form(request) if reading is not None else None
+    try:
+        async with asyncio.timeout(tracking.options.body_timeout):
+            form = await _form(request) if reading is not None else None
+    except TimeoutError:  # a body sent a byte at a time holds a connection: not for long
+        response = page(request, "bad-request.html", status=408)
+        response.force_close()
+        return response
     one_click = form is not None and form.get("List-Unsubscribe") == ONE_CLICK
     if reading is not None and one_click:
         key = f"recipient:{reading.ref.address_hash}:{reading.ref.scope}"
