@@ -30,6 +30,8 @@ def test_config_goes_before_or_after_the_command_or_in_the_environment(
     assert added.returncode == 0, added.stderr
     after = run_cli("suppress", "check", "ann@example.org", "--config", str(config), cwd=elsewhere)
     assert after.returncode == 0, after.stderr
+    between = run_cli("suppress", "--config", str(config), "show", "ann@example.org", cwd=elsewhere)
+    assert between.returncode == 0, between.stderr
     env = {**os.environ, "OPTOUT_RELAY_CONFIG": str(config)}
     from_env = run_cli("suppress", "check", "ann@example.org", cwd=elsewhere, env=env)
     assert from_env.returncode == 0, from_env.stderr
@@ -52,12 +54,14 @@ def test_an_explicit_config_wins_over_the_environment(config: Path, tmp_path: Pa
 def test_two_different_config_files_are_refused(config: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text("")
-    result = run_cli(
-        "--config", str(other), "suppress", "list", "--config", str(config), cwd=tmp_path
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("optout-relay: error: --config given twice: ")
-    assert result.stderr.count("\n") == 1
+    for places in (
+        ("--config", str(other), "suppress", "list", "--config", str(config)),
+        ("--config", str(other), "suppress", "--config", str(config), "list"),
+    ):
+        result = run_cli(*places, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.startswith("optout-relay: error: --config given twice: ")
+        assert result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", READING, ids=" ".join)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import os
 import sys
@@ -39,10 +40,25 @@ actor_option = click.option(
 )
 
 
+def group_config_option(group: Callable[[], None]) -> Callable[..., None]:
+    """`--config` on a command group (`suppress --config F list`), kept for its commands."""
+
+    @config_option
+    @functools.wraps(group)
+    def with_config(config_path: Path | None) -> None:
+        remember_config(config_path)
+        group()
+
+    return with_config
+
+
 def remember_config(config_path: Path | None) -> None:
     """`--config` given before the command: kept for the command to find (`config_file`)."""
     context = click.get_current_context(silent=True)
     if context is not None and config_path is not None:
+        before = context.meta.get(_CONFIG_META)
+        if before is not None and before != config_path:
+            raise click.UsageError(f"--config given twice: {before} and {config_path}")
         context.meta[_CONFIG_META] = config_path
 
 

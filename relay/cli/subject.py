@@ -22,6 +22,7 @@ from .common import (
     actor_of,
     actor_option,
     config_option,
+    group_config_option,
     open_output,
     output_option,
     settings_from,
@@ -32,6 +33,7 @@ T = TypeVar("T")
 
 
 @click.group()
+@group_config_option
 def subject() -> None:
     """Data-subject requests: export or erase everything held about an address."""
 

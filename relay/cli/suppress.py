@@ -42,6 +42,7 @@ from .common import (
     actor_of,
     actor_option,
     config_option,
+    group_config_option,
     open_output,
     output_option,
     settings_from,
@@ -52,6 +53,7 @@ T = TypeVar("T")
 
 
 @click.group()
+@group_config_option
 def suppress() -> None:
     """Manage the suppression list."""
 
@@ -228,7 +230,12 @@ def _label(entry: Suppression) -> str:
 @config_option
 @click.option("--scope", default=None, help="Only this scope.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "jsonl"]),
+    default="text",
+    show_default=True,
+    help="Tab-separated lines (address or key, scope, reason, source, since), or JSON lines.",
 )
 def suppress_list(config_path: Path | None, scope: str | None, fmt: str) -> None:
     """List suppressions, oldest first."""
@@ -411,7 +418,12 @@ EXPORT_COLUMNS = (
 @config_option
 @click.option("--scope", default=None, help="Only this scope.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="CSV that 'suppress import' reads back, or JSON lines.",
 )
 @output_option
 def suppress_export(
@@ -464,7 +476,12 @@ async def _write_entries(
 @suppress.command("show")
 @config_option
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Readable text, or one JSON document (entries, history, erasure).",
 )
 @click.argument("address")
 def suppress_show(config_path: Path | None, fmt: str, address: str) -> int:
