@@ -203,3 +203,17 @@ async def test_mail_from_the_null_sender_keeps_it(
     await wait_for(lambda: len(downstream.handler.messages) == 1, what="the relayed report")
     [copy] = downstream.handler.messages
     assert copy.mail_from in ("", "<>")
+
+
+async def test_automatic_mail_from_a_real_sender_keeps_its_return_path(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> None:
+    """An auto-reply or a report is not marketing mail: what comes back to it is not the
+    copy's feedback, so it gets no VERP return path, no mailto: and no CFBL fields."""
+    relay = await start_relay(with_feedback(relay_settings(tmp_path / "data", downstream.port)))
+    copies = await sent(relay, downstream, **{"Auto-Submitted": "auto-replied"})
+    for copy in copies.values():
+        assert copy.mail_from == "news@shop.example"
+        headers = parse(copy.content)
+        assert headers["CFBL-Address"] is None and headers["CFBL-Feedback-ID"] is None
+        assert headers["List-Unsubscribe"] is None

@@ -299,8 +299,9 @@ class DeliveryWorker:
         self, message: SpooledMessage, prepared: PreparedMessage
     ) -> dict[int, CopyMarks]:
         """With feedback on, each copy's marks, recorded before any copy goes out (a bounce
-        may come back before anything else is written). Mail from the null sender keeps it."""
-        if self._marks is None or not message.mail_from:
+        may come back before anything else is written). Mail from the null sender keeps it,
+        and so does automatic mail: what comes back to an auto-reply is not its feedback."""
+        if self._marks is None or not message.mail_from or prepared.meta.automatic:
             return {}
         meta = prepared.meta
         marks = {}
