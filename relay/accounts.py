@@ -82,6 +82,9 @@ class Account:
     track_opens: bool = True
     feedback_domain: str | None = None  # this account's bounces and complaints come here
     category: Category = "marketing"
+    # The sender's physical postal address, in every footer (CAN-SPAM 15 USC 7704(a)(5));
+    # None: the relay's own (rewrite.postal_address), if set.
+    postal_address: str | None = None
 
     def may_send_as(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")

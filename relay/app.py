@@ -157,6 +157,7 @@ class Relay:
                         domain,
                         account.username,
                     )
+        _warn_without_postal_address(settings)
 
         notify: Callable[[], None]
         destination: str
@@ -464,6 +465,20 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _warn_without_postal_address(settings: Settings) -> None:
+    """CAN-SPAM (15 USC 7704(a)(5)) wants a physical postal address in every commercial
+    message: say at start which senders of marketing mail have none for the footer."""
+    if settings.rewrite.postal_address:
+        return
+    for account in settings.accounts:
+        if account.category != "transactional" and not account.postal_address:
+            log.warning(
+                "account %s sends marketing mail without a postal address: set"
+                " postal_address for it, or rewrite.postal_address (CAN-SPAM 7704(a)(5))",
+                account.username,
+            )
 
 
 def _host_port(address: object) -> tuple[str, int]:

@@ -116,6 +116,23 @@ def _positive_int(value: Any, key: str) -> int:
     return value
 
 
+def _postal_address(value: Any, key: str) -> str:
+    """A postal address for the footer: one or more lines of printable text."""
+    text = _string(value, key).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines or not all(line.isprintable() for line in lines):
+        raise ConfigError(key, "must be a postal address: lines of printable text")
+    if len(text) > 500:
+        raise ConfigError(key, "is longer than 500 characters")
+    return "\n".join(lines)
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, f"must be a whole number, 0 or more (got {value!r})")
+    return value
+
+
 def _choice(*allowed: str) -> Parser:
     def parse(value: Any, key: str) -> str:
         text = _string(value, key)
@@ -275,6 +292,7 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                 "tracking",
                 "feedback_domain",
                 "category",
+                "postal_address",
             ):
                 raise ConfigError(f"{where}.{name}", "unknown key")
         for name in ("username", "password_hash", "from_domains"):
@@ -308,6 +326,11 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                     else None
                 ),
                 category=category,
+                postal_address=(
+                    _postal_address(entry["postal_address"], f"{where}.postal_address")
+                    if "postal_address" in entry
+                    else None
+                ),
             )
         )
     names = [a.username for a in accounts]
@@ -488,6 +511,8 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "max_mime_depth": _positive_int,
             "max_html_tokens": _positive_int,
             "max_tag_attributes": _positive_int,
+            "postal_address": _postal_address,
+            "pixel_min_html": _non_negative_int,
         },
     ),
     "signing": (SigningSettings, {"secret_keys": _secret_keys}),

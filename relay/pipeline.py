@@ -462,11 +462,14 @@ class Pipeline:
         hostname: str = "localhost",
         received_client: ReceivedClient = ReceivedClient.OMITTED,
         limits: MimeLimits | None = None,
+        postal_address: str | None = None,
+        pixel_min_html: int = 0,
     ) -> None:
         """`clicks`: rewrite the HTML links of tracked messages to signed click URLs.
         `hostname`: the relay's name in the fields it adds (Received, Message-ID).
         `received_client`: what the Received field says about the submitting client.
-        `limits`: the bounds on the work one message may cost."""
+        `limits`: the bounds on the work one message may cost. `postal_address`: the
+        footer's, for senders without their own. `pixel_min_html`: see Decorations."""
         self.steps: tuple[Step, ...] = (
             *DEFAULT_STEPS,
             ChooseDkimKey(signers or {}),
@@ -477,6 +480,8 @@ class Pipeline:
         self.accounts = dict(accounts or {})
         self.clicks = clicks
         self.limits = limits or MimeLimits()
+        self.postal_address = postal_address
+        self.pixel_min_html = pixel_min_html
 
     def prepare(
         self,
@@ -520,6 +525,8 @@ class Pipeline:
             pixel=meta.track_opens and meta.rewrite_body,
             clicks=meta.track_clicks,
             replace_list_headers=not meta.automatic,
+            postal_address=(meta.account and meta.account.postal_address) or self.postal_address,
+            pixel_min_html=self.pixel_min_html,
         )
         template = build_template(raw, decorations, headers, self.limits)
         template.add_fields(meta.fields)

@@ -128,6 +128,13 @@ class RewriteSettings:
     max_mime_depth: int = 100
     max_html_tokens: int = 100_000
     max_tag_attributes: int = 1000
+    # The relay's (or its one sender's) postal address, for accounts without their own and
+    # for mail from trusted networks (CAN-SPAM 15 USC 7704(a)(5)).
+    postal_address: str | None = None
+    # HTML parts of at most this many characters, footer included, with no image of their
+    # own get no open pixel: SpamAssassin's HTML_IMAGE_ONLY_* score an image in HTML of up
+    # to 3,200 characters. 0: always a pixel.
+    pixel_min_html: int = 3200
 
     def limits(self) -> MimeLimits:
         from .mime import MimeLimits  # the email package only where mail is handled

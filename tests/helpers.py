@@ -33,6 +33,7 @@ from relay.settings import (
     Downstream,
     HttpSettings,
     Listen,
+    RewriteSettings,
     Settings,
     SigningSettings,
     SmtpSettings,
@@ -72,6 +73,10 @@ def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
             timeout=10.0,
         ),
         signing=SigningSettings(secret_keys=SIGNING_KEYS),
+        # The test newsletters are short HTML, which by default gets no open pixel (spam
+        # filters score an image in short HTML); tests of opens want one. The default is
+        # tested in test_spamassassin.py and test_footer.py.
+        rewrite=RewriteSettings(pixel_min_html=0),
     )
 
 

@@ -53,6 +53,7 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         "tracking",
         "feedback_domain",
         "category",
+        "postal_address",
     }
     [webhook] = uncommented["webhooks"]
     assert set(webhook) == {"url", "secret", "events", "previous_secret"}

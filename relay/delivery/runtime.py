@@ -101,6 +101,8 @@ class DeliveryRuntime:
                     hostname=hostname,
                     received_client=ReceivedClient(settings.smtp.received_client),
                     limits=settings.rewrite.limits(),
+                    postal_address=settings.rewrite.postal_address,
+                    pixel_min_html=settings.rewrite.pixel_min_html,
                 ),
                 suppressions=stores.suppressions,
                 events=stores.events,

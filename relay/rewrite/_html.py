@@ -45,6 +45,7 @@ _FOREIGN = frozenset({"svg", "math"})
 # look for (body, html): these always take the careful path below.
 _SPECIAL = frozenset({*_RAW_TEXT, *_FOREIGN, "plaintext", "body", "html"})
 _LINK_TAGS = frozenset({"a", "area"})
+_IMAGE_TAGS = frozenset({"img"})
 
 
 def _ordinary_run(special: frozenset[str] | None) -> re.Pattern[str]:
@@ -74,6 +75,8 @@ def _ordinary_run(special: frozenset[str] | None) -> re.Pattern[str]:
 _ORDINARY_RUN = _ordinary_run(_SPECIAL)
 # The same, stopping at <a> and <area> too, for finding links.
 _ORDINARY_RUN_LINKS = _ordinary_run(_SPECIAL | _LINK_TAGS)
+# The same, stopping at <img> too, for telling whether a part has images of its own.
+_ORDINARY_RUN_IMAGES = _ordinary_run(_SPECIAL | _IMAGE_TAGS)
 _ANY_TAG_RUN = _ordinary_run(None)
 
 
@@ -81,7 +84,10 @@ def _special_opening(names: frozenset[str]) -> re.Pattern[str]:
     return re.compile(rf"</?+(?:{'|'.join(sorted(names))})[\t\n\f\r />]")
 
 
-_SPECIAL_OPENING = {names: _special_opening(names) for names in (_SPECIAL, _SPECIAL | _LINK_TAGS)}
+_SPECIAL_OPENING = {
+    names: _special_opening(names)
+    for names in (_SPECIAL, _SPECIAL | _LINK_TAGS, _SPECIAL | _IMAGE_TAGS)
+}
 
 
 class _SpecialTags:
@@ -143,14 +149,26 @@ class Scan:
     open_from: int
 
 
-def tokenize(text: str, *, links: bool = False, careful: bool = False, max_tokens: int = 0) -> Scan:
-    """`links`: record <a> and <area> start tags too (for click tracking). `careful`: check
-    each tag's name as it goes (the same tokens, more slowly; for tests). `max_tokens`:
-    MimeLimitError once more tokens than that would be kept (0: no limit)."""
+def tokenize(
+    text: str,
+    *,
+    links: bool = False,
+    images: bool = False,
+    careful: bool = False,
+    max_tokens: int = 0,
+) -> Scan:
+    """`links`: record <a> and <area> start tags too (for click tracking); `images`: <img>
+    (not with `links`). `careful`: check each tag's name as it goes (the same tokens, more
+    slowly; for tests). `max_tokens`: MimeLimitError once more tokens than that would be
+    kept (0: no limit)."""
     tokens: list[Token] = []
-    names = _SPECIAL | _LINK_TAGS if links else _SPECIAL
+    if links:
+        names, ordinary = _SPECIAL | _LINK_TAGS, _ORDINARY_RUN_LINKS
+    elif images:
+        names, ordinary = _SPECIAL | _IMAGE_TAGS, _ORDINARY_RUN_IMAGES
+    else:
+        names, ordinary = _SPECIAL, _ORDINARY_RUN
     specials = None if careful else _SpecialTags.of(text, names)
-    ordinary = _ORDINARY_RUN_LINKS if links else _ORDINARY_RUN
     open_from = _tokenize(text, tokens, names, ordinary, specials, max_tokens)
     return Scan(tokens, open_from)
 
@@ -288,13 +306,15 @@ def _conditional_regions(tokens: Iterator[Token] | list[Token]) -> Iterator[tupl
     yield from ((held, -1) for held in pending)  # a region never closed
 
 
-def insertion_point(text: str, max_tokens: int = 0) -> int:
+def insertion_point(text: str, max_tokens: int = 0, scan: Scan | None = None) -> int:
     """Before the last real `</body>`; else before the last `</html>`; else at the end.
 
     "The end" stops short of trailing whitespace and of any construct left open at the end of
-    the document (an unclosed comment or script would swallow the footer).
+    the document (an unclosed comment or script would swallow the footer). `scan`: the
+    text's tokens, when the caller has them.
     """
-    scan = tokenize(text, max_tokens=max_tokens)
+    if scan is None:
+        scan = tokenize(text, max_tokens=max_tokens)
     body: tuple[Token, int] | None = None
     html: tuple[Token, int] | None = None
     for token, region_end in _conditional_regions(scan.tokens):
@@ -390,3 +410,30 @@ def sniff_charset(data: bytes) -> str | None:
     """The charset an HTML document declares in a <meta>, as browsers honour it."""
     found = _META_CHARSET.search(data[:4096])
     return found.group(1).decode("ascii").lower() if found else None
+
+
+def attributes(text: str, token: Token, max_attributes: int = 0) -> dict[str, str]:
+    """A start tag's attributes by lowercased name (the first of a repeated name counts, as
+    in browsers), values with character references resolved."""
+    found: dict[str, str] = {}
+    pos = token.start + 1 + len(token.name)
+    end = token.end - 1
+    count = 0
+    while pos < end and (not max_attributes or count < max_attributes):
+        attribute = _ATTRIBUTE.match(text, pos, end)
+        if attribute is None:
+            break
+        count += 1
+        pos = attribute.end()
+        value = next((g for g in attribute.groups()[1:] if g is not None), "")
+        found.setdefault(attribute.group(1).lower(), html.unescape(value))
+    return found
+
+
+def raw_text(text: str, token: Token) -> str:
+    """What a raw text element (style, script, ...) holds, up to its end tag."""
+    closing = _RAW_TEXT_END.get(token.name)
+    if closing is None:
+        return ""
+    found = closing.search(text, token.end)
+    return text[token.end : found.start() if found else len(text)]

@@ -59,6 +59,10 @@ class Decorations:
     clicks: bool = False  # HTML links become click-tracking URLs (LinkHole per link)
     # False for automatic mail (bounces, auto-replies): its own List-* fields stay as sent.
     replace_list_headers: bool = True
+    postal_address: str | None = None  # the sender's, in the footer (CAN-SPAM 7704(a)(5))
+    # HTML parts of at most this many characters (footer included) with no image of their
+    # own get no pixel: spam filters score an image in short HTML (rewrite.pixel_min_html).
+    pixel_min_html: int = 0
 
 
 @dataclass(slots=True)
@@ -194,15 +198,17 @@ def _footer_part(raw: bytes, headers: Message, template: Template) -> list[Splic
     if place is None:
         return []
     nl = template.nl
-    text_nl = nl.decode("ascii")
-    edit = text_footer("", text_nl)
-    data, edits, _ = byte_edits(Decoded(b"", "", "us-ascii"), [edit], False)
+    address = template.decorations.postal_address
+    charset = "us-ascii" if address is None or address.isascii() else "utf-8"
+    edit = text_footer("", nl.decode("ascii"), address, charset)
+    data, edits, _ = byte_edits(Decoded(b"", "", charset), [edit], False)
     part = raw_part(nl, data, edits)
     opening = b"" if place.closed or raw.endswith(b"\n") else nl
-    head = opening + place.boundary + nl + b"Content-Type: text/plain; charset=us-ascii" + nl
+    content_type = b"Content-Type: text/plain; charset=" + charset.encode("ascii")
+    head = opening + place.boundary + nl + content_type + nl
     cte = CteField(
         part,
-        b"Content-Transfer-Encoding: 7bit" + nl,
+        b"Content-Transfer-Encoding: " + (b"7bit" if charset == "us-ascii" else b"8bit") + nl,
         b"Content-Transfer-Encoding: quoted-printable" + nl,
     )
     tail = nl if place.closed else nl + place.boundary + b"--" + nl
@@ -321,6 +327,7 @@ class _Builder:
                     edits[key] += link_edits(
                         text, self.links, limits.max_html_tokens, limits.max_tag_attributes
                     )
+        decorations = self.decorations
         for ctype in ("text/plain", "text/html"):
             of_type = [(k, v) for k, v in texts.items() if v[0].ctype == ctype]
             html = ctype == "text/html"
@@ -331,14 +338,21 @@ class _Builder:
                 with_placeholder = with_placeholder or bool(found)
             if not of_type:
                 continue
-            key, (_, text, _) = of_type[-1]
+            key, (_, text, charset) = of_type[-1]
             footer = unsubscribe and not with_placeholder
-            if html and (footer or self.decorations.pixel):
-                edits[key].append(
-                    html_footer(text, footer, self.decorations.pixel, limits.max_html_tokens)
+            if html and (footer or decorations.pixel):
+                edit, notes = html_footer(
+                    text,
+                    footer,
+                    decorations.pixel,
+                    max_tokens=limits.max_html_tokens,
+                    postal_address=decorations.postal_address,
+                    pixel_min_html=decorations.pixel_min_html,
                 )
+                edits[key].append(edit)
+                self.notes.extend(notes)
             elif not html and footer:
-                edits[key].append(text_footer(text))
+                edits[key].append(text_footer(text, None, decorations.postal_address, charset))
         return {
             key: (texts[key][2], sorted(found, key=lambda e: (e.start, e.end)))
             for key, found in edits.items()
