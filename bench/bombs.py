@@ -56,6 +56,16 @@ def attribute_bomb_in_mixed() -> bytes:
     )
 
 
+def comment_bomb() -> bytes:
+    """21 MB of HTML: three million empty comments, each a token the tokenizer would keep."""
+    return (
+        HEADERS
+        + b"Content-Type: text/html; charset=us-ascii\n\n<html><body><p>Hello</p>"
+        + b"<!---->" * 3_000_000
+        + b"</body></html>\n"
+    )
+
+
 def newsletter() -> bytes:
     block = (
         '<table width="100%"><tr><td style="padding:24px;color:#333">'
@@ -77,6 +87,7 @@ BOMBS = {
     "boundary-lines-6M": boundary_bomb,
     "tag-attributes-9M": attribute_bomb,
     "tag-attributes-9M-in-mixed": attribute_bomb_in_mixed,
+    "html-comments-3M": comment_bomb,
 }
 
 

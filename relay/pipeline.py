@@ -52,6 +52,7 @@ from .rewrite import (
 
 log = logging.getLogger("optout.delivery")
 rewrite_log = logging.getLogger("optout.rewrite")
+TOPIC_PREFIX = "topic:"
 # RFC 3834 section 5: any value but "no" marks a message sent by a machine, not a person.
 _NOT_AUTOMATIC = "no"
 
@@ -312,19 +313,24 @@ class AddDateAndMessageId:
 class AddListId:
     """RFC 2919 List-Id for campaign mail that has none, from the campaign and the sender's
     domain: receivers group and score list mail by it (SpamAssassin's LIST_PARTIAL_* rules
-    fire on List-Unsubscribe without it). A sender's own List-Id stays as it is."""
+    fire on List-Unsubscribe without it). Mail of a topic without a campaign is named by its
+    topic, the list its recipients can leave. A sender's own List-Id stays as it is."""
 
     name = "list-id"
 
     def process(self, headers: Message, meta: Metadata) -> None:
-        if meta.campaign is None or meta.transactional or headers.get("List-Id") is not None:
+        topic = (
+            meta.scope.removeprefix(TOPIC_PREFIX) if meta.scope.startswith(TOPIC_PREFIX) else None
+        )
+        name = meta.campaign or topic  # neither: no list to name
+        if name is None or meta.transactional or headers.get("List-Id") is not None:
             return
         domain = meta.from_domain or address_domain(meta.mail_from)
-        identifier = list_id(meta.campaign, domain) if domain else None
+        identifier = list_id(name, domain) if domain else None
         if identifier is None:
             meta.decide(self.name, "no List-Id: no sender domain to name it by")
             return
-        meta.add_field(list_id_field(meta.campaign, identifier))
+        meta.add_field(list_id_field(name, identifier))
         meta.decide(self.name, f"List-Id {identifier} added")
 
 

@@ -252,5 +252,9 @@ async def test_campaign_mail_gets_a_signed_list_id_and_keeps_its_own(
     [copy] = await relayed(relay, downstream, own, "news@shop.example", [ALICE])
     assert parse(copy).get_all("List-Id") == ["Shop news <news.shop.example>"]
 
+    topic = newsletter([ALICE], headers={"X-Optout-Topic": "weekly-news"})
+    [copy] = await relayed(relay, downstream, topic, "news@shop.example", [ALICE])
+    assert parse(copy).get_all("List-Id") == ['"weekly-news" <weekly-news.shop.example>']
+
     [copy] = await relayed(relay, downstream, newsletter([ALICE]), "news@shop.example", [ALICE])
-    assert parse(copy).get_all("List-Id") is None  # no campaign: no list to name
+    assert parse(copy).get_all("List-Id") is None  # neither campaign nor topic: no list
