@@ -69,7 +69,10 @@ def test_show_proves_when_and_how(config: Path) -> None:
     cli(config, "suppress", "add", "--actor", "alice", "--reason", "manual", "fr@x.org")
     cli(config, "suppress", "add", "--actor", "bob", "--reason", "complaint", "FR@x.org")
     cli(config, "suppress", "add", "--scope", "topic:news", "fr@x.org")
-    cli(config, "suppress", "remove", "--scope", "global", "--actor", "carl", "fr@x.org")
+    # A complaint is the recipient's own word: an operator lifts it only with --force.
+    removed = cli(config, "suppress", "remove", "--scope", "global", "--actor", "carl", "fr@x.org")
+    assert removed.returncode == 2
+    cli(config, "suppress", "remove", "--force", "--scope", "global", "--actor", "carl", "fr@x.org")
     shown = cli(config, "suppress", "show", "fr@X.org")
     assert shown.returncode == 0
     lines = shown.stdout.splitlines()
@@ -81,7 +84,7 @@ def test_show_proves_when_and_how(config: Path) -> None:
     assert " strengthen global complaint via cli by bob " in lines[6]
     assert " add topic:news manual via cli by " in lines[7]
     assert " remove global complaint via cli by carl " in lines[8]
-    assert '"previous": {"created_at": ' in lines[8]
+    assert '"forced": true, "previous": {"created_at": ' in lines[8]
 
 
 def test_subject_export_and_erase(config: Path, tmp_path: Path) -> None:
@@ -108,10 +111,12 @@ def test_subject_export_and_erase(config: Path, tmp_path: Path) -> None:
     erased = cli(config, "subject", "erase", "--yes", "--actor", "dpo", "gina@example.org")
     assert erased.returncode == 0, erased.stderr
     assert erased.stdout.splitlines()[1:] == [
-        "  suppressions: 2 kept by key only (global tombstone added)",
+        "  suppressions: 2 kept, by key only, address deleted (global suppression by key"
+        " added: mail to it stays refused)",
         "  contact: deleted",
-        "  events: 1 removed",
-        "  outbox: 0 removed",
+        "  events: 1 anonymised",
+        "  outbox: 0 files deleted",
+        "  (anonymised events keep their campaign counts, without the address)",
     ]
     shown = cli(config, "suppress", "show", "gina@example.org")
     assert shown.returncode == 0  # still suppressed
@@ -138,9 +143,10 @@ def test_purge_deletes_what_retention_no_longer_allows(config: Path, tmp_path: P
     assert purged.returncode == 0, purged.stderr
     assert purged.stdout.strip() == "purged 1 event (1 open), 0 contacts, 0 lapsed suppressions"
     events = cli(config, "events")
+    # Oldest first: the 2020 delivery, then the open dated 2999.
     assert [json.loads(line)["type"] for line in events.stdout.splitlines()] == [
-        "open",
         "delivered",
+        "open",
     ]
 
 

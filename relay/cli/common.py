@@ -15,6 +15,8 @@ from typing import IO, TypeVar
 
 import click
 
+from suppression.addresses import split_address
+
 from ..config import load_settings
 from ..settings import Settings
 from ..stores import Stores
@@ -116,6 +118,15 @@ def open_output(output: Path | None) -> Iterator[IO[str]]:
     with open(fd, "w", encoding="utf-8", newline="") as out:
         yield out
 
+
+def _valid_address(_context: click.Context, _param: click.Parameter, value: str) -> str:
+    """An address that can be one (InvalidAddress, one line and exit 2, otherwise), checked
+    before any store is opened: bad input is told as such, wherever the store is."""
+    split_address(value)
+    return value
+
+
+address_argument = click.argument("address", callback=_valid_address)
 
 output_option = click.option(
     "--output",

@@ -21,6 +21,7 @@ from .common import (
     PROG,
     actor_of,
     actor_option,
+    address_argument,
     config_option,
     group_config_option,
     open_output,
@@ -58,7 +59,7 @@ async def _with_holders(stores: Stores, action: Callable[[list[DataHolder]], Awa
 @config_option
 @output_option
 @actor_option
-@click.argument("address")
+@address_argument
 def subject_export(
     config_path: Path | None, output: Path | None, actor: str | None, address: str
 ) -> None:
@@ -81,7 +82,7 @@ def subject_export(
 @config_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @actor_option
-@click.argument("address")
+@address_argument
 def subject_erase(config_path: Path | None, yes: bool, actor: str | None, address: str) -> None:
     """Erase the personal data of ADDRESS everywhere (GDPR Art. 17); keep it suppressed.
 

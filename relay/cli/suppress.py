@@ -41,6 +41,7 @@ from .common import (
     PROG,
     actor_of,
     actor_option,
+    address_argument,
     config_option,
     group_config_option,
     open_output,
@@ -178,7 +179,7 @@ def suppress_add(
 )
 @note_option
 @actor_option
-@click.argument("address")
+@address_argument
 def suppress_remove(
     config_path: Path | None,
     scope: str | None,
@@ -207,7 +208,7 @@ def suppress_remove(
 @suppress.command("check")
 @config_option
 @scope_option
-@click.argument("address")
+@address_argument
 def suppress_check(config_path: Path | None, scope: str, address: str) -> int:
     """Exit 0 when ADDRESS is suppressed (globally or in --scope), 1 when not."""
     found = _with_store(config_path, lambda s: s.check(address, (GLOBAL, scope)))
@@ -483,7 +484,7 @@ async def _write_entries(
     show_default=True,
     help="Readable text, or one JSON document (entries, history, erasure).",
 )
-@click.argument("address")
+@address_argument
 def suppress_show(config_path: Path | None, fmt: str, address: str) -> int:
     """Prove when and how ADDRESS opted out: its entries and every change to them.
 
