@@ -256,15 +256,23 @@ class HttpListener:
 
     async def _connect(self, conn: socket.socket, key: str | None) -> None:
         assert self._loop is not None
+        guards: list[_Guarded] = []
+
+        def guarded() -> _Guarded:
+            guards.append(_Guarded(self, key, self._factory()))
+            return guards[0]
+
         try:
             conn.setblocking(False)
-            await self._loop.connect_accepted_socket(
-                lambda: _Guarded(self, key, self._factory()), conn
-            )
-        except BaseException:
+            await self._loop.connect_accepted_socket(guarded, conn)
+        except BaseException as exc:
             conn.close()
-            self.released(key)
-            raise
+            # Once its guard saw the connection made, the guard releases it when it is lost.
+            if not (guards and guards[0].made):
+                self.released(key)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the listener is closing
+            log.debug("a connection failed as it was set up", exc_info=exc)
 
     def released(self, key: str | None) -> None:
         """A connection closed (its guard tells)."""
@@ -297,7 +305,7 @@ class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, with the first request's header deadline and
     the listener's count of open connections around it."""
 
-    __slots__ = ("_deadline", "_inner", "_key", "_listener", "_tail", "_transport")
+    __slots__ = ("_deadline", "_inner", "_key", "_listener", "_tail", "_transport", "made")
 
     def __init__(self, listener: HttpListener, key: str | None, inner: asyncio.Protocol) -> None:
         self._listener = listener
@@ -306,8 +314,10 @@ class _Guarded(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
+        self.made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
         self._transport = transport
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._listener.caps.header_timeout, self._too_slow)
