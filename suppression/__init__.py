@@ -11,6 +11,7 @@ from .database import (
     utc_now,
     zeroing,
 )
+from .engine import Connection, Engine, EngineSpec
 from .entries import Entry, Outcome
 from .errors import (
     ImportFormatError,
@@ -21,6 +22,7 @@ from .errors import (
     NormalizationChanged,
     PermanentReason,
     ProtectedSuppression,
+    StorageUnavailable,
     SuppressionError,
 )
 from .imports import BadRow, ImportOptions, ImportReport, import_file
@@ -53,8 +55,11 @@ __all__ = [
     "AddressHasher",
     "AuditRecord",
     "BadRow",
+    "Connection",
     "DataHolder",
     "Database",
+    "Engine",
+    "EngineSpec",
     "Entry",
     "ErasureReport",
     "ImportFormatError",
@@ -71,6 +76,7 @@ __all__ = [
     "PermanentReason",
     "ProtectedSuppression",
     "Reason",
+    "StorageUnavailable",
     "Subject",
     "SubjectRecord",
     "Suppression",

@@ -8,9 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from .database import utc_now
+from .engine import Connection
 
 # (at, action, address_hash, scope, reason, source, actor, detail JSON)
 AuditRow = tuple[str, str, str | None, str | None, str | None, str | None, str | None, str | None]
@@ -20,11 +19,6 @@ NumberedAuditRow = tuple[
     int, str, str, str | None, str | None, str | None, str | None, str | None, str | None
 ]
 
-_INSERT = (
-    "INSERT INTO suppression_audit"
-    " (at, action, address_hash, scope, reason, source, actor, detail)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
 _INSERT_NUMBERED = (
     "INSERT INTO suppression_audit"
     " (id, at, action, address_hash, scope, reason, source, actor, detail)"
@@ -78,21 +72,25 @@ def dumps(detail: Mapping[str, Any] | None) -> str | None:
     return json.dumps(_redacted(detail), separators=(",", ":"), sort_keys=True)
 
 
-def record_rows(db: sqlite_utils.Database, rows: Iterable[AuditRow]) -> None:
-    db.conn.executemany(_INSERT, rows)
+def record_rows(db: Connection, rows: Iterable[AuditRow]) -> None:
+    # Ids given here, never by the engine: a batch of entries numbers its own records (see
+    # entries.py), and one PostgreSQL sequence beside that numbering would fall behind.
+    # Writes are serialised (suppression.engine), so MAX + 1 is free.
+    first = next_id(db)
+    record_numbered(db, [(first + n, *row) for n, row in enumerate(rows)])
 
 
-def next_id(db: sqlite_utils.Database) -> int:
+def next_id(db: Connection) -> int:
     """The id the next audit record gets (MAX of a rowid is one B-tree descent)."""
     return int(db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM suppression_audit").fetchone()[0])
 
 
-def record_numbered(db: sqlite_utils.Database, rows: Iterable[NumberedAuditRow]) -> None:
-    db.conn.executemany(_INSERT_NUMBERED, rows)
+def record_numbered(db: Connection, rows: Iterable[NumberedAuditRow]) -> None:
+    db.executemany(_INSERT_NUMBERED, rows)
 
 
 def record(
-    db: sqlite_utils.Database,
+    db: Connection,
     action: str,
     *,
     address_hash: str | None = None,
@@ -103,13 +101,12 @@ def record(
     detail: Mapping[str, Any] | None = None,
     at: str | None = None,
 ) -> None:
-    db.execute(
-        _INSERT,
-        [at or utc_now(), action, address_hash, scope, reason, source, actor, dumps(detail)],
+    record_rows(
+        db, [(at or utc_now(), action, address_hash, scope, reason, source, actor, dumps(detail))]
     )
 
 
-def history(db: sqlite_utils.Database, keys: Sequence[str]) -> list[AuditRecord]:
+def history(db: Connection, keys: Sequence[str]) -> list[AuditRecord]:
     """Every change recorded under any of `keys`, oldest first."""
     marks = ", ".join("?" for _ in keys)
     rows = db.execute(

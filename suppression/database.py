@@ -14,13 +14,15 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+
+from .engine import SQLITE_DIALECT, Connection, Cursor, Dialect, EngineSpec
 
 T = TypeVar("T")
 
@@ -30,15 +32,29 @@ CACHE_KIB = 65536
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    """A named, one-time schema change; names are recorded in the `migrations` table."""
+    """A named, one-time schema change; names are recorded in the `migrations` table.
+
+    `postgresql`: the same change for a PostgreSQL store (`suppression.postgres`), as the
+    statements to run; None for a migration of an SQLite-only database (the spool)."""
 
     name: str
-    apply: Callable[[sqlite_utils.Database], None]
+    apply: Callable[[SqliteConnection], None]
+    postgresql: Sequence[str] | None = None
+
+
+class SqliteConnection(sqlite_utils.Database):
+    """sqlite-utils' Database with the `Connection` surface the shared stores use
+    (`suppression.engine`), so that their functions run on either engine."""
+
+    dialect = SQLITE_DIALECT
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, rows)
 
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[[sqlite_utils.Database], Any]
+    fn: Callable[[Any], Any]  # given the engine's connection
     future: asyncio.Future[Any]
     # Maintenance (checkpoint, VACUUM) cannot run inside a transaction: it gets a turn alone.
     in_transaction: bool = True
@@ -117,7 +133,7 @@ class _Lane:
         return jobs, True
 
 
-def _connect(path: Path, cache_kib: int = CACHE_KIB) -> sqlite_utils.Database:
+def _connect(path: Path, cache_kib: int = CACHE_KIB) -> SqliteConnection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk (fsync of the WAL) before the caller hears of it.
@@ -130,7 +146,7 @@ def _connect(path: Path, cache_kib: int = CACHE_KIB) -> sqlite_utils.Database:
     # Deleted rows are zeroed within their pages, so erased personal data does not linger in
     # free space; FAST costs no extra I/O (freed pages are handled by VACUUM when it matters).
     conn.execute("PRAGMA secure_delete=FAST")
-    return sqlite_utils.Database(conn)
+    return SqliteConnection(conn)
 
 
 class Database:
@@ -168,11 +184,21 @@ class Database:
         database._reader.start()
         return database
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    dialect: Dialect = SQLITE_DIALECT
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    @property
+    def spec(self) -> EngineSpec:
+        return EngineSpec(path=self.path)
+
+    async def write(self, fn: Callable[[SqliteConnection], T]) -> T:
         """Run `fn` in a write transaction; return once it is durably committed."""
         return await self._submit(self._writes, fn)
 
-    async def maintain(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def maintain(self, fn: Callable[[SqliteConnection], T]) -> T:
         """Run `fn` on the writer connection outside any transaction (checkpoint, VACUUM)."""
         return await self._submit(self._writes, fn, in_transaction=False)
 
@@ -184,14 +210,14 @@ class Database:
         """
         return await self.maintain(checkpoint_truncate)
 
-    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def read(self, fn: Callable[[SqliteConnection], T]) -> T:
         """Run `fn` on the reader connection (sees every committed write)."""
         return await self._submit(self._reads, fn)
 
     async def _submit(
         self,
         lane: _Lane,
-        fn: Callable[[sqlite_utils.Database], T],
+        fn: Callable[[SqliteConnection], T],
         *,
         in_transaction: bool = True,
     ) -> T:
@@ -213,7 +239,7 @@ class Database:
         await asyncio.to_thread(self._reader.join)
 
     def _read_loop(self) -> None:
-        db: sqlite_utils.Database | None = None
+        db: SqliteConnection | None = None
         try:
             while True:
                 batch, stop = self._reads.take()
@@ -257,7 +283,7 @@ class Database:
             db.conn.close()
 
     @classmethod
-    def _run_jobs(cls, db: sqlite_utils.Database, jobs: list[_Job]) -> None:
+    def _run_jobs(cls, db: SqliteConnection, jobs: list[_Job]) -> None:
         """Transactional jobs in group commits; each maintenance job alone, in queue order.
         All the outcomes go back to the event loop together, after the last commit."""
         outcomes: list[_Outcome] = []
@@ -275,14 +301,14 @@ class Database:
         _report(outcomes)
 
     @staticmethod
-    def _run_alone(db: sqlite_utils.Database, job: _Job) -> _Outcome:
+    def _run_alone(db: SqliteConnection, job: _Job) -> _Outcome:
         try:
             return job, None, job.fn(db)
         except Exception as exc:
             return job, exc, None
 
     @staticmethod
-    def _run_batch(db: sqlite_utils.Database, batch: list[_Job]) -> list[_Outcome]:
+    def _run_batch(db: SqliteConnection, batch: list[_Job]) -> list[_Outcome]:
         conn = db.conn
         outcomes: list[_Outcome] = []
         try:
@@ -308,7 +334,7 @@ class Database:
         return outcomes
 
 
-def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
+def _apply_migrations(db: SqliteConnection, migrations: Sequence[Migration]) -> None:
     db.execute(
         "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
@@ -330,11 +356,15 @@ def _apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]
 
 
 @contextlib.contextmanager
-def zeroing(db: sqlite_utils.Database) -> Iterator[None]:
+def zeroing(db: Connection) -> Iterator[None]:
     """Within a write function: zero every page freed, not only in-page space (FAST).
 
     For deletions of personal data, so that no copy lingers on the free list of the file.
+    Nothing to do on PostgreSQL, whose files are its administrator's (VACUUM).
     """
+    if db.dialect.is_postgresql:
+        yield
+        return
     db.execute("PRAGMA secure_delete=ON")
     try:
         yield
@@ -357,7 +387,7 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def row_dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+def row_dicts(cursor: Cursor) -> list[dict[str, Any]]:
     """The rest of a query's rows, each as {column name: value}."""
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -14,9 +14,8 @@ from enum import StrEnum
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-import sqlite_utils
-
 from .audit import NumberedAuditRow, dumps, next_id, record_numbered
+from .engine import Connection
 from .reasons import stronger
 
 COLUMNS = (
@@ -74,19 +73,32 @@ class _Row:
         )
 
 
-def _in_json(column: str) -> str:
+def _in_json(db: Connection, column: str) -> str:
     # One parameter for any number of keys (no SQLITE_MAX_VARIABLE_NUMBER limit); the
     # planner probes the primary key once per key. `column` is always a literal of ours.
-    return f"{column} IN (SELECT value FROM json_each(?))"  # noqa: S608
+    return f"{column} IN (SELECT value FROM {db.dialect.json_each})"  # noqa: S608
+
+
+# A whole row replaced. SQLite's REPLACE is a delete and an insert, and the webhook trigger
+# on insert sees it as one; PostgreSQL's trigger fires on this upsert's update of these
+# columns (tracking/webhooks/schema.py).
+_REPLACE = {
+    "sqlite": f"REPLACE INTO suppressions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+    "postgresql": f"INSERT INTO suppressions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    " ON CONFLICT (address_hash, scope) DO UPDATE SET address = excluded.address,"
+    " reason = excluded.reason, source = excluded.source, created_at = excluded.created_at,"
+    " expires_at = excluded.expires_at, updated_at = excluded.updated_at,"
+    " added_by = excluded.added_by",
+}
 
 
 def apply_entries(
-    db: sqlite_utils.Database, entries: Sequence[Entry], *, actor: str | None, now: str
+    db: Connection, entries: Sequence[Entry], *, actor: str | None, now: str
 ) -> list[Outcome]:
     """Apply `entries` in order; the outcome of each. Runs inside the caller's transaction.
 
     Built for batches of 100,000 import rows, most of them new: the first entry of each
-    (key, scope) is inserted optimistically (INSERT OR IGNORE, one probe each); only when
+    (key, scope) is inserted optimistically (ON CONFLICT DO NOTHING, one probe each); only when
     something was already there, or listed twice, are the rows read back and merged.
     """
     first_id = next_id(db)
@@ -98,9 +110,9 @@ def apply_entries(
     ids = {slot: first_id + n for n, slot in enumerate(firsts)}
     fresh = [_fresh(entries[index], erased, now, ids[slot]) for slot, index in firsts.items()]
     fresh.sort(key=itemgetter(0, 2))  # key order: neighbouring inserts share B-tree pages
-    inserted = db.conn.executemany(
-        f"INSERT OR IGNORE INTO suppressions ({COLUMNS})"  # noqa: S608
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    inserted = db.executemany(
+        f"INSERT INTO suppressions ({COLUMNS})"  # noqa: S608
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         fresh,
     ).rowcount
     if inserted == len(entries):
@@ -111,21 +123,21 @@ def apply_entries(
     return _merge_all(db, entries, firsts, ids, erased, actor=actor, now=now)
 
 
-def _erased(db: sqlite_utils.Database, entries: Sequence[Entry]) -> set[str]:
+def _erased(db: Connection, entries: Sequence[Entry]) -> set[str]:
     if not db.execute("SELECT EXISTS (SELECT 1 FROM suppression_erasures)").fetchone()[0]:
         return set()
     keys = json.dumps(list({e.key for e in entries}))
     return {
         hit[0]
         for hit in db.execute(
-            f"SELECT address_hash FROM suppression_erasures WHERE {_in_json('address_hash')}",  # noqa: S608
+            f"SELECT address_hash FROM suppression_erasures WHERE {_in_json(db, 'address_hash')}",  # noqa: S608
             [keys],
         )
     }
 
 
 def _merge_all(
-    db: sqlite_utils.Database,
+    db: Connection,
     entries: Sequence[Entry],
     firsts: dict[tuple[str, str], int],
     ids: dict[tuple[str, str], int],
@@ -139,7 +151,7 @@ def _merge_all(
     stored: dict[tuple[str, str], _Row] = {
         (found[0], found[2]): _Row(*found)
         for found in db.execute(
-            f"SELECT {COLUMNS} FROM suppressions WHERE {_in_json('address_hash')}",  # noqa: S608
+            f"SELECT {COLUMNS} FROM suppressions WHERE {_in_json(db, 'address_hash')}",  # noqa: S608
             [keys],
         )
     }
@@ -171,9 +183,8 @@ def _merge_all(
             next_audit += 1
             updates[slot] = current
     if updates:
-        db.conn.executemany(
-            "REPLACE INTO suppressions"  # noqa: S608
-            f" ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        db.executemany(
+            _REPLACE[db.dialect.name],
             [row.values() for row in updates.values()],
         )
     if audit:

@@ -75,3 +75,8 @@ class InvalidAge(SuppressionError, ValueError):
             " s, min, h, d, w, mo (30 days), y (365 days), e.g. 180d"
         )
         self.text = text
+
+
+class StorageUnavailable(SuppressionError):
+    """The shared store (PostgreSQL) cannot be reached now: nothing was read or written.
+    Callers answer 'try again later' (SMTP 451 4.3.0, HTTP 503), never a guess."""

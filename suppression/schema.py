@@ -6,7 +6,7 @@ import sqlite_utils
 
 from . import audit
 from .addresses import DEFAULT_POLICY
-from .database import Migration, utc_now
+from .database import Migration, SqliteConnection, utc_now
 from .reasons import stronger
 
 
@@ -103,7 +103,7 @@ def _keys_expiry_audit(db: sqlite_utils.Database) -> None:
         )
 
 
-def _canonical_scopes(db: sqlite_utils.Database) -> None:
+def _canonical_scopes(db: SqliteConnection) -> None:
     """Entries stored under a scope with a trailing newline (the old check let one through)
     never matched their scope: move each to the canonical scope, merged with an entry
     already there as a new entry would be (stronger reason, earliest start), audited."""
@@ -153,8 +153,67 @@ def _canonical_scopes(db: sqlite_utils.Database) -> None:
         )
 
 
+# The same steps on PostgreSQL. Its tables are made by these, never by an older version, so
+# the SQLite steps that rebuild a table or repair old rows are plain changes here (or none).
+_PG_CREATE_TABLES = [
+    """CREATE TABLE suppressions (
+        address_hash TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        address TEXT,
+        reason TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (address_hash, scope)
+    )""",
+    "CREATE INDEX idx_suppressions_address ON suppressions (address)",
+    """CREATE TABLE contacts (
+        address_hash TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        first_seen_at TEXT NOT NULL
+    )""",
+]
+_PG_KEYS_EXPIRY_AUDIT = [
+    """CREATE TABLE suppression_audit (
+        id BIGINT PRIMARY KEY,       -- given by the writer (audit.next_id), never a sequence
+        at TEXT NOT NULL,
+        action TEXT NOT NULL,
+        address_hash TEXT,
+        scope TEXT,
+        reason TEXT,
+        source TEXT,
+        actor TEXT,
+        detail TEXT
+    )""",
+    "CREATE INDEX suppression_audit_hash ON suppression_audit (address_hash)",
+    """CREATE FUNCTION suppression_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the suppression audit log is append-only'; END $$""",
+    """CREATE TRIGGER suppression_audit_no_update BEFORE UPDATE OR DELETE ON suppression_audit
+        FOR EACH ROW EXECUTE FUNCTION suppression_audit_append_only()""",
+    """CREATE TRIGGER suppression_audit_no_truncate BEFORE TRUNCATE ON suppression_audit
+        FOR EACH STATEMENT EXECUTE FUNCTION suppression_audit_append_only()""",
+    "DROP INDEX idx_suppressions_address",
+    """ALTER TABLE suppressions
+        ADD COLUMN expires_at TEXT,
+        ADD COLUMN updated_at TEXT NOT NULL,
+        ADD COLUMN added_by BIGINT NOT NULL""",
+    """CREATE INDEX suppressions_expires_at ON suppressions (expires_at)
+        WHERE expires_at IS NOT NULL""",
+    # Listing pages by creation order (SuppressionStore.entries): no cursor is kept
+    # between reads on a server.
+    "CREATE INDEX suppressions_added_by ON suppressions (added_by)",
+    """CREATE TABLE suppression_erasures (
+        address_hash TEXT PRIMARY KEY,
+        erased_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE suppression_settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+]
+
 MIGRATIONS = (
-    Migration("suppression/0001-suppressions-and-contacts", _create_tables),
-    Migration("suppression/0002-keys-expiry-audit", _keys_expiry_audit),
-    Migration("suppression/0003-canonical-scopes", _canonical_scopes),
+    Migration("suppression/0001-suppressions-and-contacts", _create_tables, _PG_CREATE_TABLES),
+    Migration("suppression/0002-keys-expiry-audit", _keys_expiry_audit, _PG_KEYS_EXPIRY_AUDIT),
+    # Scopes were checked before any PostgreSQL store existed: nothing to repair there.
+    Migration("suppression/0003-canonical-scopes", _canonical_scopes, ()),
 )

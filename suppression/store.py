@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import sqlite_utils
-
 from . import audit
 from .addresses import MD5_PREFIX, SHA256_PREFIX, AddressHasher, digest_keys
 from .audit import AuditRecord
-from .database import Database, format_time, utc_now, zeroing
+from .database import format_time, utc_now, zeroing
+from .engine import Connection, Cursor, Engine
 from .entries import COLUMNS, Entry, Outcome, apply_entries
 from .errors import NormalizationChanged, ProtectedSuppression
 from .reasons import Reason, check_expiry
@@ -92,7 +90,7 @@ _PRECEDENCE = {Reason.COMPLAINT: 0, Reason.HARD_BOUNCE: 1}
 
 
 def find(
-    db: sqlite_utils.Database, keys: Sequence[str], scopes: Sequence[str], now: str
+    db: Connection, keys: Sequence[str], scopes: Sequence[str], now: str
 ) -> Suppression | None:
     """The entry in force under any of `keys` in any of `scopes`: one primary-key probe set.
 
@@ -100,7 +98,7 @@ def find(
     BY, which would cost a temporary B-tree on every check.
     """
     sql = _FIND.format(keys=", ".join("?" * len(keys)), scopes=", ".join("?" * len(scopes)))
-    rows = db.conn.execute(sql, [*keys, *scopes, now]).fetchall()
+    rows = db.execute(sql, [*keys, *scopes, now]).fetchall()
     if not rows:
         return None
     best = min(rows, key=lambda row: (_PRECEDENCE.get(row[3], 2), row[5]))
@@ -122,12 +120,12 @@ def _expiry(reason: Reason, expires_at: datetime | None) -> str | None:
 class SuppressionStore:
     """Async access to suppressions, contacts and the audit log in one SQLite database."""
 
-    def __init__(self, db: Database, hasher: AddressHasher) -> None:
+    def __init__(self, db: Engine, hasher: AddressHasher) -> None:
         self._db = db
         self.hasher = hasher
 
     @property
-    def database(self) -> Database:
+    def database(self) -> Engine:
         return self._db
 
     async def verify_normalization(self) -> None:
@@ -138,7 +136,7 @@ class SuppressionStore:
         """
         configured = self.hasher.policy.describe()
 
-        def pin(db: sqlite_utils.Database) -> None:
+        def pin(db: Connection) -> None:
             row = db.execute(
                 "SELECT value FROM suppression_settings WHERE name = 'normalization'"
             ).fetchone()
@@ -214,7 +212,7 @@ class SuppressionStore:
         scope = parse_scope(scope)
         expiry = _expiry(Reason(reason), expires_at)
 
-        def insert(db: sqlite_utils.Database) -> bool:
+        def insert(db: Connection) -> bool:
             row = db.execute(
                 "SELECT address FROM contacts WHERE address_hash = ?", [address_hash]
             ).fetchone()
@@ -259,7 +257,7 @@ class SuppressionStore:
         wanted = None if scope is None else parse_scope(scope)
         detail: dict[str, Any] = {"note": note} if note else {}
 
-        def delete(db: sqlite_utils.Database) -> int:
+        def delete(db: Connection) -> int:
             if not force:
                 why = _protected(db, keys, wanted)
                 if why is not None:
@@ -280,7 +278,7 @@ class SuppressionStore:
         """
         wanted = parse_scope(scope)
 
-        def delete(db: sqlite_utils.Database) -> int:
+        def delete(db: Connection) -> int:
             return _delete_entries(db, [address_hash], wanted, source=source, actor=actor)
 
         return await self._db.write(delete)
@@ -301,7 +299,7 @@ class SuppressionStore:
         """As `check`, by keyed hash; hashed-list entries match through the known contact."""
         wanted = _scopes(scopes)
 
-        def lookup(db: sqlite_utils.Database) -> Suppression | None:
+        def lookup(db: Connection) -> Suppression | None:
             row = db.execute(
                 "SELECT address FROM contacts WHERE address_hash = ?", [address_hash]
             ).fetchone()
@@ -319,6 +317,19 @@ class SuppressionStore:
         once, where an index on the order would slow every import by a third.
         """
         wanted = None if scope is None else parse_scope(scope)
+        if self._db.dialect.is_postgresql:
+            # A server keeps no cursor between reads that may run on other connections:
+            # pages by creation order, along the index PostgreSQL has for it.
+            after = 0
+            while True:
+                page = await self._db.read(
+                    functools.partial(_listing_page, scope=wanted, after=after, size=page_size)
+                )
+                for row in page:
+                    yield Suppression(*row)
+                if len(page) < page_size:
+                    return
+                after = page[-1][-1]
         cursor = await self._db.read(functools.partial(_open_listing, scope=wanted))
         try:
             while True:
@@ -336,7 +347,7 @@ class SuppressionStore:
     async def count(self, *, scope: str | None = None) -> int:
         wanted = None if scope is None else parse_scope(scope)
 
-        def query(db: sqlite_utils.Database) -> int:
+        def query(db: Connection) -> int:
             if wanted is None:
                 return int(db.execute("SELECT COUNT(*) FROM suppressions").fetchone()[0])
             return int(
@@ -377,9 +388,7 @@ class SuppressionStore:
                 return total
 
 
-def subject_record(
-    db: sqlite_utils.Database, normalized: str, keys: Sequence[str]
-) -> SubjectRecord:
+def subject_record(db: Connection, normalized: str, keys: Sequence[str]) -> SubjectRecord:
     marks = ", ".join("?" for _ in keys)
     entries = [
         Suppression(*row)
@@ -406,7 +415,7 @@ def subject_record(
     )
 
 
-def _open_listing(db: sqlite_utils.Database, *, scope: str | None) -> sqlite3.Cursor:
+def _open_listing(db: Connection, *, scope: str | None) -> Cursor:
     where, params = ("WHERE scope = ?", [scope]) if scope is not None else ("", [])
     return db.execute(
         f"SELECT {COLUMNS} FROM suppressions {where}"  # noqa: S608
@@ -415,11 +424,20 @@ def _open_listing(db: sqlite_utils.Database, *, scope: str | None) -> sqlite3.Cu
     )
 
 
+def _listing_page(db: Connection, *, scope: str | None, after: int, size: int) -> list[Any]:
+    where, params = ("AND scope = ?", [scope]) if scope is not None else ("", [])
+    return db.execute(
+        f"SELECT {COLUMNS} FROM suppressions WHERE added_by > ? {where}"  # noqa: S608
+        " ORDER BY added_by LIMIT ?",
+        [after, *params, size],
+    ).fetchall()
+
+
 # Reasons only the recipient's own word sets: lifted by an operator only with --force.
 RECIPIENT_REASONS = frozenset({Reason.UNSUBSCRIBE, Reason.COMPLAINT})
 
 
-def _protected(db: sqlite_utils.Database, keys: Sequence[str], scope: str | None) -> str | None:
+def _protected(db: Connection, keys: Sequence[str], scope: str | None) -> str | None:
     """Why removing the entries under `keys` (in `scope`) needs force, or None."""
     marks = ", ".join("?" * len(keys))
     erased = db.execute(
@@ -444,7 +462,7 @@ def _protected(db: sqlite_utils.Database, keys: Sequence[str], scope: str | None
 
 
 def _delete_entries(
-    db: sqlite_utils.Database,
+    db: Connection,
     keys: Sequence[str],
     scope: str | None,
     *,
@@ -492,7 +510,7 @@ def _previous(entry: Suppression) -> dict[str, Any]:
     }
 
 
-def _expire_batch(db: sqlite_utils.Database, *, cutoff: str, batch: int) -> int:
+def _expire_batch(db: Connection, *, cutoff: str, batch: int) -> int:
     rows = [
         Suppression(*row)
         for row in db.execute(
@@ -503,7 +521,7 @@ def _expire_batch(db: sqlite_utils.Database, *, cutoff: str, batch: int) -> int:
     ]
     now = utc_now()
     with zeroing(db):
-        db.conn.executemany(
+        db.executemany(
             "DELETE FROM suppressions WHERE address_hash = ? AND scope = ?",
             [(entry.address_hash, entry.scope) for entry in rows],
         )
@@ -526,8 +544,9 @@ def _expire_batch(db: sqlite_utils.Database, *, cutoff: str, batch: int) -> int:
     return len(rows)
 
 
-def remember_contacts(db: sqlite_utils.Database, rows: list[tuple[str, str, str]]) -> None:
-    db.conn.executemany(
-        "INSERT OR IGNORE INTO contacts (address_hash, address, first_seen_at) VALUES (?, ?, ?)",
+def remember_contacts(db: Connection, rows: list[tuple[str, str, str]]) -> None:
+    db.executemany(
+        "INSERT INTO contacts (address_hash, address, first_seen_at) VALUES (?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         rows,
     )

@@ -14,11 +14,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from . import audit
 from .addresses import digest_texts, normalize_address
 from .database import utc_now, zeroing
+from .engine import Connection
 from .entries import Entry, Outcome, apply_entries
 from .errors import InvalidAddress
 from .reasons import Reason
@@ -173,11 +172,12 @@ async def erase_subject(
     return report
 
 
-def _erase_own(db: sqlite_utils.Database, subject: Subject, actor: str | None) -> ErasureReport:
+def _erase_own(db: Connection, subject: Subject, actor: str | None) -> ErasureReport:
     now = utc_now()
     with zeroing(db):
         db.execute(
-            "INSERT OR IGNORE INTO suppression_erasures (address_hash, erased_at) VALUES (?, ?)",
+            "INSERT INTO suppression_erasures (address_hash, erased_at) VALUES (?, ?)"
+            " ON CONFLICT DO NOTHING",
             [subject.address_hash, now],
         )
         tombstone = Entry(subject.address_hash, GLOBAL, Reason.MANUAL, "erasure")

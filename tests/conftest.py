@@ -5,13 +5,15 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from relay.app import Relay
 from relay.settings import Settings
+from suppression import Database, Migration
+from suppression.engine import Engine
 from tests.helpers import (
     CaptureServer,
     StartDownstream,
@@ -20,6 +22,8 @@ from tests.helpers import (
     relay_settings,
 )
 from tests.opendkim import OpenDkim
+from tests.postgres import OpenEngine, PostgresServer, running_postgres
+from tests.postgres import unavailable_reason as postgres_unavailable
 
 
 @pytest.fixture
@@ -111,3 +115,44 @@ def opendkim() -> OpenDkim:
             + probe.stderr.decode(errors="replace").strip()
         )
     return OpenDkim(tool, unshare)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server for the whole session (initdb once), or a skip."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the session's server."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def open_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenEngine]:
+    """Open the store database with these migrations, on each engine in turn: SQLite in
+    tmp_path, or a fresh PostgreSQL database. Closed at teardown."""
+    opened: list[Engine] = []
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+
+    async def open_(migrations: Sequence[Migration]) -> Engine:
+        engine: Engine
+        if url is None:
+            engine = await Database.open(tmp_path / "optout.db", migrations)
+        else:
+            from suppression.postgres import PostgresDatabase
+
+            engine = await PostgresDatabase.open(url, migrations)
+        opened.append(engine)
+        return engine
+
+    yield open_
+    for engine in opened:
+        await engine.close()

@@ -23,6 +23,7 @@ from relay.config import parse_settings
 from relay.errors import ConfigError
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import STORE_FILE, Stores
+from suppression import EngineSpec
 from tracking import PIXEL_GIF, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.beacons import BeaconSpec
 from tracking.errors import EventProcessError
@@ -237,7 +238,7 @@ async def test_a_child_that_cannot_open_the_database_is_a_clear_error(
     urls: TrackingUrls, tmp_path: Path
 ) -> None:
     (tmp_path / "a-file").write_text("")
-    spec = EventProcessSpec(tmp_path / "a-file" / STORE_FILE, beacon_spec(urls))
+    spec = EventProcessSpec(EngineSpec(tmp_path / "a-file" / STORE_FILE), beacon_spec(urls))
     recorder = EventProcess(spec, Metrics())
     with pytest.raises(EventProcessError, match="cannot open"):
         await recorder.start()
@@ -275,7 +276,7 @@ async def test_the_child_sets_up_its_logs_as_the_app_is_told(
 
 
 def test_the_spec_never_shows_the_signing_keys(urls: TrackingUrls, tmp_path: Path) -> None:
-    spec = EventProcessSpec(tmp_path / STORE_FILE, beacon_spec(urls))
+    spec = EventProcessSpec(EngineSpec(tmp_path / STORE_FILE), beacon_spec(urls))
     assert KEYS[0] not in repr(spec) and KEYS[0] not in str(spec)
 
 

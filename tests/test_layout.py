@@ -14,9 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("suppression", "tracking", "relay")
-# What `suppress check` must not load: the servers, the template engine, delivery, signing.
+# What `suppress check` must not load: the servers, the template engine, delivery, signing,
+# and on an SQLite store the PostgreSQL driver.
 HEAVY = (
     "aiohttp",
+    "psycopg",
+    "suppression.postgres",
     "aiosmtpd",
     "cryptography",
     "relay.app",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,23 +20,28 @@ from suppression import (
     SuppressionStore,
     sender_scopes,
 )
+from suppression.engine import Connection
 from suppression.schema import MIGRATIONS as ALL_MIGRATIONS
+from tests.postgres import OpenEngine
 
 KEY = b"store-test-key-0123456789abcdef"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SuppressionStore]:
-    db = await Database.open(tmp_path / "optout.db", MIGRATIONS)
-    opened = SuppressionStore(db, AddressHasher(KEY))
+async def store(open_engine: OpenEngine) -> SuppressionStore:
+    """On each engine (the conftest fixture `open_engine`)."""
+    opened = SuppressionStore(await open_engine(MIGRATIONS), AddressHasher(KEY))
     await opened.verify_normalization()
-    yield opened
-    await db.close()
+    return opened
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(path) as conn:
         return conn.execute(sql).fetchall()
+
+
+async def stored(store: SuppressionStore, sql: str) -> list[tuple[object, ...]]:
+    return await store.database.read(lambda db: [tuple(row) for row in db.execute(sql)])
 
 
 async def test_mixed_case_and_idn_spellings_hit_one_entry(store: SuppressionStore) -> None:
@@ -103,9 +107,7 @@ async def test_complaints_are_reported_first(store: SuppressionStore) -> None:
     assert found is not None and found.reason == "complaint"
 
 
-async def test_expiry_is_for_soft_reasons_only_and_lapses(
-    store: SuppressionStore, tmp_path: Path
-) -> None:
+async def test_expiry_is_for_soft_reasons_only_and_lapses(store: SuppressionStore) -> None:
     past = datetime.now(UTC) - timedelta(seconds=1)
     with pytest.raises(PermanentReason):
         await store.add("ed@example.org", reason=Reason.UNSUBSCRIBE, expires_at=past)
@@ -118,13 +120,13 @@ async def test_expiry_is_for_soft_reasons_only_and_lapses(
     assert await store.check("ed@example.org") is not None
     await store.add("fay@example.org", reason=Reason.IMPORT, expires_at=past)
     assert await store.purge_expired() == 1
-    assert rows(tmp_path / "optout.db", "SELECT address FROM suppressions") == [("ed@example.org",)]
+    assert await stored(store, "SELECT address FROM suppressions") == [("ed@example.org",)]
     history = await store.show("fay@example.org")
     assert [h.action for h in history.history] == ["add", "expire"]
 
 
 async def test_every_change_is_audited_without_the_plain_address(
-    store: SuppressionStore, tmp_path: Path
+    store: SuppressionStore,
 ) -> None:
     await store.add("gus@example.org", source="cli", actor="alice")
     await store.remember(["gus@example.org"])
@@ -148,10 +150,14 @@ async def test_every_change_is_audited_without_the_plain_address(
     assert record.history[2].detail["previous"]["reason"] == "manual"
     assert [e.scope for e in record.suppressions] == ["topic:news"]
     assert record.suppressions[0].address == "gus@example.org"
-    audit = rows(tmp_path / "optout.db", "SELECT * FROM suppression_audit")
+    audit = await stored(store, "SELECT * FROM suppression_audit")
     assert "gus@example.org" not in repr(audit).lower()
-    with sqlite3.connect(tmp_path / "optout.db") as conn, pytest.raises(sqlite3.IntegrityError):
-        conn.execute("DELETE FROM suppression_audit")
+    with pytest.raises(Exception, match="append-only"):
+        await store.database.write(lambda db: db.execute("DELETE FROM suppression_audit"))
+    with pytest.raises(Exception, match="append-only"):
+        await store.database.write(
+            lambda db: db.execute("UPDATE suppression_audit SET actor = 'x'")
+        )
 
 
 async def test_remove_hash_undoes_one_scope_only(store: SuppressionStore) -> None:
@@ -188,14 +194,22 @@ async def test_remove_lifts_hashed_list_entries_too(store: SuppressionStore) -> 
 
 
 async def test_a_check_is_one_primary_key_search(store: SuppressionStore) -> None:
-    def plan(db: object) -> list[str]:
+    postgresql = store.database.dialect.is_postgresql
+
+    def plan(db: Connection) -> list[str]:
         from suppression.store import _FIND
 
         sql = _FIND.format(keys="?, ?, ?", scopes="?, ?")
-        cursor = db.execute(f"EXPLAIN QUERY PLAN {sql}", ["a", "b", "c", "global", "x", "t"])  # type: ignore[attr-defined]
-        return [row[3] for row in cursor.fetchall()]
+        explain = "EXPLAIN" if postgresql else "EXPLAIN QUERY PLAN"
+        cursor = db.execute(f"{explain} {sql}", ["a", "b", "c", "global", "x", "t"])
+        return [row[0] if postgresql else row[3] for row in cursor.fetchall()]
 
     details = await store.database.read(plan)
+    if postgresql:
+        assert details[0].startswith("Index Scan using suppressions_pkey on suppressions")
+        assert "address_hash = ANY" in details[1] and "scope = ANY" in details[1]
+        assert not any("Seq Scan" in d for d in details)
+        return
     assert details[0] == "SEARCH suppressions USING PRIMARY KEY (address_hash=? AND scope=?)"
     assert not any(d.startswith("SCAN") for d in details)
 

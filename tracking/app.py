@@ -107,7 +107,7 @@ def create_app(
     recorder: Recorder
     if event_process:
         recorder = EventProcess(
-            EventProcessSpec(events.path, spec, setup_logging=event_process_logging), metrics
+            EventProcessSpec(events.spec, spec, setup_logging=event_process_logging), metrics
         )
     else:
         recorder = EventRecorder(

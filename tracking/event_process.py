@@ -33,10 +33,9 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from suppression import Database
+from suppression.engine import EngineSpec
 
 from .beacons import Beacons, BeaconSpec, resolve_fetch
 from .errors import EventProcessError, EventWriteError
@@ -67,7 +66,7 @@ _LENGTH = struct.Struct(">I")
 class EventProcessSpec:
     """All the event process needs, picklable: where the events go, and how they are made."""
 
-    database: Path
+    database: EngineSpec
     beacons: BeaconSpec
     # How the child logs (the app's format); None: plain text to stderr.
     setup_logging: Callable[[], object] | None = None
@@ -498,9 +497,10 @@ def _child_main(spec: EventProcessSpec, sock: socket.socket) -> None:
 async def _serve(spec: EventProcessSpec, sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:
-        database = await Database.open(spec.database, MIGRATIONS)
+        database = await spec.database.open(MIGRATIONS)
     except Exception as exc:
-        writer.write(_frame(_Ready(f"cannot open {spec.database}: {exc}")))
+        where = spec.database.path or "the store database"
+        writer.write(_frame(_Ready(f"cannot open {where}: {exc}")))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()

@@ -8,14 +8,15 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from suppression import (
-    Database,
+    Connection,
     DataHolder,
+    Engine,
+    EngineSpec,
     Migration,
     Subject,
     format_time,
@@ -168,13 +169,13 @@ _UNUSED_CONTACTS = {
 
 
 class EventStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Engine) -> None:
         self._db = db
 
     @property
-    def path(self) -> Path:
-        """The SQLite file, which another process may open too (WAL)."""
-        return self._db.path
+    def spec(self) -> EngineSpec:
+        """How another process opens the same database (SQLite's WAL, or the server)."""
+        return self._db.spec
 
     async def record(self, *events: Event) -> None:
         await self._db.write(lambda db: insert_events(db, events))
@@ -216,7 +217,7 @@ class EventStore:
         the recipient in it). The number of events anonymised.
         """
 
-        def unlink(db: sqlite_utils.Database) -> int:
+        def unlink(db: Connection) -> int:
             with zeroing(db):
                 forget_reach(db, address_hash)
                 quoting = {
@@ -310,7 +311,7 @@ class EventStore:
         """Repeat a bounded DELETE until a batch comes back short: short write transactions
         that `serve` can interleave with its own writes."""
 
-        def delete(db: sqlite_utils.Database) -> int:
+        def delete(db: Connection) -> int:
             with zeroing(db):
                 return int(db.execute(sql, params).rowcount)
 
@@ -330,12 +331,12 @@ _EVENT_ROWS = (
 )
 
 
-def _recipient_rows(db: sqlite_utils.Database, *, address_hash: str) -> list[dict[str, Any]]:
+def _recipient_rows(db: Connection, *, address_hash: str) -> list[dict[str, Any]]:
     cursor = db.execute(f"{_EVENT_ROWS} WHERE e.address_hash = ? ORDER BY e.id", [address_hash])
     return row_dicts(cursor)
 
 
-def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
+def insert_events(db: Connection, events: Iterable[Event]) -> None:
     """Insert, then what follows from the batch in the same transaction: its counts and
     its webhooks (one statement each for the whole batch)."""
     after = _last_id(db)
@@ -343,25 +344,25 @@ def insert_events(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
     _follow_up(db, after)
 
 
-def _last_id(db: sqlite_utils.Database) -> int:
+def _last_id(db: Connection) -> int:
     return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
 
-def _follow_up(db: sqlite_utils.Database, after: int) -> None:
+def _follow_up(db: Connection, after: int) -> None:
     """The counts and the webhooks of the rows inserted after id `after` (one batch)."""
     count_events(db, after)
     queue_event_webhooks(db, after)
 
 
-def _insert_rows(db: sqlite_utils.Database, events: Iterable[Event]) -> None:
+def _insert_rows(db: Connection, events: Iterable[Event]) -> None:
     events = list(events)
     known = {e.queue_id: (e.queue_id, e.message_id, e.at) for e in events if e.message_id}
     if known:
-        db.conn.executemany(
+        db.executemany(
             "INSERT OR IGNORE INTO event_messages (queue_id, message_id, at) VALUES (?, ?, ?)",
             [row for queue_id, row in known.items() if queue_id],
         )
-    db.conn.executemany(
+    db.executemany(
         "INSERT INTO events (type, at, address_hash, campaign, queue_id, message_id, machine,"
         " detail, repeat_key) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT message_id FROM"
         " event_messages WHERE queue_id = ?)), ?, ?, ?)",
@@ -392,7 +393,7 @@ _COUNT_REPEATS = (
 )
 
 
-def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window: timedelta) -> None:
+def _insert_or_count(db: Connection, events: Sequence[Event], window: timedelta) -> None:
     """`EventStore.record_fetches` in the database thread. Each fetch, in order, finds the
     event it repeats (met earlier in this batch, else one indexed lookup) or becomes a new
     row; the counts are added at the end, one UPDATE per event repeated: a replay flood
@@ -420,7 +421,7 @@ def _insert_or_count(db: sqlite_utils.Database, events: Sequence[Event], window:
         count, last = added.get(row[0], (0, event.at))
         added[row[0]] = (count + 1, max(last, event.at))
     if added:
-        db.conn.executemany(
+        db.executemany(
             _COUNT_REPEATS, [(count, last, row_id) for row_id, (count, last) in added.items()]
         )
     _follow_up(db, after)  # the new rows only: a repeat is no new event
@@ -455,9 +456,7 @@ class EventFilter:
         return "".join(f" AND {condition}" for condition in conditions), params
 
 
-def _page(
-    db: sqlite_utils.Database, *, after: tuple[str, int], only: EventFilter
-) -> list[dict[str, Any]]:
+def _page(db: Connection, *, after: tuple[str, int], only: EventFilter) -> list[dict[str, Any]]:
     # Ordered by time along the index on `at` (the row id breaks ties, and is in it): a page
     # begins where the last one ended, whatever the filter, without sorting what it skips.
     where, params = only.where()

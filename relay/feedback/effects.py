@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlite_utils
-
-from suppression import GLOBAL, Entry, Outcome, format_time, utc_now
+from suppression import GLOBAL, Connection, Entry, Outcome, format_time, utc_now
 from suppression.audit import dumps
 from suppression.entries import apply_entries
 from suppression.reasons import Reason
@@ -118,7 +116,7 @@ class _Copy:
         return cls(ref.address_hash, ref.scope, ref.campaign, ref.queue_id, None, None)
 
 
-def _resolve(db: sqlite_utils.Database, target: Target) -> _Copy | None:
+def _resolve(db: Connection, target: Target) -> _Copy | None:
     if target.ref is not None:
         return _Copy.of_ref(target.ref)
     assert target.copy_id is not None
@@ -126,7 +124,7 @@ def _resolve(db: sqlite_utils.Database, target: Target) -> _Copy | None:
     return None if record is None else _Copy.of_record(record)
 
 
-def apply_report(db: sqlite_utils.Database, examined: Examined, rules: Rules) -> Result:
+def apply_report(db: Connection, examined: Examined, rules: Rules) -> Result:
     """Within a write transaction: act on one report and mark it processed."""
     report_id = examined.report.id
     claimed = db.execute(
@@ -143,7 +141,7 @@ def apply_report(db: sqlite_utils.Database, examined: Examined, rules: Rules) ->
     return result
 
 
-def _decide(db: sqlite_utils.Database, examined: Examined, rules: Rules, now: datetime) -> Result:
+def _decide(db: Connection, examined: Examined, rules: Rules, now: datetime) -> Result:
     reading = examined.reading
     nature = reading.nature
     base = {"nature": str(nature), **({"notes": list(reading.notes)} if reading.notes else {})}
@@ -161,7 +159,7 @@ def _decide(db: sqlite_utils.Database, examined: Examined, rules: Rules, now: da
 
 
 def _bounce(
-    db: sqlite_utils.Database,
+    db: Connection,
     examined: Examined,
     rules: Rules,
     base: dict[str, Any],
@@ -222,9 +220,7 @@ def _bounce(
     return Result(DONE, "soft-bounce", "limit reached", copy.queue_id, counted, suppressed)
 
 
-def _complaint(
-    db: sqlite_utils.Database, examined: Examined, base: dict[str, Any], now: datetime
-) -> Result:
+def _complaint(db: Connection, examined: Examined, base: dict[str, Any], now: datetime) -> Result:
     complaint = examined.reading.complaint
     if complaint is None:
         return Result(KEPT, "kept", "a feedback report without its fields", detail=base)
@@ -259,9 +255,7 @@ def _complaint(
     return Result(KEPT, "kept", "a complaint that matches no copy of ours", detail=info)
 
 
-def _unsubscribe(
-    db: sqlite_utils.Database, examined: Examined, base: dict[str, Any], now: datetime
-) -> Result:
+def _unsubscribe(db: Connection, examined: Examined, base: dict[str, Any], now: datetime) -> Result:
     target = examined.mailtos[0]
     copy = _resolve(db, target)
     if copy is None:
@@ -280,7 +274,7 @@ def _unsubscribe(
 
 
 def _suppress(
-    db: sqlite_utils.Database,
+    db: Connection,
     address_hash: str,
     scope: str,
     reason: Reason,
@@ -307,7 +301,7 @@ def _suppress(
 
 
 def _event(
-    db: sqlite_utils.Database,
+    db: Connection,
     kind: EventType,
     copy: _Copy,
     detail: Mapping[str, Any],
@@ -329,7 +323,7 @@ def _event(
     )
 
 
-def _soft_bounces_since(db: sqlite_utils.Database, address_hash: str, since: datetime) -> int:
+def _soft_bounces_since(db: Connection, address_hash: str, since: datetime) -> int:
     """Soft bounces of this recipient recorded since `since`, this one included."""
     row = db.execute(
         "SELECT COUNT(*) FROM events WHERE address_hash = ? AND type = ? AND at >= ?"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP
 
-from suppression import Database
+from suppression import Engine
 from tracking.tokens import TrackingUrls
 
 from ..errors import ConfigError
@@ -45,7 +45,7 @@ class FeedbackListener:
     async def start(
         cls,
         settings: Settings,
-        database: Database,
+        database: Engine,
         urls: TrackingUrls,
         tokens: CopyTokens,
         *,

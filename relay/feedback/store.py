@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import sqlite_utils
-
-from suppression import Database, format_time, utc_now
+from suppression import Connection, Engine, format_time, utc_now
 
 PURGE_BATCH = 10_000
 
@@ -48,7 +46,7 @@ _COPY_COLUMNS = (
 )
 
 
-def find_copy(db: sqlite_utils.Database, copy_id: bytes) -> CopyRecord | None:
+def find_copy(db: Connection, copy_id: bytes) -> CopyRecord | None:
     """Within a database job: the copy `copy_id` names, if still known."""
     row = db.execute(
         "SELECT copy_id, address_hash, queue_id, scope, campaign, message_id, account,"
@@ -71,11 +69,11 @@ class Report:
 
 
 class FeedbackStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Engine) -> None:
         self._db = db
 
     @property
-    def database(self) -> Database:
+    def database(self) -> Engine:
         return self._db
 
     async def record_copies(self, copies: Sequence[CopyRecord]) -> None:
@@ -84,7 +82,7 @@ class FeedbackStore:
         now = utc_now()
         rows = [copy.row(now) for copy in copies]
         await self._db.write(
-            lambda db: db.conn.executemany(
+            lambda db: db.executemany(
                 f"INSERT OR IGNORE INTO feedback_copies ({_COPY_COLUMNS})"  # noqa: S608
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
@@ -100,22 +98,21 @@ class FeedbackStore:
         """Durably take a report (committed, fsynced); its id. Raises if it cannot."""
         values = [utc_now(), client, mail_from, json.dumps(list(recipients)), len(content), content]
 
-        def insert(db: sqlite_utils.Database) -> int:
+        def insert(db: Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO feedback_reports"
                 " (received_at, client, mail_from, recipients, size, content)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 values,
             )
-            assert cursor.lastrowid is not None
-            return int(cursor.lastrowid)
+            return int(cursor.fetchone()[0])
 
         return await self._db.write(insert)
 
     async def pending(self, limit: int, after: int = 0) -> list[Report]:
         """Reports not yet processed, oldest first."""
 
-        def query(db: sqlite_utils.Database) -> list[Report]:
+        def query(db: Connection) -> list[Report]:
             rows = db.execute(
                 "SELECT id, received_at, client, mail_from, recipients, content"
                 " FROM feedback_reports WHERE state = 'new' AND id > ? ORDER BY id LIMIT ?",
@@ -141,7 +138,7 @@ class FeedbackStore:
         """Processed or waiting reports, newest first, without their content (the operator's
         view)."""
 
-        def query(db: sqlite_utils.Database) -> list[dict[str, object]]:
+        def query(db: Connection) -> list[dict[str, object]]:
             rows = db.execute(
                 "SELECT id, received_at, client, mail_from, recipients, size, state,"
                 " processed_at, outcome FROM feedback_reports"
@@ -196,5 +193,5 @@ class FeedbackStore:
         return removed[0], removed[1]
 
 
-def _delete(sql: str, cutoff: str, db: sqlite_utils.Database) -> int:
+def _delete(sql: str, cutoff: str, db: Connection) -> int:
     return int(db.execute(sql, [cutoff, PURGE_BATCH]).rowcount)

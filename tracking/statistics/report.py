@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import sqlite_utils
-
-from suppression import Database, format_time
+from suppression import Connection, Engine, format_time
 
 from .rollup import NO_CAMPAIGN, UNKNOWN_DOMAIN
 
@@ -40,10 +38,10 @@ class Selection:
 
 # (group key: campaign or domain, hour, metric, n)
 CountRow = tuple[str, str, str, int]
-CountSource = Callable[[sqlite_utils.Database, Selection], Iterable[CountRow]]
+CountSource = Callable[[Connection, Selection], Iterable[CountRow]]
 
 
-def rollup_counts(db: sqlite_utils.Database, selection: Selection) -> Iterable[CountRow]:
+def rollup_counts(db: Connection, selection: Selection) -> Iterable[CountRow]:
     """From `stats_counts`, summed per group, hour and metric."""
     column = "campaign" if selection.group_by == "campaign" else "domain"
     where, params = ["1"], []
@@ -180,7 +178,7 @@ class Series:
 class Statistics:
     """Read-only: `report` for the table, `series` for a chart."""
 
-    def __init__(self, db: Database, sources: Sequence[CountSource] = (rollup_counts,)) -> None:
+    def __init__(self, db: Engine, sources: Sequence[CountSource] = (rollup_counts,)) -> None:
         self._db = db
         self._sources = tuple(sources)
 
@@ -220,7 +218,7 @@ class Statistics:
             lambda db: [row[0] for row in db.execute("SELECT DISTINCT campaign FROM stats_counts")]
         )
 
-    def _rows(self, db: sqlite_utils.Database, selection: Selection) -> list[CountRow]:
+    def _rows(self, db: Connection, selection: Selection) -> list[CountRow]:
         return [row for source in self._sources for row in source(db, selection)]
 
 

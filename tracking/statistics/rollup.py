@@ -10,9 +10,8 @@ nobody and outlive both, as aggregate statistics may.
 
 from __future__ import annotations
 
-import sqlite_utils
-
-from suppression import Migration
+from suppression import Connection, Migration
+from suppression.database import SqliteConnection
 
 NO_CAMPAIGN = ""  # campaign mail without X-Optout-Campaign; NULL cannot be in a key
 UNKNOWN_DOMAIN = ""
@@ -85,7 +84,7 @@ _BATCH_FIRSTS = [
 ]
 
 
-def count_events(db: sqlite_utils.Database, after_id: int) -> None:
+def count_events(db: Connection, after_id: int) -> None:
     """Add the events with ids above `after_id` (just inserted, in the caller's
     transaction) to the counts."""
     params = [after_id]
@@ -122,7 +121,7 @@ _TABLES = [
 ]
 
 
-def _create(db: sqlite_utils.Database) -> None:
+def _create(db: SqliteConnection) -> None:
     for statement in _TABLES:
         db.execute(statement)
     count_events(db, 0)  # the events already there
@@ -131,14 +130,14 @@ def _create(db: sqlite_utils.Database) -> None:
 ROLLUP_MIGRATION = Migration("tracking/statistics-0001-rollup", _create)
 
 
-def forget_reach(db: sqlite_utils.Database, address_hash: str) -> int:
+def forget_reach(db: Connection, address_hash: str) -> int:
     """An erased person's firsts go (the counts they made stay, naming nobody)."""
     return int(
         db.execute("DELETE FROM stats_reach WHERE address_hash = ?", [address_hash]).rowcount
     )
 
 
-def purge_reach(db: sqlite_utils.Database, kind: str, older_than: str, limit: int) -> int:
+def purge_reach(db: Connection, kind: str, older_than: str, limit: int) -> int:
     """Firsts of `kind` (open, click) from before `older_than`, as their events are purged:
     at most `limit` per call."""
     return int(

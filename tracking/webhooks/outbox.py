@@ -7,9 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import sqlite_utils
-
-from suppression import Database, format_time
+from suppression import Connection, Engine, format_time
 
 from .endpoints import WebhookEndpoint
 
@@ -66,7 +64,7 @@ class Attempt:
 
 
 class WebhookOutbox:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Engine) -> None:
         self._db = db
 
     async def subscribe(self, endpoints: Sequence[WebhookEndpoint], give_up_after: float) -> None:
@@ -75,9 +73,9 @@ class WebhookOutbox:
             (kind, endpoint.url, give_up_after) for endpoint in endpoints for kind in endpoint.types
         ]
 
-        def replace(db: sqlite_utils.Database) -> None:
+        def replace(db: Connection) -> None:
             db.execute("DELETE FROM webhook_subscriptions")
-            db.conn.executemany(
+            db.executemany(
                 "INSERT OR IGNORE INTO webhook_subscriptions (type, url, give_up_after)"
                 " VALUES (?, ?, ?)",
                 rows,
@@ -91,7 +89,7 @@ class WebhookOutbox:
         """Pending webhooks whose time has come, oldest due first; only to `urls` (the
         configured endpoints), leaving out `skip` (those in flight)."""
 
-        def query(db: sqlite_utils.Database) -> list[OutboxRow]:
+        def query(db: Connection) -> list[OutboxRow]:
             cursor = db.execute(
                 f"SELECT {_COLUMNS} FROM webhook_outbox"  # noqa: S608
                 " WHERE state = 'pending' AND next_attempt_at <= ?"
@@ -105,7 +103,7 @@ class WebhookOutbox:
         return await self._db.read(query)
 
     async def next_due(self, urls: Sequence[str]) -> float | None:
-        def query(db: sqlite_utils.Database) -> float | None:
+        def query(db: Connection) -> float | None:
             row = db.execute(
                 "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'"
                 " AND url IN (SELECT value FROM json_each(?))",
@@ -125,7 +123,7 @@ class WebhookOutbox:
         else:
             state = FAILED
 
-        def write(db: sqlite_utils.Database) -> None:
+        def write(db: Connection) -> None:
             db.execute(
                 "UPDATE webhook_outbox SET attempts = attempts + 1, last_attempt_at = ?,"
                 " last_status = ?, state = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
@@ -160,7 +158,7 @@ class WebhookOutbox:
         return state
 
     async def health(self) -> list[EndpointHealth]:
-        def query(db: sqlite_utils.Database) -> list[EndpointHealth]:
+        def query(db: Connection) -> list[EndpointHealth]:
             cursor = db.execute(
                 "SELECT url, failing_since, last_success_at, last_failure_at, last_status"
                 " FROM webhook_endpoints ORDER BY url"
@@ -174,7 +172,7 @@ class WebhookOutbox:
     ) -> list[OutboxRow]:
         """Webhooks in `states`, oldest first."""
 
-        def query(db: sqlite_utils.Database) -> list[OutboxRow]:
+        def query(db: Connection) -> list[OutboxRow]:
             cursor = db.execute(
                 f"SELECT {_COLUMNS} FROM webhook_outbox"  # noqa: S608
                 " WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
@@ -187,7 +185,7 @@ class WebhookOutbox:
     async def counts(self) -> dict[str, int]:
         """How many webhooks are in each state."""
 
-        def query(db: sqlite_utils.Database) -> dict[str, int]:
+        def query(db: Connection) -> dict[str, int]:
             found = dict.fromkeys(STATES, 0)
             for state, count in db.execute(
                 "SELECT state, COUNT(*) FROM webhook_outbox GROUP BY state"
@@ -201,7 +199,7 @@ class WebhookOutbox:
         """Make a pending or failed webhook (or every one) due now, with a fresh
         `give_up_after` to retry in; the number changed. Its webhook-id stays."""
 
-        def update(db: sqlite_utils.Database) -> int:
+        def update(db: Connection) -> int:
             where, params = ("AND webhook_id = ?", [webhook_id]) if webhook_id else ("", [])
             return int(
                 db.execute(
@@ -218,7 +216,7 @@ class WebhookOutbox:
         older than `keep_failed`; fail those left pending past their time (their endpoint
         was taken out of the config). The number of rows changed."""
 
-        def clean(db: sqlite_utils.Database) -> int:
+        def clean(db: Connection) -> int:
             changed = db.execute(
                 "UPDATE webhook_outbox SET state = 'failed', last_status ="
                 " COALESCE(last_status, 'endpoint not configured') WHERE state = 'pending'"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from suppression import Migration
+from suppression import Connection, Migration
 
 # Unix time in SQLite, as the dispatcher's clock counts it (julianday is precise to the ms).
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -101,7 +101,7 @@ _QUEUE_EVENTS = f"""
 """  # noqa: S608 - built from this module's constants
 
 
-def queue_event_webhooks(db: sqlite_utils.Database, after_id: int) -> None:
+def queue_event_webhooks(db: Connection, after_id: int) -> None:
     """Queue the webhooks of the events with ids above `after_id` (just inserted, in the
     caller's transaction)."""
     if db.execute("SELECT EXISTS (SELECT 1 FROM webhook_subscriptions)").fetchone()[0]:
