@@ -76,10 +76,14 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     await opened.close()
 
 
+ALERT = "webhook https://crm.example failing since 2026-03-02T10:00:00Z"
+
+
 @pytest.fixture
 async def client(aiohttp_client: Any, stores: Stores, spool: Spool) -> Client:
     await seed(stores, spool)
     app = create_admin_app(
+        webhook_alerts=lambda: [ALERT],  # the running dispatcher's own lines
         users={"ops": hash_password(PASSWORD)},
         check_password=verify_password,
         suppressions=stores.suppressions,
@@ -236,6 +240,9 @@ async def test_the_pages_show_campaigns_proof_queue_and_webhooks(client: Client)
     hooks = await (await client.get("/webhooks")).text()
     assert "suppression.added" in hooks and "https://crm.example" in hooks
     assert "1 waiting" in hooks
+    assert ALERT in overview and ALERT in hooks  # an endpoint failing for an hour, on every page
+    client.session.cookie_jar.clear()
+    assert ALERT not in await (await client.get("/login")).text()  # not before a login
 
 
 async def test_the_dashboard_has_a_listener_of_its_own(
