@@ -1,9 +1,10 @@
 """Campaign statistics from the rollup: counts, rates and Gmail's warning lines.
 
-The numbers come from count sources: functions that give (group, hour, metric, n) rows for
-a selection. The event rollup is the one source today; aggregate-only measurement (opens and
-clicks counted without naming anyone) is meant to be a second, its metrics shown beside the
-individual ones rather than mixed into them.
+The numbers come from count sources: functions that give (group, bucket, metric, n) rows
+for a selection, summed over whole periods as asked (all of it, days or hours). The event
+rollup is the one source today; aggregate-only measurement (opens and clicks counted
+without naming anyone) is meant to be a second, its metrics shown beside the individual
+ones rather than mixed into them.
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ class Selection:
         return cls(group_by, campaign, hour)
 
 
-# (group key: campaign or domain, hour, metric, n)
+# Buckets: how much of YYYY-MM-DDTHH names one. WHOLE sums the whole selection.
+WHOLE, DAY, HOUR = 0, 10, 13
+# (group key: campaign or domain, bucket, metric, n)
 CountRow = tuple[str, str, str, int]
-CountSource = Callable[[Connection, Selection], Iterable[CountRow]]
+CountSource = Callable[[Connection, Selection, int], Iterable[CountRow]]
 
 
-def rollup_counts(db: Connection, selection: Selection) -> Iterable[CountRow]:
-    """From `stats_counts`, summed per group, hour and metric."""
+def rollup_counts(db: Connection, selection: Selection, bucket: int) -> Iterable[CountRow]:
+    """From `stats_counts`, summed in SQLite per group, bucket and metric: a report over
+    everything returns a row per campaign and metric, not one per hour."""
     column = "campaign" if selection.group_by == "campaign" else "domain"
     where, params = ["1"], []
     if selection.campaign is not None:
@@ -52,9 +56,9 @@ def rollup_counts(db: Connection, selection: Selection) -> Iterable[CountRow]:
         where.append("hour >= ?")
         params.append(selection.since_hour)
     return db.execute(
-        f"SELECT {column}, hour, metric, SUM(n) FROM stats_counts"  # noqa: S608
-        f" WHERE {' AND '.join(where)} GROUP BY {column}, hour, metric",
-        params,
+        f"SELECT {column}, substr(hour, 1, ?), metric, SUM(n) FROM stats_counts"  # noqa: S608
+        f" WHERE {' AND '.join(where)} GROUP BY 1, 2, 3",
+        [bucket, *params],
     ).fetchall()
 
 
@@ -184,7 +188,7 @@ class Statistics:
 
     async def report(self, selection: Selection = Selection()) -> list[CampaignStats]:
         """One entry per campaign (or domain) with any count, by name."""
-        rows = await self._db.read(lambda db: self._rows(db, selection))
+        rows = await self._db.read(lambda db: self._rows(db, selection, WHOLE))
         groups: dict[str, CampaignStats] = {}
         for key, _hour, metric, n in rows:
             stats = groups.get(key)
@@ -196,12 +200,12 @@ class Statistics:
     async def series(self, selection: Selection = Selection(), hourly: bool = False) -> Series:
         """Each chart line per day (or hour) over every group selected; days without any
         count are left out."""
-        rows = await self._db.read(lambda db: self._rows(db, selection))
-        width = 13 if hourly else 10
+        width = HOUR if hourly else DAY
+        rows = await self._db.read(lambda db: self._rows(db, selection, width))
         per_bucket: dict[str, dict[str, int]] = {}
-        for _key, hour, metric, n in rows:
+        for _key, when, metric, n in rows:
             name = "bounced" if metric.startswith("bounced_") else metric
-            bucket = per_bucket.setdefault(hour[:width], {})
+            bucket = per_bucket.setdefault(when, {})
             bucket[name] = bucket.get(name, 0) + int(n)
         buckets = sorted(per_bucket)
         return Series(
@@ -218,8 +222,8 @@ class Statistics:
             lambda db: [row[0] for row in db.execute("SELECT DISTINCT campaign FROM stats_counts")]
         )
 
-    def _rows(self, db: Connection, selection: Selection) -> list[CountRow]:
-        return [row for source in self._sources for row in source(db, selection)]
+    def _rows(self, db: Connection, selection: Selection, bucket: int) -> list[CountRow]:
+        return [row for source in self._sources for row in source(db, selection, bucket)]
 
 
 def _new(key: str, group_by: GroupBy) -> CampaignStats:
