@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from suppression.formats import escape_cell, unescape_cell
 from tests.helpers import ROOT, cli, run_cli
 
 ADDRESSES = ["ann@example.org", "jörg@bücher.example", "zoë@example.org"]
@@ -196,3 +197,13 @@ def test_a_long_import_draws_a_bar_on_a_terminal(config: Path) -> None:
     assert process.returncode == 0
     assert b"importing big.csv" in drawn and b"100%" in drawn
     assert stdout.startswith(b"imported big.csv (csv): 60000 rows, 60000 added")
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["", "plain", "=1+1", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "'", "''=x", "'-", "-_-KEYHASH"],
+)
+def test_escaping_is_reversible_and_never_leaves_a_formula(cell: str) -> None:
+    escaped = escape_cell(cell)
+    assert unescape_cell(escaped) == cell
+    assert not escaped.startswith(("=", "+", "-", "@", "\t", "\r"))
