@@ -23,6 +23,7 @@ from tracking.webhooks import WebhookOutbox
 
 from .errors import ConfigError, MissingStore
 from .feedback.schema import MIGRATIONS as FEEDBACK_MIGRATIONS
+from .feedback.store import FeedbackStore
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class Stores:
         # Both filled as events and suppression changes are written, in their transactions.
         self.webhooks = WebhookOutbox(self._db)
         self.statistics = Statistics(self._db)
+        self.feedback = FeedbackStore(self._db)
         try:
             # A changed normalisation would silently stop old entries matching: refuse it.
             await self.suppressions.verify_normalization()

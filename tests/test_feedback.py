@@ -285,6 +285,38 @@ async def test_rfc5965_examples_match_no_copy_and_are_kept(
     assert (await suppressed(feedback_relay, CAROL)) is None
 
 
+async def test_a_kept_report_is_listed_and_shown_to_the_operator(
+    feedback_relay: Relay, tmp_path: Path
+) -> None:
+    content = (ARF_DIR / "rfc5965-b1.eml").read_bytes()
+    await asyncio.to_thread(
+        send_report, feedback_port(feedback_relay), content, [f"abuse@{FEEDBACK_DOMAIN}"]
+    )
+    [report] = await processed(feedback_relay)
+    await feedback_relay.stop()
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
+
+    listed = cli(config, "feedback", "list", "--state", "kept")
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    assert line.split()[:2] == [str(report["id"]), "kept"]
+    assert f"to=<abuse@{FEEDBACK_DOMAIN}>" in line and "matches no copy" in line
+    assert cli(config, "feedback", "list", "--state", "new").stdout == (
+        "No feedback reports in state new\n"
+    )
+    as_json = cli(config, "feedback", "list", "--format", "jsonl")
+    assert json.loads(as_json.stdout)["outcome"]["feedback_type"] == "abuse"
+
+    shown = cli(config, "feedback", "show", str(report["id"]))
+    assert shown.returncode == 0, shown.stderr
+    head, _, message = shown.stdout.partition("\n\n")
+    assert head.splitlines()[0] == line
+    assert message == content.decode().replace("\r\n", "\n")  # as it arrived
+    missing = cli(config, "feedback", "show", "999999")
+    assert (missing.returncode, missing.stderr) == (1, "No feedback report 999999\n")
+
+
 @pytest.mark.parametrize(
     ("kept", "matched_by"),
     [

@@ -30,6 +30,7 @@ COMMANDS = {
     "account": "account:account",
     "webhooks": "webhooks:webhooks",
     "stats": "stats:stats",
+    "feedback": "feedback:feedback",
 }
 
 

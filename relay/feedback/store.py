@@ -139,26 +139,21 @@ class FeedbackStore:
         view)."""
 
         def query(db: Connection) -> list[dict[str, object]]:
-            rows = db.execute(
-                "SELECT id, received_at, client, mail_from, recipients, size, state,"
-                " processed_at, outcome FROM feedback_reports"
-                " WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?",
-                [state, state, limit],
-            ).fetchall()
-            return [
-                {
-                    "id": r[0],
-                    "received_at": r[1],
-                    "client": r[2],
-                    "mail_from": r[3],
-                    "recipients": json.loads(r[4]),
-                    "size": r[5],
-                    "state": r[6],
-                    "processed_at": r[7],
-                    "outcome": json.loads(r[8]) if r[8] else None,
-                }
-                for r in rows
-            ]
+            return _report_rows(
+                db, "WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?", [state, state, limit]
+            )
+
+        return await self._db.read(query)
+
+    async def report(self, report_id: int) -> tuple[dict[str, object], bytes] | None:
+        """One report as the operator sees it, and the message as it arrived."""
+
+        def query(db: Connection) -> tuple[dict[str, object], bytes] | None:
+            found = _report_rows(db, "WHERE id = ?", [report_id])
+            if not found:
+                return None
+            row = db.execute("SELECT content FROM feedback_reports WHERE id = ?", [report_id])
+            return found[0], bytes(row.fetchone()[0] or b"")
 
         return await self._db.read(query)
 
@@ -195,3 +190,28 @@ class FeedbackStore:
 
 def _delete(sql: str, cutoff: str, db: Connection) -> int:
     return int(db.execute(sql, [cutoff, PURGE_BATCH]).rowcount)
+
+
+_REPORT_SELECT = (
+    "SELECT id, received_at, client, mail_from, recipients, size, state, processed_at,"
+    " outcome FROM feedback_reports "
+)
+
+
+def _report_rows(db: Connection, where: str, params: list[object]) -> list[dict[str, object]]:
+    # `where` is one of this module's fixed clauses; values go in as parameters.
+    rows = db.execute(_REPORT_SELECT + where, params).fetchall()
+    return [
+        {
+            "id": r[0],
+            "received_at": r[1],
+            "client": r[2],
+            "mail_from": r[3],
+            "recipients": json.loads(r[4]),
+            "size": r[5],
+            "state": r[6],
+            "processed_at": r[7],
+            "outcome": json.loads(r[8]) if r[8] else None,
+        }
+        for r in rows
+    ]
