@@ -49,7 +49,7 @@ from .smtpd import (
     tls_context,
 )
 from .spool import Spool
-from .stores import SPOOL_FILE, Stores, load_dkim_signers, signer, tracking_urls
+from .stores import SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
 
 log = logging.getLogger("optout.serve")
 
@@ -129,7 +129,7 @@ class Relay:
         # configuration whose connection caps cannot fit is refused before any work.
         budget = plan(settings, raise_limit(), descriptors_open())
         stores = await self._exit.enter_async_context(Stores(settings))
-        signed_by = signer(settings)
+        signed_by = stores.signer()
         urls = tracking_urls(settings, signed_by)
         spool = await Spool.open(settings.storage.dir / SPOOL_FILE, receiving=True)
         self._exit.push_async_callback(spool.close)

@@ -200,6 +200,19 @@ def _public_url(value: Any, key: str) -> str:
     return str(value).rstrip("/")
 
 
+def _database_url(value: Any, key: str) -> str:
+    """A PostgreSQL URL (libpq's); its password, if any, never appears in an error."""
+    text = _string(value, key)
+    url = urlsplit(text)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(key, "must be a postgresql://USER@HOST/DATABASE URL")
+    try:
+        url.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(key, "port must be between 1 and 65535") from None
+    return text
+
+
 def _downstream(value: Any, key: str) -> Downstream:
     url = urlsplit(_string(value, key))
     if url.scheme not in ("smtp", "smtps"):
@@ -438,7 +451,14 @@ def _directory(value: Any, key: str) -> Path:
 
 
 _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
-    "storage": (StorageSettings, {"dir": _directory}),
+    "storage": (
+        StorageSettings,
+        {
+            "dir": _directory,
+            "database": _database_url,
+            "database_password_file": _readable_file,
+        },
+    ),
     "smtp": (
         SmtpSettings,
         {

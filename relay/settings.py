@@ -48,6 +48,9 @@ class Downstream:
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
     dir: Path = Path("optout-data")
+    # A shared store (suppressions, events, keys...) for several nodes; None: SQLite in dir.
+    database: str | None = None
+    database_password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from .database import (
     utc_now,
     zeroing,
 )
-from .engine import Connection, Engine, EngineSpec
+from .engine import Connection, Dialect, Engine, EngineSpec
 from .entries import Entry, Outcome
 from .errors import (
     ImportFormatError,
@@ -58,6 +58,7 @@ __all__ = [
     "Connection",
     "DataHolder",
     "Database",
+    "Dialect",
     "Engine",
     "EngineSpec",
     "Entry",

@@ -146,7 +146,10 @@ def _connect(path: Path, cache_kib: int = CACHE_KIB) -> SqliteConnection:
     # Deleted rows are zeroed within their pages, so erased personal data does not linger in
     # free space; FAST costs no extra I/O (freed pages are handled by VACUUM when it matters).
     conn.execute("PRAGMA secure_delete=FAST")
-    return SqliteConnection(conn)
+    # sqlite-utils turns recursive triggers on by default; off, a REPLACE's implicit delete
+    # fires no DELETE trigger (SQLite's default), as the webhook triggers rely on: a
+    # strengthened entry is one `suppression.added`, never a removal and an addition.
+    return SqliteConnection(conn, recursive_triggers=False)
 
 
 class Database:

@@ -111,11 +111,14 @@ class EngineSpec:
     url: str | None = None
     password: str | None = field(default=None, repr=False)
 
-    async def open(self, migrations: Sequence[Migration]) -> Engine:
+    async def open(self, migrations: Sequence[Migration], *, create: bool = True) -> Engine:
+        """`create=False`: a PostgreSQL database without a store is SchemaMissing."""
         if self.url is not None:
             from .postgres import PostgresDatabase
 
-            return await PostgresDatabase.open(self.url, migrations, password=self.password)
+            return await PostgresDatabase.open(
+                self.url, migrations, password=self.password, create=create
+            )
         from .database import Database
 
         assert self.path is not None

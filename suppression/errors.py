@@ -77,6 +77,10 @@ class InvalidAge(SuppressionError, ValueError):
         self.text = text
 
 
+class SchemaMissing(SuppressionError):
+    """A database opened only to read has no store in it (nothing was ever recorded)."""
+
+
 class StorageUnavailable(SuppressionError):
     """The shared store (PostgreSQL) cannot be reached now: nothing was read or written.
     Callers answer 'try again later' (SMTP 451 4.3.0, HTTP 503), never a guess."""

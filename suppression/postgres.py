@@ -36,7 +36,7 @@ from psycopg.adapt import Loader
 
 from .database import _STOP, Migration, _claim, _Job, _Lane, _Outcome, _report, utc_now
 from .engine import POSTGRESQL_DIALECT, Connection, Cursor, Dialect, EngineSpec
-from .errors import StorageUnavailable
+from .errors import SchemaMissing, StorageUnavailable
 
 T = TypeVar("T")
 
@@ -177,8 +177,10 @@ class PostgresDatabase:
         *,
         password: str | None = None,
         readers: int = READERS,
+        create: bool = True,
     ) -> None:
         self.url = url
+        self._create = create
         self.location = redacted(url)
         self._password = password
         self._migrations = tuple(migrations)
@@ -214,10 +216,12 @@ class PostgresDatabase:
         *,
         password: str | None = None,
         readers: int = READERS,
+        create: bool = True,
     ) -> PostgresDatabase:
         """Connect, and create or upgrade the schema (serialised between nodes starting
-        together); StorageUnavailable when the server cannot be reached."""
-        database = cls(url, migrations, password=password, readers=readers)
+        together); StorageUnavailable when the server cannot be reached. `create=False`:
+        SchemaMissing when the database holds no store yet, and nothing is made."""
+        database = cls(url, migrations, password=password, readers=readers, create=create)
         database._writer.start()
         try:
             await asyncio.wrap_future(database._ready)
@@ -319,6 +323,8 @@ class PostgresDatabase:
         conn: psycopg.Connection[Any] | None = None
         try:
             conn = self._connect()
+            if not self._create and not _has_store(conn):
+                raise SchemaMissing(f"no store in the database {self.location}")
             _apply_migrations(conn, self._migrations)
         except BaseException as exc:
             if conn is not None:
@@ -419,6 +425,11 @@ class PostgresDatabase:
             return conn
         outcomes += done
         return conn
+
+
+def _has_store(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regclass('migrations') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def _apply_migrations(conn: psycopg.Connection[Any], migrations: Sequence[Migration]) -> None:

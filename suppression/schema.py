@@ -211,9 +211,25 @@ _PG_KEYS_EXPIRY_AUDIT = [
     )""",
 ]
 
+_PG_SHARED_KEYS = [
+    """CREATE TABLE shared_keys (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+]
+
+
+def _no_change(db: SqliteConnection) -> None:
+    """A step for the other engine only."""
+
+
 MIGRATIONS = (
     Migration("suppression/0001-suppressions-and-contacts", _create_tables, _PG_CREATE_TABLES),
     Migration("suppression/0002-keys-expiry-audit", _keys_expiry_audit, _PG_KEYS_EXPIRY_AUDIT),
     # Scopes were checked before any PostgreSQL store existed: nothing to repair there.
     Migration("suppression/0003-canonical-scopes", _canonical_scopes, ()),
+    # The keys every node must agree on (address hash, signing), made once by whichever
+    # node comes first (relay/stores.py). An SQLite store keeps them in files beside it.
+    Migration("suppression/0004-shared-keys", _no_change, _PG_SHARED_KEYS),
 )

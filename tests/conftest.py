@@ -156,3 +156,12 @@ async def open_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     yield open_
     for engine in opened:
         await engine.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_database(request: pytest.FixtureRequest) -> str | None:
+    """`storage.database` for tests that run on each engine: None (SQLite in the data
+    dir), then a fresh PostgreSQL database's URL."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return None

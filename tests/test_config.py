@@ -63,7 +63,9 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
     for needs_a_real_file in ("tls_cert", "tls_key", "implicit_tls_listen"):
         del uncommented["smtp"][needs_a_real_file]
     del uncommented["tracking"]["templates"]
+    del uncommented["storage"]["database_password_file"]  # needs a real file too
     full = parse_settings(uncommented)
+    assert full.storage.database == "postgresql://optout@db.example/optout?sslmode=verify-full"
     assert full.delivery.downstream == Downstream("127.0.0.1", 25)
     assert full.http.public_url == "https://mail.example.com"
     assert full.webhooks[0].events == ("unsubscribe", "complaint", "bounced")
@@ -75,6 +77,8 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
     [
         ({"smtp": {"lisen": "127.0.0.1:25"}}, "smtp.lisen"),
         ({"smpt": {}}, "smpt"),
+        ({"storage": {"database": "mysql://db.example/optout"}}, "storage.database"),
+        ({"storage": {"database": "postgresql://db:99999/x"}}, "storage.database"),
         ({"smtp": {"listen": "127.0.0.1:70000"}}, "smtp.listen"),
         ({"smtp": {"listen": "no-port"}}, "smtp.listen"),
         ({"smtp": {"max_message_size": "big"}}, "smtp.max_message_size"),

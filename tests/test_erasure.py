@@ -20,7 +20,6 @@ from relay.stores import SPOOL_FILE
 from suppression import (
     MIGRATIONS,
     AddressHasher,
-    Database,
     SuppressionStore,
     caseless,
     erase_subject,
@@ -38,6 +37,7 @@ from tests.helpers import (
     spool_depth,
     wait_for,
 )
+from tests.postgres import OpenEngine
 from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
 from tracking.events import Event, EventStore, EventType
 
@@ -60,14 +60,16 @@ def files_mentioning(directory: Path, needles: list[str]) -> list[str]:
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[tuple[SuppressionStore, EventStore, Spool]]:
-    db = await Database.open(tmp_path / "optout.db", MIGRATIONS + EVENT_MIGRATIONS)
+async def stores(
+    tmp_path: Path, open_engine: OpenEngine
+) -> AsyncIterator[tuple[SuppressionStore, EventStore, Spool]]:
+    """The shared stores on each engine (`open_engine`), the spool on SQLite as always."""
+    db = await open_engine(MIGRATIONS + EVENT_MIGRATIONS)
     spool = await Spool.open(tmp_path / SPOOL_FILE)
     try:
         yield SuppressionStore(db, AddressHasher(KEY)), EventStore(db), spool
     finally:
         await spool.close()
-        await db.close()
 
 
 async def test_non_ascii_spellings_in_the_spool_are_erased(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,6 @@ import pytest
 from suppression import (
     MIGRATIONS,
     AddressHasher,
-    Database,
     ImportFormatError,
     ImportOptions,
     ImportReport,
@@ -25,15 +22,15 @@ from suppression import (
     import_file,
 )
 from suppression.formats import Format
+from tests.postgres import OpenEngine
 
 KEY = b"import-test-key-0123456789abcdef"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SuppressionStore]:
-    db = await Database.open(tmp_path / "optout.db", MIGRATIONS)
-    yield SuppressionStore(db, AddressHasher(KEY))
-    await db.close()
+async def store(open_engine: OpenEngine) -> SuppressionStore:
+    """On each engine (the conftest fixture `open_engine`)."""
+    return SuppressionStore(await open_engine(MIGRATIONS), AddressHasher(KEY))
 
 
 async def run(
@@ -48,9 +45,12 @@ async def reason_of(store: SuppressionStore, address: str) -> str | None:
     return None if found is None else found.reason
 
 
-def table(path: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT * FROM suppressions ORDER BY address_hash").fetchall()
+async def table(store: SuppressionStore) -> list[tuple[object, ...]]:
+    return await store.database.read(
+        lambda db: [
+            tuple(row) for row in db.execute("SELECT * FROM suppressions ORDER BY address_hash")
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,11 +182,11 @@ async def test_an_import_never_weakens_and_rerunning_changes_nothing(
     assert bob is not None and bob.reason == "complaint" and bob.expires_at is None
     cy = await store.check("cy@example.org")
     assert cy is not None and cy.reason == "manual" and cy.expires_at is None
-    before = table(tmp_path / "optout.db")
+    before = await table(store)
     for _ in range(2):
         rerun = await run(store, text, scope="topic:news", expires_at=later)
         assert (rerun.added, rerun.strengthened, rerun.unchanged) == (0, 0, 4)
-    assert table(tmp_path / "optout.db") == before
+    assert await table(store) == before
 
 
 async def test_bad_rows_are_reported_by_line_and_skipped(store: SuppressionStore) -> None:

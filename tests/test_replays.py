@@ -5,7 +5,6 @@ past which fetches are answered but not recorded. Real HTTP, real SQLite."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -16,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from relay.settings import Settings, SigningSettings, StorageSettings
-from relay.stores import STORE_FILE, Stores
+from relay.stores import Stores
 from tracking import PIXEL_GIF, RateLimit, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 
@@ -41,8 +40,10 @@ class Clock:
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    settings = Settings(storage=StorageSettings(tmp_path), signing=SigningSettings(KEYS))
+async def stores(tmp_path: Path, store_database: str | None) -> AsyncIterator[Stores]:
+    """On each engine (the conftest fixture `store_database`)."""
+    storage = StorageSettings(tmp_path, database=store_database)
+    settings = Settings(storage=storage, signing=SigningSettings(KEYS))
     async with Stores(settings) as opened:
         await opened.suppressions.remember([ADDRESS])
         yield opened
@@ -81,9 +82,12 @@ async def recorded(client: TestClient[Any, Any], stores: Stores) -> list[dict[st
     return [e async for e in stores.events.export()]
 
 
-def event_rows(tmp_path: Path) -> int:
-    with sqlite3.connect(tmp_path / STORE_FILE) as db:
-        return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
+async def event_rows(stores: Stores) -> int:
+    return int(
+        await stores.database.read(
+            lambda db: db.execute("SELECT count(*) FROM events").fetchone()[0]
+        )
+    )
 
 
 async def replay(client: TestClient[Any, Any], path: str, times: int, **headers: str) -> None:
@@ -115,7 +119,7 @@ async def test_a_replayed_pixel_is_one_row_with_a_count(
     [event] = await recorded(client, stores)
     assert (event["type"], event["machine"], event["count"]) == ("open", False, 500)
     assert event["last_at"] >= event["at"]
-    assert event_rows(tmp_path) == 1
+    assert await event_rows(stores) == 1
 
 
 async def test_a_copy_opened_again_after_the_window_is_a_new_row(
@@ -143,7 +147,7 @@ async def test_the_window_holds_across_a_restart(
     await replay(second, pixel(stores, urls), 5)
     [event] = await recorded(second, stores)
     assert event["count"] == 10
-    assert event_rows(tmp_path) == 1
+    assert await event_rows(stores) == 1
 
 
 async def test_copies_links_and_verdicts_are_never_merged(

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,16 +104,19 @@ async def history(stores: Stores) -> None:
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    async with Stores(Settings(storage=StorageSettings(tmp_path / "data"))) as opened:
+async def stores(tmp_path: Path, store_database: str | None) -> AsyncIterator[Stores]:
+    """On each engine (the conftest fixture `store_database`)."""
+    storage = StorageSettings(tmp_path / "data", database=store_database)
+    async with Stores(Settings(storage=storage)) as opened:
         await history(opened)
         yield opened
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, store_database: str | None) -> Path:
     path = tmp_path / "relay.toml"
-    path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n')
+    database = f'database = "{store_database}"\n' if store_database else ""
+    path.write_text(f'[storage]\ndir = "{tmp_path / "data"}"\n{database}')
     return path
 
 
@@ -197,10 +199,13 @@ async def test_counts_outlive_retention_and_erasure_but_firsts_do_not(
     await stores.events.erase_recipient("spring-r0")
     after = await stores.statistics.report(Selection(campaign="spring"))
     assert [s.as_dict() for s in after] == [s.as_dict() for s in before]
-    with sqlite3.connect(tmp_path / "data" / STORE_FILE) as db:
-        left = db.execute("SELECT metric, COUNT(*) FROM stats_reach GROUP BY metric").fetchall()
-        opens_left = db.execute("SELECT COUNT(*) FROM events WHERE type = 'open'").fetchone()
-    assert opens_left == (0,)
+    left = await stores.database.read(
+        lambda db: db.execute("SELECT metric, COUNT(*) FROM stats_reach GROUP BY metric").fetchall()
+    )
+    opens_left = await stores.database.read(
+        lambda db: db.execute("SELECT COUNT(*) FROM events WHERE type = 'open'").fetchone()
+    )
+    assert tuple(opens_left) == (0,)
     assert dict(left) == {"click_human": 39, "click_machine": 10}  # r0's click forgotten
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 
+from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
 from ..accounts import Account
@@ -20,7 +21,7 @@ from ..pipeline import Pipeline
 from ..rewrite import ReceivedClient
 from ..settings import Settings
 from ..spool import WHOLE, Partition, Spool
-from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, signer, tracking_urls
+from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
 from .transport import OutboxTransport, SmtpTransport, Transport, outbox_name
 from .worker import DeliveryWorker, RetryPolicy
 
@@ -31,12 +32,14 @@ def destination(settings: Settings) -> str:
     return downstream.address if downstream else outbox_name(settings.storage.dir / OUTBOX_DIR)
 
 
-def feedback_marks(settings: Settings, accounts: Mapping[str, Account]) -> FeedbackMarks | None:
+def feedback_marks(
+    settings: Settings, accounts: Mapping[str, Account], signed_by: Signer
+) -> FeedbackMarks | None:
     """With a feedback domain (the relay's or an account's), the maker of each copy's
     return path, mailto: address and feedback fields."""
     if not settings.feedback_domains():
         return None
-    return FeedbackMarks(CopyTokens(signer(settings)), settings.feedback.domain, accounts)
+    return FeedbackMarks(CopyTokens(signed_by), settings.feedback.domain, accounts)
 
 
 def build_transport(settings: Settings, hostname: str) -> Transport:
@@ -106,7 +109,7 @@ class DeliveryRuntime:
                 ),
                 suppressions=stores.suppressions,
                 events=stores.events,
-                urls=self._urls or tracking_urls(settings),
+                urls=self._urls or tracking_urls(settings, stores.signer()),
                 retry=RetryPolicy(
                     settings.delivery.retry_initial_delay,
                     settings.delivery.retry_max_delay,
@@ -115,7 +118,7 @@ class DeliveryRuntime:
                 concurrency=settings.delivery.workers,
                 hostname=hostname,
                 partition=self._partition,
-                marks=feedback_marks(settings, accounts),
+                marks=feedback_marks(settings, accounts, stores.signer()),
             )
             task = asyncio.create_task(self.worker.run(), name="delivery-worker")
             self._exit.push_async_callback(self._stop, self.worker, task)

@@ -326,8 +326,8 @@ def _event(
 def _soft_bounces_since(db: Connection, address_hash: str, since: datetime) -> int:
     """Soft bounces of this recipient recorded since `since`, this one included."""
     row = db.execute(
-        "SELECT COUNT(*) FROM events WHERE address_hash = ? AND type = ? AND at >= ?"
-        " AND json_extract(detail, '$.kind') = 'soft'",
+        "SELECT COUNT(*) FROM events WHERE address_hash = ? AND type = ? AND at >= ?"  # noqa: S608
+        f" AND {db.dialect.json_text('detail', 'kind')} = 'soft'",
         [address_hash, str(EventType.BOUNCED), format_time(since)],
     ).fetchone()
     return int(row[0])

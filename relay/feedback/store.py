@@ -83,8 +83,8 @@ class FeedbackStore:
         rows = [copy.row(now) for copy in copies]
         await self._db.write(
             lambda db: db.executemany(
-                f"INSERT OR IGNORE INTO feedback_copies ({_COPY_COLUMNS})"  # noqa: S608
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO feedback_copies ({_COPY_COLUMNS})"  # noqa: S608
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 rows,
             )
         )
@@ -140,7 +140,9 @@ class FeedbackStore:
 
         def query(db: Connection) -> list[dict[str, object]]:
             return _report_rows(
-                db, "WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?", [state, state, limit]
+                db,
+                "WHERE (CAST(? AS TEXT) IS NULL OR state = ?) ORDER BY id DESC LIMIT ?",
+                [state, state, limit],
             )
 
         return await self._db.read(query)

@@ -48,7 +48,7 @@ def rollup_counts(db: Connection, selection: Selection, bucket: int) -> Iterable
     """From `stats_counts`, summed in SQLite per group, bucket and metric: a report over
     everything returns a row per campaign and metric, not one per hour."""
     column = "campaign" if selection.group_by == "campaign" else "domain"
-    where, params = ["1"], []
+    where, params = ["TRUE"], []
     if selection.campaign is not None:
         where.append("campaign = ?")
         params.append(selection.campaign)

@@ -76,8 +76,8 @@ class WebhookOutbox:
         def replace(db: Connection) -> None:
             db.execute("DELETE FROM webhook_subscriptions")
             db.executemany(
-                "INSERT OR IGNORE INTO webhook_subscriptions (type, url, give_up_after)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO webhook_subscriptions (type, url, give_up_after)"
+                " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 rows,
             )
 
@@ -90,11 +90,12 @@ class WebhookOutbox:
         configured endpoints), leaving out `skip` (those in flight)."""
 
         def query(db: Connection) -> list[OutboxRow]:
+            values = db.dialect.json_each
             cursor = db.execute(
                 f"SELECT {_COLUMNS} FROM webhook_outbox"  # noqa: S608
                 " WHERE state = 'pending' AND next_attempt_at <= ?"
-                " AND url IN (SELECT value FROM json_each(?))"
-                " AND id NOT IN (SELECT value FROM json_each(?))"
+                f" AND url IN (SELECT value FROM {values})"
+                f" AND id NOT IN (SELECT CAST(value AS BIGINT) FROM {values})"
                 " ORDER BY next_attempt_at LIMIT ?",
                 [now, json.dumps(list(urls)), json.dumps(list(skip)), limit],
             )
@@ -105,8 +106,8 @@ class WebhookOutbox:
     async def next_due(self, urls: Sequence[str]) -> float | None:
         def query(db: Connection) -> float | None:
             row = db.execute(
-                "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'"
-                " AND url IN (SELECT value FROM json_each(?))",
+                "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'"  # noqa: S608
+                f" AND url IN (SELECT value FROM {db.dialect.json_each})",
                 [json.dumps(list(urls))],
             ).fetchone()
             return None if row[0] is None else float(row[0])
@@ -175,7 +176,7 @@ class WebhookOutbox:
         def query(db: Connection) -> list[OutboxRow]:
             cursor = db.execute(
                 f"SELECT {_COLUMNS} FROM webhook_outbox"  # noqa: S608
-                " WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                f" WHERE state IN (SELECT value FROM {db.dialect.json_each}) ORDER BY id LIMIT ?",
                 [json.dumps(list(states)), limit],
             )
             return [OutboxRow(*row) for row in cursor.fetchall()]
