@@ -268,9 +268,17 @@ async def test_an_erasure_scrubs_the_address_from_waiting_webhooks(
     assert cli(config, "suppress", "add", "gina@example.org").returncode == 0
     await wait_for(lambda: bool(receiver.seen), what="a try")
     assert json.loads(receiver.seen[-1].body)["data"]["address"] == "gina@example.org"
-    assert cli(config, "subject", "erase", "--yes", "gina@example.org").returncode == 0
+    exported = cli(config, "subject", "export", "gina@example.org")
+    assert exported.returncode == 0, exported.stderr
+    [waiting] = json.loads(exported.stdout)["webhooks"]
+    assert (waiting["type"], waiting["url"]) == ("suppression.added", receiver.url)
+    assert waiting["data"]["address"] == "gina@example.org"
+    erased = cli(config, "subject", "erase", "--yes", "gina@example.org")
+    assert erased.returncode == 0, erased.stderr
+    assert "webhooks: 1 anonymised" in erased.stdout
     payloads = [json.loads(p) for (p,) in _outbox(settings, "payload")]
     assert payloads and all(p["address"] is None for p in payloads)
+    assert [h for (h,) in _outbox(settings, "address_hash")] == [None] * len(payloads)
     receiver.then = 200
     assert cli(config, "webhooks", "retry").returncode == 0
     await wait_for(

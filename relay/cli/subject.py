@@ -42,7 +42,7 @@ def subject() -> None:
 async def _with_holders(stores: Stores, action: Callable[[list[DataHolder]], Awaitable[T]]) -> T:
     """The event log, the spool (when there is one) and the outbox, for a subject request."""
     settings = stores.settings
-    holders = [stores.events.holder()]
+    holders = [stores.events.holder(), stores.webhooks.holder()]
     spool_path = settings.storage.dir / SPOOL_FILE
     spool = await Spool.open(spool_path) if spool_path.exists() else None
     try:

@@ -6,8 +6,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from suppression import Connection, Engine, format_time
+from suppression import Connection, DataHolder, Engine, Subject, format_time
 
 from .endpoints import WebhookEndpoint
 
@@ -232,6 +233,46 @@ class WebhookOutbox:
             return int(changed)
 
         return await self._db.write(clean)
+
+    def holder(self) -> DataHolder:
+        """The outbox's part in data-subject exports and erasures. An erasure's tombstone
+        has already cleared the address from the payloads (a trigger, schema.py); what is
+        left is the link to the person's hash, which goes too."""
+
+        async def export(subject: Subject) -> list[dict[str, Any]]:
+            def query(db: Connection) -> list[dict[str, Any]]:
+                cursor = db.execute(
+                    f"SELECT {_COLUMNS} FROM webhook_outbox"  # noqa: S608
+                    " WHERE address_hash = ? ORDER BY id",
+                    [subject.address_hash],
+                )
+                return [_exported(OutboxRow(*row)) for row in cursor.fetchall()]
+
+            return await self._db.read(query)
+
+        async def erase(subject: Subject) -> int:
+            return await self._db.write(
+                lambda db: int(
+                    db.execute(
+                        "UPDATE webhook_outbox SET address_hash = NULL WHERE address_hash = ?",
+                        [subject.address_hash],
+                    ).rowcount
+                )
+            )
+
+        return DataHolder("webhooks", export, erase, effect="anonymised")
+
+
+def _exported(row: OutboxRow) -> dict[str, Any]:
+    return {
+        "webhook_id": row.webhook_id,
+        "url": row.url,
+        "type": row.type,
+        "at": row.at,
+        "state": row.state,
+        "attempts": row.attempts,
+        "data": json.loads(row.payload),
+    }
 
 
 def iso_time(moment: float) -> str:
