@@ -205,6 +205,10 @@ class Database:
         """Run `fn` on the writer connection outside any transaction (checkpoint, VACUUM)."""
         return await self._submit(self._writes, fn, in_transaction=False)
 
+    async def hold(self, name: str) -> bool:
+        # One SQLite file serves one node: whoever has it holds every lock.
+        return True
+
     async def checkpoint(self) -> bool:
         """Copy the WAL into the database file and truncate it; False if a reader prevented it.
 

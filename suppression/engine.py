@@ -145,6 +145,12 @@ class Engine(Protocol):
 
     async def read(self, fn: Callable[[Connection], T]) -> T: ...
 
+    async def hold(self, name: str) -> bool:
+        """Whether this process holds the lock `name` among every node sharing the store
+        (taken now if it is free), until the process ends or its connection breaks: one
+        node at a time does a job such as draining the webhook outbox."""
+        ...
+
     async def checkpoint(self) -> bool:
         """After an erasure: no old copy of the erased data left in the engine's own files
         that it can remove (SQLite's WAL); True when done."""

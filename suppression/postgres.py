@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -194,6 +195,8 @@ class PostgresDatabase:
             for n in range(readers)
         ]
         self._closed = False
+        self._held: dict[str, psycopg.Connection[Any]] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def spec(self) -> EngineSpec:
@@ -243,6 +246,37 @@ class PostgresDatabase:
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await self._submit(self._reads, fn)
 
+    async def hold(self, name: str) -> bool:
+        return await asyncio.to_thread(self._hold, name)
+
+    def _hold(self, name: str) -> bool:
+        """A session advisory lock on a connection of its own, kept while it is held: a
+        node that dies or loses the server loses the lock with its connection, and the
+        next node to ask takes it over."""
+        with self._held_lock:
+            conn = self._held.get(name)
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    del self._held[name]
+            if self._closed or not self._health.may_try():
+                return False
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            try:
+                conn = self._connect()
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+            except psycopg.Error:
+                return False
+            if row and row[0]:
+                self._held[name] = conn
+                return True
+            conn.close()
+            return False
+
     async def checkpoint(self) -> bool:
         # The server's own WAL and dead row versions are its administrator's (VACUUM).
         return True
@@ -260,6 +294,10 @@ class PostgresDatabase:
         if self._closed:
             return
         self._closed = True
+        with self._held_lock:
+            for conn in self._held.values():
+                conn.close()
+            self._held.clear()
         self._writes.stop()
         self._reads.stop()
         for _ in self._readers[1:]:

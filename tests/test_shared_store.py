@@ -211,3 +211,84 @@ async def test_when_the_server_goes_away_a_check_fails_at_once_and_recovers(
     assert len([m for m in said if "unreachable" in m]) == 1, said
     assert len([m for m in said if "reachable again" in m]) == 1, said
     assert "***" not in postgres_url and all(postgres_url in m for m in said)
+
+
+async def test_one_node_drains_the_outbox_and_another_takes_over_when_it_dies(
+    tmp_path: Path, postgres_url: str, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    from tracking.webhooks.dispatch import Dispatcher
+    from tracking.webhooks.endpoints import WebhookDelivery
+
+    seen: list[str] = []  # webhook-id of each POST
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers["webhook-id"])
+        await asyncio.sleep(0.3)  # a slow receiver: the webhook stays pending meanwhile
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = await aiohttp_server(app)
+    delivery = WebhookDelivery(timeout=5.0, first_retry=0.05)
+    async with (
+        Stores(node(tmp_path, "a", postgres_url)) as a,
+        Stores(node(tmp_path, "b", postgres_url)) as b,
+    ):
+        # Both nodes have the endpoint configured: either could send every webhook.
+        endpoint = WebhookEndpoint(str(server.make_url("/hook")), "whsec_" + "B" * 32)
+        await a.webhooks.subscribe([endpoint], 3600.0)
+        for n in range(10):
+            await (a if n % 2 else b).suppressions.add(f"w{n}@example.org")
+        dispatchers = {
+            name: Dispatcher(stores.webhooks, [endpoint], delivery)
+            for name, stores in (("a", a), ("b", b))
+        }
+        tasks = {name: asyncio.create_task(d.run()) for name, d in dispatchers.items()}
+        try:
+            deadline = time.monotonic() + 20
+            while len(seen) < 10:
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.05)
+            assert sorted(seen) == sorted(set(seen))  # each once, by one node
+            # The node that drains dies (its connections go, the lock with them); the
+            # other takes over what comes next.
+            leader = "a" if await a.webhooks.leading() else "b"
+            tasks[leader].cancel()
+            await asyncio.gather(tasks[leader], return_exceptions=True)
+            await (a if leader == "a" else b).database.close()
+            survivor = b if leader == "a" else a
+            for n in range(10, 15):
+                await survivor.suppressions.add(f"w{n}@example.org")
+            while len(seen) < 15:
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.05)
+            assert len(set(seen)) == 15
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_healthz_says_503_while_the_server_is_away(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str, aiohttp_client: Any
+) -> None:
+    from tracking import Signer, TrackingUrls, create_app
+
+    async with Stores(node(tmp_path, "a", postgres_url)) as stores:
+        urls = TrackingUrls("https://t.example", Signer(["k" * 32]))
+        app = create_app(stores.suppressions, stores.events, urls, event_process=False)
+        client = await aiohttp_client(app)
+        assert (await client.get("/healthz")).status == 200
+        postgres_server.stop()
+        try:
+            response = await client.get("/healthz")
+            assert response.status == 503
+            assert (await response.text()).startswith("store unreachable: PostgreSQL at ")
+        finally:
+            postgres_server.start()
+        deadline = time.monotonic() + 15
+        while (await client.get("/healthz")).status != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)

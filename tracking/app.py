@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 from multidict import istr
 
-from suppression import SuppressionStore
+from suppression import StorageUnavailable, SuppressionStore
 
 from .beacons import DEFAULT_FETCH_LIMIT, DEFAULT_REPEAT_WINDOW, BeaconSpec, resolve_fetch
 from .clicks import click
@@ -181,6 +181,13 @@ def _no_details() -> Sequence[str]:
 
 async def healthz(request: web.Request) -> web.Response:
     details = "".join(f"{line}\n" for line in request.app[HEALTH_DETAILS]())
+    try:
+        # A real read: a shared store's server that went away shows here at once.
+        await request.app[TRACKING].suppressions.database.read(
+            lambda db: db.execute("SELECT 1").fetchone()
+        )
+    except StorageUnavailable as exc:
+        return web.Response(status=503, text=f"store unreachable: {exc}\n{details}")
     if not request.app[TRACKING].recorder.healthy:
         return web.Response(status=503, text=f"event writes failing\n{details}")
     return web.Response(text=f"ok\n{details}")

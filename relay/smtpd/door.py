@@ -13,6 +13,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from suppression import (
     STOPS_TRANSACTIONAL,
     InvalidAddress,
+    StorageUnavailable,
     Suppression,
     SuppressionStore,
     sender_scopes,
@@ -210,6 +211,9 @@ class FrontDoor:
             )
         except InvalidAddress:
             return "553 5.1.3 Bad recipient address syntax"
+        except StorageUnavailable:
+            # Never a guess: try later. The store said why, once, as it became unreachable.
+            return "451 4.3.0 Suppression list unavailable, try again later"
         except Exception:
             log.exception("suppression lookup failed")
             return "451 4.3.0 Suppression list unavailable, try again later"

@@ -132,6 +132,13 @@ class Dispatcher:
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
     async def _round(self, session: aiohttp.ClientSession) -> None:
+        if not await self._outbox.leading():
+            # Another node drains the shared outbox (what is in flight here still ends).
+            if self._in_flight:
+                await asyncio.wait(self._in_flight.values(), timeout=POLL_EVERY)
+            else:
+                await asyncio.sleep(POLL_EVERY)
+            return
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_EVERY

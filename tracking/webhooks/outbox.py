@@ -68,6 +68,11 @@ class WebhookOutbox:
     def __init__(self, db: Engine) -> None:
         self._db = db
 
+    async def leading(self) -> bool:
+        """Whether this node drains the outbox now: one node at a time, so a webhook is
+        sent by one (and again by the next only if the first died before recording it)."""
+        return await self._db.hold("webhook-outbox")
+
     async def subscribe(self, endpoints: Sequence[WebhookEndpoint], give_up_after: float) -> None:
         """Make the triggers queue webhooks for exactly these endpoints from now on."""
         rows = [
