@@ -49,7 +49,7 @@ from .smtpd import (
     tls_context,
 )
 from .spool import Spool
-from .stores import SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
+from .stores import PENDING_EVENTS_FILE, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
 
 log = logging.getLogger("optout.serve")
 
@@ -86,6 +86,10 @@ def tracking_app(
         durable_events=tracking.durable_events,
         event_process=settings.http.event_process,
         event_process_logging=functools.partial(setup_logging, log_format),
+        # A shared store may be away: opens wait on this node's disk meanwhile.
+        pending_events=(
+            settings.storage.dir / PENDING_EVENTS_FILE if settings.storage.database else None
+        ),
         rate_limit=RateLimit(per_minute=tracking.rate_per_minute, burst=tracking.rate_burst),
         fetch_limit=RateLimit(
             per_minute=tracking.fetch_rate_per_minute, burst=tracking.fetch_rate_burst

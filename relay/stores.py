@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 STORE_FILE = "optout.db"
 SPOOL_FILE = "spool.db"
+PENDING_EVENTS_FILE = "pending-events.db"
 OUTBOX_DIR = "outbox"
 SIGNING_KEY_FILE = "signing.key"
 HASH_KEY_FILE = "address-hash.key"

@@ -51,6 +51,7 @@ def create_app(
     durable_events: bool = False,
     event_process: bool = False,
     event_process_logging: Callable[[], object] | None = None,
+    pending_events: Path | None = None,
     rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen, shared safely
     fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT,
     repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
@@ -72,7 +73,8 @@ def create_app(
       its User-Agent in open and click events (and the IP network in unsubscribe proofs).
     - `durable_events`: answer a pixel or click only once its event is committed.
     - `event_process`: check, judge and write opens and clicks in a child process (another
-      core), not on this event loop; `event_process_logging` sets up that process's logs
+      core), not on this event loop; `event_process_logging` sets up that process's logs;
+      `pending_events`: a local file where its events wait while a shared store is away
       (picklable, e.g. a functools.partial of a module's function; default: plain text).
     - `rate_limit`: on the state-changing POSTs, per client address (a genuine one-click:
       per recipient, so a mail provider's shared addresses never have an opt-out refused).
@@ -107,7 +109,10 @@ def create_app(
     recorder: Recorder
     if event_process:
         recorder = EventProcess(
-            EventProcessSpec(events.spec, spec, setup_logging=event_process_logging), metrics
+            EventProcessSpec(
+                events.spec, spec, setup_logging=event_process_logging, pending=pending_events
+            ),
+            metrics,
         )
     else:
         recorder = EventRecorder(

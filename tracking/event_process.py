@@ -33,6 +33,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from suppression.engine import EngineSpec
@@ -41,6 +42,7 @@ from .beacons import Beacons, BeaconSpec, resolve_fetch
 from .errors import EventProcessError, EventWriteError
 from .events import MIGRATIONS, Event, EventStore
 from .metrics import Metrics
+from .pending import BufferedFetches, PendingEvents
 from .recorder import MAX_BATCH, MAX_PENDING, Gathering, Pending, Resolver, resolve_items
 
 if TYPE_CHECKING:
@@ -70,6 +72,9 @@ class EventProcessSpec:
     beacons: BeaconSpec
     # How the child logs (the app's format); None: plain text to stderr.
     setup_logging: Callable[[], object] | None = None
+    # With a shared store: the local file where events wait while it is unreachable
+    # (tracking/pending.py); None: a write that fails loses its events, as before.
+    pending: Path | None = None
 
 
 @dataclass(slots=True)
@@ -505,14 +510,27 @@ async def _serve(spec: EventProcessSpec, sock: socket.socket) -> None:
             await writer.drain()
         writer.close()
         return
+    pending: PendingEvents | None = None
+    drain: asyncio.Task[None] | None = None
     try:
         beacons = spec.beacons.build()
+        store: EventStore | BufferedFetches = EventStore(database)
+        if spec.pending is not None:
+            pending = await PendingEvents.open(spec.pending)
+            buffered = BufferedFetches(EventStore(database), pending)
+            drain = asyncio.create_task(buffered.drain(beacons.repeat_window))
+            store = buffered
         writer.write(_frame(_Ready()))
         inbox = _Inbox(reader)
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, inbox.stop)
-        await _write_rounds(inbox, EventStore(database), writer, beacons)
+        await _write_rounds(inbox, store, writer, beacons)
     finally:
         writer.close()
+        if drain is not None:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+        if pending is not None:
+            await pending.close()
         await database.close()
 
 
@@ -550,7 +568,10 @@ class _Inbox:
 
 
 async def _write_rounds(
-    inbox: _Inbox, store: EventStore, writer: asyncio.StreamWriter, beacons: Beacons
+    inbox: _Inbox,
+    store: EventStore | BufferedFetches,
+    writer: asyncio.StreamWriter,
+    beacons: Beacons,
 ) -> None:
     """Resolve and write, in one transaction, every batch that arrived during the last
     round; then acknowledge them."""
@@ -575,6 +596,8 @@ async def _write_rounds(
             return  # the app is gone; what it did not hear of, it cannot resend either
 
 
-async def _write(store: EventStore, events: Sequence[Event], beacons: Beacons) -> None:
+async def _write(
+    store: EventStore | BufferedFetches, events: Sequence[Event], beacons: Beacons
+) -> None:
     if events:
         await store.record_fetches(events, beacons.repeat_window)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from suppression import STOPS_TRANSACTIONAL, Reason, SuppressionStore
+from suppression import STOPS_TRANSACTIONAL, Reason, StorageUnavailable, SuppressionStore
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
+STORE_RETRY = 2.0  # seconds before a message is tried again while the shared store is away
 REPORT_EVERY = 60.0
 # Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory: each
 # loaded message is held several times over while its copies are rewritten and sent.
@@ -223,7 +224,13 @@ class DeliveryWorker:
             # Every copy has finished its attempt before any back-off decision is made.
             failures = [r for r in results if isinstance(r, BaseException)]
             if failures:
-                raise failures[0]
+                unavailable = [f for f in failures if isinstance(f, StorageUnavailable)]
+                raise (unavailable or failures)[0]
+        except StorageUnavailable:
+            # The shared store is away: nothing is wrong with the message. It waits in the
+            # spool, no attempt counted (an outage never bounces mail), and is tried again
+            # soon; the store said why, once.
+            self._cooldown[queue_id] = time.time() + STORE_RETRY
         except Exception:
             # The spool still holds everything not finished; keep the message out of the
             # next passes for a while so a failing disk or a bad message is not a hot loop.
