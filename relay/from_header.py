@@ -9,6 +9,7 @@ defect wherever it had to guess; a guess is where readers part ways, so it is re
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from .mime import header_fields
 # Defects about the display name's words only: the address stays certain.
 _HARMLESS = (errors.ObsoleteHeaderDefect, errors.UndecodableBytesDefect, errors.CharsetError)
 _FOLD = re.compile(r"\r\n|\r|\n")
+# A campaign's messages share one From field: its reading is kept, for fields of one line.
+_CACHED_FIELD = 998
 
 
 class AmbiguousFrom(RelayError, ValueError):
@@ -64,20 +67,34 @@ def authors(values: Iterable[str]) -> tuple[Author, ...]:
         raise AmbiguousFrom(f"{len(fields)} From fields (RFC 5322 allows one)")
     if not fields or "@" not in fields[0]:
         return ()  # no address at all: nothing to read two ways, no author domain
+    field = fields[0]
+    found = _read_cached(field) if len(field) <= _CACHED_FIELD else _read(field)
+    if isinstance(found, str):
+        raise AmbiguousFrom(found)
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _read_cached(field: str) -> tuple[Author, ...] | str:
+    return _read(field)
+
+
+def _read(field: str) -> tuple[Author, ...] | str:
+    """The authors of one unfolded From value, or why readers may disagree about them."""
     try:
-        header = default.header_factory("From", fields[0])
+        header = default.header_factory("From", field)
         parsed = header.addresses
     except Exception:  # the email parser raises many kinds on garbage
-        raise AmbiguousFrom("From field cannot be parsed") from None
+        return "From field cannot be parsed"
     doubts = [d for d in header.defects if not isinstance(d, _HARMLESS)]
     if doubts:
-        raise AmbiguousFrom(f"From field is malformed ({doubts[0]})")
+        return f"From field is malformed ({doubts[0]})"
     found = []
     for address in parsed:
         if not address.username or not address.domain:
-            raise AmbiguousFrom("From field has a mailbox without a local part or domain")
+            return "From field has a mailbox without a local part or domain"
         if "@" in address.username:
-            raise AmbiguousFrom("From field has an address with two @")
+            return "From field has an address with two @"
         found.append(Author(address.username, address.domain.lower()))
     return tuple(found)
 

@@ -287,6 +287,23 @@ async def test_an_ambiguous_from_is_refused_at_data(
     assert await spool.entries() == []
 
 
+async def test_a_from_refused_once_is_refused_again_and_a_clear_one_keeps_passing(
+    open_door: OpenDoor, spool: Spool
+) -> None:
+    """A campaign repeats its From field: the reading of one is kept, verdicts included."""
+    port = await open_door(trusted=UNTRUSTED, accounts=(SHOP,))
+    ambiguous = message_with(AMBIGUOUS_FROM["two @"])
+    clear = message_with(b"From: Shop <news@shop.example>\r\n")
+
+    replies = [
+        (await asyncio.to_thread(send, port, content, login="shop"))[0]
+        for content in (ambiguous, clear, ambiguous, clear, ambiguous)
+    ]
+
+    assert replies == [550, 250, 550, 250, 550]
+    assert len(await spool.entries()) == 2
+
+
 CLEAR_FROM = {
     "obsolete spelling alone": b"From : Shop <news@shop.example>\r\n",
     "folded between name and address": b"From: Shop\r\n <news@shop.example>\r\n",
