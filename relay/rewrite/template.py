@@ -277,6 +277,7 @@ class _Builder:
         self.limits = limits
         self.notes = template.notes
         self.links: list[str] = []
+        self._decoded: dict[int, Decoded] = {}  # by body offset: each body undone once
 
     def splices(self) -> list[Splice]:
         for sealed in self.tree.sealed:
@@ -314,10 +315,10 @@ class _Builder:
                 body = self.raw[leaf.body_start : leaf.body_end]
                 try:
                     charset = self._charset(leaf)
-                    text = decode(body, leaf.cte, charset).text
+                    decoded = self._decoded[leaf.body_start] = decode(body, leaf.cte, charset)
                 except MimeError as exc:
                     raise MimeError(f"{leaf.ctype}: {exc}") from exc
-                texts[leaf.body_start] = (leaf, text, charset)
+                texts[leaf.body_start] = (leaf, decoded.text, charset)
         edits: dict[int, list[Edit]] = {key: [] for key in texts}
         unsubscribe = self.decorations.unsubscribe
         limits = self.limits
@@ -375,7 +376,7 @@ class _Builder:
         body = self.raw[leaf.body_start : leaf.body_end]
         cte = leaf.cte
         html = leaf.ctype == "text/html"
-        decoded = decode(body, cte, charset)
+        decoded = self._decoded.get(leaf.body_start) or decode(body, cte, charset)
         data, bedits, exact = byte_edits(decoded, edits, html)
         what = _describe(edits)
         if not exact:
