@@ -9,6 +9,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
+from tracking.modes import Mode, Modes
+
 from .errors import RelayError
 
 # scrypt at N=2^14, r=8, p=1: about 50 ms and 16 MiB per check, RFC 7914's interactive choice.
@@ -82,6 +84,19 @@ class Account:
     track_opens: bool = True
     feedback_domain: str | None = None  # this account's bounces and complaints come here
     category: Category = "marketing"
+    # How this account's opens and clicks are measured; None: as [tracking] says.
+    opens: Mode | None = None
+    clicks: Mode | None = None
+    # Whether its X-Optout-Consent header (consent the sender's tool holds) is believed.
+    consent_header: bool = False
+
+    def modes(self, relay: Modes) -> Modes:
+        """The modes of this account's mail: its own, else the relay's; none at all with
+        `tracking = false`."""
+        if not self.track_opens:
+            return Modes(Mode.OFF, Mode.OFF)
+        return Modes(self.opens or relay.opens, self.clicks or relay.clicks)
+
     # The sender's physical postal address, in every footer (CAN-SPAM 15 USC 7704(a)(5));
     # None: the relay's own (rewrite.postal_address), if set.
     postal_address: str | None = None

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from suppression import InvalidAge, NormalizationPolicy, parse_age
+from tracking.modes import MODES, Mode, click_mode
 from tracking.retention import Retention
 from tracking.webhooks import (
     WebhookConfigError,
@@ -106,6 +107,21 @@ def _boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"must be true or false, not {_type_name(value)}")
     return value
+
+
+def _mode(value: Any, key: str) -> Mode:
+    if not isinstance(value, str) or value not in MODES:
+        raise ConfigError(key, f"must be one of {', '.join(MODES)} (got {value!r})")
+    return Mode(value)
+
+
+def _click_mode(value: Any, key: str) -> Mode:
+    """`clicks`: the booleans it always took (false: off; true: individual), or a mode."""
+    if isinstance(value, bool):
+        return click_mode(value)
+    if not isinstance(value, str) or value not in MODES:
+        raise ConfigError(key, f"must be false, true or one of {', '.join(MODES)} (got {value!r})")
+    return Mode(value)
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -303,6 +319,9 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                 "from_domains",
                 "topic",
                 "tracking",
+                "opens",
+                "clicks",
+                "consent_header",
                 "feedback_domain",
                 "category",
                 "postal_address",
@@ -322,6 +341,10 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
         topic = entry.get("topic")
         tracking = entry.get("tracking", True)
         category = entry.get("category", "marketing")
+        track = _boolean(tracking, f"{where}.tracking")
+        for name in ("opens", "clicks"):
+            if not track and name in entry:
+                raise ConfigError(f"{where}.{name}", "conflicts with tracking = false")
         if category not in CATEGORIES:
             raise ConfigError(
                 f"{where}.category", f"must be one of {', '.join(CATEGORIES)} (got {category!r})"
@@ -332,7 +355,14 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
                 password_hash=password_hash,
                 from_domains=tuple(_domain(d, f"{where}.from_domains") for d in domains),
                 topic=None if topic is None else _string(topic, f"{where}.topic"),
-                track_opens=_boolean(tracking, f"{where}.tracking"),
+                track_opens=track,
+                opens=_mode(entry["opens"], f"{where}.opens") if "opens" in entry else None,
+                clicks=(
+                    _click_mode(entry["clicks"], f"{where}.clicks") if "clicks" in entry else None
+                ),
+                consent_header=_boolean(
+                    entry.get("consent_header", False), f"{where}.consent_header"
+                ),
                 feedback_domain=(
                     _domain(entry["feedback_domain"], f"{where}.feedback_domain")
                     if "feedback_domain" in entry
@@ -494,7 +524,9 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
     "tracking": (
         TrackingSettings,
         {
-            "clicks": _boolean,
+            "opens": _mode,
+            "clicks": _click_mode,
+            "keep_last_open_only": _boolean,
             "store_ip": _boolean,
             "store_user_agent": _boolean,
             "durable_events": _boolean,

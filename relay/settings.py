@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from suppression import NormalizationPolicy
+from tracking.modes import Mode, Modes, click_mode
 from tracking.retention import Retention
 from tracking.webhooks import WebhookDelivery, WebhookEndpoint
 
@@ -94,7 +95,11 @@ class HttpSettings:
 
 @dataclass(frozen=True, slots=True)
 class TrackingSettings:
-    clicks: bool = False
+    # How opens and clicks are measured (tracking.modes): individual, consented, aggregate,
+    # off. `clicks` also takes the booleans it always took: false (off), true (individual).
+    opens: Mode = Mode.INDIVIDUAL
+    clicks: Mode | bool = Mode.OFF
+    keep_last_open_only: bool = False  # per recipient and campaign, only the last open's day
     store_ip: bool = False  # then only the /24 (IPv4) or /48 (IPv6) network
     store_user_agent: bool = False
     durable_events: bool = False
@@ -107,6 +112,14 @@ class TrackingSettings:
     fetch_rate_per_minute: float = 600.0  # opens and clicks recorded per client
     fetch_rate_burst: int = 300
     repeat_window: float = 3600.0  # seconds: repeated fetches of one copy counted on one row
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "opens", Mode(self.opens))
+        object.__setattr__(self, "clicks", click_mode(self.clicks))
+
+    @property
+    def click_mode(self) -> Mode:
+        return click_mode(self.clicks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +247,16 @@ class Settings:
         domains = [self.feedback.domain] if self.feedback.domain else []
         domains += [a.feedback_domain for a in self.accounts if a.feedback_domain]
         return tuple(dict.fromkeys(domains))
+
+    def tracking_modes(self) -> Modes:
+        """How the relay measures opens and clicks, where an account says nothing else."""
+        return Modes(self.tracking.opens, self.tracking.click_mode)
+
+    def individual_tracking(self) -> bool:
+        """Whether any mail may measure some recipient individually (the relay's modes or
+        an account's): then the recipient's pages offer to withdraw."""
+        relay = self.tracking_modes()
+        return relay.may_name or any(a.modes(relay).may_name for a in self.accounts)
 
     def account_map(self) -> dict[str, Account]:
         """The accounts by username: build it once per process and share it."""

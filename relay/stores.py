@@ -20,6 +20,7 @@ from suppression import MIGRATIONS as SUPPRESSION_MIGRATIONS
 from suppression import (
     AddressHasher,
     Connection,
+    ConsentStore,
     Database,
     Engine,
     EngineSpec,
@@ -89,6 +90,7 @@ class Stores:
             hasher = await self._open_local()
         assert self._db is not None
         self.suppressions = SuppressionStore(self._db, hasher)
+        self.consents = ConsentStore(self._db, hasher)  # to individual tracking
         self.events = EventStore(self._db)
         # Both filled as events and suppression changes are written, in their transactions.
         self.webhooks = WebhookOutbox(self._db)

@@ -2,6 +2,16 @@
 
 from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
 from .audit import AuditRecord
+from .consent import (
+    ALL_PURPOSES,
+    NO_WORD,
+    PURPOSES,
+    Consent,
+    ConsentRecord,
+    ConsentStore,
+    Purpose,
+    parse_purposes,
+)
 from .database import (
     Database,
     Migration,
@@ -48,14 +58,20 @@ from .subject import (
 )
 
 __all__ = [
+    "ALL_PURPOSES",
     "GLOBAL",
     "MIGRATIONS",
+    "NO_WORD",
+    "PURPOSES",
     "SOFT_REASONS",
     "STOPS_TRANSACTIONAL",
     "AddressHasher",
     "AuditRecord",
     "BadRow",
     "Connection",
+    "Consent",
+    "ConsentRecord",
+    "ConsentStore",
     "DataHolder",
     "Database",
     "Dialect",
@@ -76,6 +92,7 @@ __all__ = [
     "Outcome",
     "PermanentReason",
     "ProtectedSuppression",
+    "Purpose",
     "Reason",
     "StorageUnavailable",
     "Subject",
@@ -93,6 +110,7 @@ __all__ = [
     "import_file",
     "normalize_address",
     "parse_age",
+    "parse_purposes",
     "parse_reason",
     "parse_scope",
     "row_dicts",

@@ -360,6 +360,7 @@ def _apply_migrations(db: SqliteConnection, migrations: Sequence[Migration]) -> 
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        applied.add(migration.name)  # a migration two packages list is applied once
 
 
 @contextlib.contextmanager

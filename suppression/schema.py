@@ -6,6 +6,7 @@ import sqlite_utils
 
 from . import audit
 from .addresses import DEFAULT_POLICY
+from .consent import CONSENT_MIGRATION
 from .database import Migration, SqliteConnection, utc_now
 from .reasons import stronger
 
@@ -232,4 +233,5 @@ MIGRATIONS = (
     # The keys every node must agree on (address hash, signing), made once by whichever
     # node comes first (relay/stores.py). An SQLite store keeps them in files beside it.
     Migration("suppression/0004-shared-keys", _no_change, _PG_SHARED_KEYS),
+    CONSENT_MIGRATION,
 )

@@ -11,6 +11,7 @@ from typing import Any
 from . import audit
 from .addresses import MD5_PREFIX, SHA256_PREFIX, AddressHasher, digest_keys
 from .audit import AuditRecord
+from .consent import Consent, consent_of
 from .database import format_time, utc_now, zeroing
 from .engine import Connection, Cursor, Engine
 from .entries import COLUMNS, Entry, Outcome, apply_entries
@@ -305,6 +306,22 @@ class SuppressionStore:
             ).fetchone()
             keys = (address_hash, *digest_keys(row[0])) if row else (address_hash,)
             return find(db, keys, wanted, utc_now())
+
+        return await self._db.read(lookup)
+
+    async def check_hash_and_consent(
+        self, address_hash: str, scopes: Iterable[str] = (GLOBAL,)
+    ) -> tuple[Suppression | None, Consent]:
+        """`check_hash` and the recipient's word on tracking (suppression.consent), in one
+        read: what the delivery worker needs of a recipient, in one round trip."""
+        wanted = _scopes(scopes)
+
+        def lookup(db: Connection) -> tuple[Suppression | None, Consent]:
+            row = db.execute(
+                "SELECT address FROM contacts WHERE address_hash = ?", [address_hash]
+            ).fetchone()
+            keys = (address_hash, *digest_keys(row[0])) if row else (address_hash,)
+            return find(db, keys, wanted, utc_now()), consent_of(db, address_hash)
 
         return await self._db.read(lookup)
 

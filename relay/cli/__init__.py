@@ -31,6 +31,7 @@ COMMANDS = {
     "webhooks": "webhooks:webhooks",
     "stats": "stats:stats",
     "feedback": "feedback:feedback",
+    "consent": "consent:consent",
 }
 
 

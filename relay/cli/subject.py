@@ -13,6 +13,7 @@ import click
 
 from suppression import DataHolder, Outcome, erase_subject, export_subject
 from suppression.holders import outbox_holder, spool_holder
+from tracking.modes import measured
 from tracking.retention import PurgeReport, Retention, purge
 
 from ..spool import Spool
@@ -42,7 +43,11 @@ def subject() -> None:
 async def _with_holders(stores: Stores, action: Callable[[list[DataHolder]], Awaitable[T]]) -> T:
     """The event log, the spool (when there is one) and the outbox, for a subject request."""
     settings = stores.settings
-    holders = [stores.events.holder(), stores.webhooks.holder()]
+    holders = [
+        stores.events.holder(),
+        stores.consents.holder(measured(settings.tracking_modes())),
+        stores.webhooks.holder(),
+    ]
     spool_path = settings.storage.dir / SPOOL_FILE
     spool = await Spool.open(spool_path) if spool_path.exists() else None
     try:
