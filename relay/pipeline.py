@@ -19,13 +19,18 @@ from typing import Protocol
 
 from suppression import (
     GLOBAL,
+    NO_WORD,
     AddressHasher,
+    Consent,
     InvalidScope,
+    parse_purposes,
     parse_scope,
     sender_scopes,
     topic_scope,
 )
 from tracking import RecipientRef, TrackingUrls
+from tracking.modes import Mode, Modes, Purpose, click_mode
+from tracking.tokens import AggregateRef
 
 from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
@@ -77,8 +82,11 @@ class Metadata:
     message_id: str | None = None
     campaign: str | None = None
     scope: str = GLOBAL
-    track_opens: bool = True
-    track_clicks: bool = False
+    # How opens and clicks are measured (tracking.modes): the account's or the relay's,
+    # narrowed by the message; decided per recipient at delivery (`PreparedMessage.modes_for`).
+    modes: Modes = field(default_factory=Modes)
+    # Purposes the sender's tool vouches its recipients consented to (X-Optout-Consent).
+    header_consent: frozenset[Purpose] = frozenset()
     transactional: bool = False
     automatic: bool = False  # a bounce, report or auto-reply: passes undecorated
     rewrite_body: bool = True
@@ -94,6 +102,18 @@ class Metadata:
 
     def decide(self, step: str, decision: str) -> None:
         self.decisions.append(f"{step}: {decision}")
+
+    @property
+    def track_opens(self) -> bool:
+        return self.modes.opens.tracks
+
+    @property
+    def track_clicks(self) -> bool:
+        return self.modes.clicks.tracks
+
+    def narrow(self, to: Mode) -> None:
+        """Opens and clicks measured at most as `to` (a message may narrow, never widen)."""
+        self.modes = self.modes.narrowed(to)
 
     def add_field(self, field_: bytes, *, trace: bool = False) -> None:
         """A header field (CRLF-terminated) for every copy; `trace` ones go on top."""
@@ -171,17 +191,56 @@ class ReadCategory:
         category = (_header(headers, "X-Optout-Category") or "").lower()
         if category == "transactional":
             meta.transactional = True
-            meta.track_opens = False
+            meta.narrow(Mode.OFF)
             meta.decide(self.name, "transactional: no tracking, no unsubscribe decoration")
 
 
 class ReadTracking:
+    """X-Optout-Track: `off` (no pixel, no click rewriting) or `aggregate` (counted, naming
+    nobody): a message may narrow how it is measured, never widen it."""
+
     name = "tracking"
 
     def process(self, headers: Message, meta: Metadata) -> None:
-        if (_header(headers, "X-Optout-Track") or "").lower() == "off":
-            meta.track_opens = False
-            meta.decide(self.name, "open tracking off (X-Optout-Track)")
+        asked = (_header(headers, "X-Optout-Track") or "").lower()
+        if not asked:
+            return
+        if asked not in (Mode.OFF, Mode.AGGREGATE):
+            meta.decide(self.name, f"ignored X-Optout-Track: {asked[:40]!r} (off or aggregate)")
+            return
+        meta.narrow(Mode(asked))
+        if asked == Mode.OFF:
+            meta.decide(self.name, "open and click tracking off (X-Optout-Track)")
+        else:
+            meta.decide(
+                self.name,
+                f"opens {meta.modes.opens}, clicks {meta.modes.clicks} (X-Optout-Track: aggregate)",
+            )
+
+
+class ReadConsent:
+    """X-Optout-Consent: `opens, clicks`: the sender's tool holds its recipients' consent to
+    these purposes (under `consented`, they are then measured individually). Believed from
+    trusted networks and from accounts with `consent_header = true`; a recipient's own
+    withdrawal still wins."""
+
+    name = "consent"
+
+    def process(self, headers: Message, meta: Metadata) -> None:
+        value = _header(headers, "X-Optout-Consent")
+        if value is None:
+            return
+        account = meta.account
+        if account is not None and not account.consent_header:
+            meta.decide(self.name, f"ignored X-Optout-Consent: {account.username} may not vouch")
+            return
+        words = value.replace(",", " ").split()
+        known = [w for w in words if w.lower() in (p.value for p in Purpose)]
+        meta.header_consent = parse_purposes(known)
+        unknown = [w for w in words if w not in known]
+        said = ", ".join(sorted(meta.header_consent)) or "nothing"
+        note = f" (ignored: {', '.join(unknown)[:80]})" if unknown else ""
+        meta.decide(self.name, f"sender vouches for consent to {said}{note}")
 
 
 class GuardSignedContent:
@@ -210,9 +269,14 @@ class ApplyAccountDefaults:
                 meta.decide(self.name, f"ignored unusable default topic {account.topic!r}")
             else:
                 meta.decide(self.name, f"{account.username}: default scope {meta.scope}")
-        if not account.track_opens and meta.track_opens:
-            meta.track_opens = False
-            meta.decide(self.name, f"{account.username}: open tracking off")
+        if not account.track_opens:
+            meta.decide(self.name, f"{account.username}: open and click tracking off")
+        elif account.opens is not None or account.clicks is not None:
+            meta.decide(
+                self.name,
+                f"{account.username}: opens {account.opens or 'as configured'},"
+                f" clicks {account.clicks or 'as configured'}",
+            )
 
 
 class ReadFeedbackFields:
@@ -248,7 +312,7 @@ class DetectAutomatic:
         if not reasons:
             return
         meta.automatic = meta.transactional = True
-        meta.track_opens = meta.track_clicks = False
+        meta.narrow(Mode.OFF)
         meta.decide(self.name, f"automatic mail ({', '.join(reasons)}): passes undecorated")
 
 
@@ -363,6 +427,7 @@ DEFAULT_STEPS: tuple[Step, ...] = (
     ReadTopic(),
     ReadCategory(),
     ReadTracking(),
+    ReadConsent(),
     ApplyAccountDefaults(),
     GuardSignedContent(),
     DetectAutomatic(),
@@ -387,6 +452,15 @@ class PreparedMessage:
     _link_tokens: tuple[TrackingUrls, tuple[str, ...]] | None = field(
         default=None, repr=False, compare=False
     )
+    # The pixel and link URLs of every copy measured in aggregate, made once.
+    _aggregate: tuple[TrackingUrls, str, tuple[str, ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def modes_for(self, consent: Consent = NO_WORD) -> Modes:
+        """How one recipient's copy is measured, from their word on tracking (per purpose:
+        individual, aggregate or off)."""
+        return self.meta.modes.for_copy(consent, self.meta.header_consent)
 
     def personalise(
         self,
@@ -397,15 +471,18 @@ class PreparedMessage:
         eight_bit_ok: bool = True,
         address_hash: str | None = None,
         marks: CopyMarks | None = None,
+        modes: Modes | None = None,
     ) -> bytes:
         """The recipient's copy, DKIM-signed last so the signature covers every change.
 
         `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
         `address_hash`: the recipient's keyed hash, when the caller has it already.
         `marks`: the copy's feedback addresses and fields (relay.feedback), if any.
+        `modes`: how this copy is measured (`modes_for` the recipient's consent; default:
+        as if they had said nothing).
         """
         key = address_hash if address_hash is not None else hasher.hash(recipient)
-        copy = self._render(key, urls, eight_bit_ok, marks)
+        copy = self._render(key, urls, eight_bit_ok, marks, modes or self.modes_for())
         signer = self.meta.signer
         if signer is None:
             return copy
@@ -423,6 +500,7 @@ class PreparedMessage:
         urls: TrackingUrls,
         eight_bit_ok: bool,
         marks: CopyMarks | None = None,
+        modes: Modes = Modes(),  # noqa: B008 - frozen
     ) -> bytes:
         feedback_fields = marks.fields if marks is not None else ()
         if self.meta.transactional:
@@ -430,18 +508,41 @@ class PreparedMessage:
         ref = RecipientRef(address_hash, self.meta.scope, self.meta.campaign, self.meta.queue_id)
         unsubscribe_url = urls.unsubscribe_url(ref)
         values: dict[HoleKey, str] = {Hole.UNSUBSCRIBE_URL: unsubscribe_url}
-        if self.meta.track_opens and self.meta.rewrite_body:
-            values[Hole.PIXEL_URL] = urls.pixel_url(ref)
+        holes = self.template.holes
+        if Hole.PREFERENCES_URL in holes:
+            values[Hole.PREFERENCES_URL] = urls.preferences_url(unsubscribe_url)
+        if Hole.PIXEL_URL in holes:
+            if modes.opens is Mode.INDIVIDUAL:
+                values[Hole.PIXEL_URL] = urls.pixel_url(ref)
+            else:
+                values[Hole.PIXEL_URL] = self._aggregate_urls(urls)[0]
         if self.template.links:
-            prefix = urls.click_prefix(ref)
-            for index, token in enumerate(self._links_signed(urls)):
-                values[LinkHole(index)] = prefix + token
+            if modes.clicks is Mode.INDIVIDUAL:
+                prefix = urls.click_prefix(ref)
+                for index, token in enumerate(self._links_signed(urls)):
+                    values[LinkHole(index)] = prefix + token
+            else:
+                for index, url in enumerate(self._aggregate_urls(urls)[1]):
+                    values[LinkHole(index)] = url
         mailto = f"mailto:{marks.mailto}" if marks is not None else None
         return self.template.render(
             values,
             [*list_unsubscribe_headers(unsubscribe_url, mailto), *feedback_fields],
             eight_bit_ok=eight_bit_ok,
         )
+
+    def _aggregate_urls(self, urls: TrackingUrls) -> tuple[str, tuple[str, ...]]:
+        """The pixel and link URLs of every copy measured in aggregate: they name the
+        campaign and the sending domain, and are signed with the message's arrival time,
+        so every copy (a retry's too) has exactly these."""
+        cached = self._aggregate
+        if cached is None or cached[0] is not urls:
+            meta = self.meta
+            ref = AggregateRef(meta.campaign, meta.from_domain)
+            at = int(meta.received_at)
+            links = tuple(urls.aggregate_click_url(ref, u, at) for u in self.template.links)
+            cached = self._aggregate = (urls, urls.aggregate_pixel_url(ref, at), links)
+        return cached[1], cached[2]
 
     def _links_signed(self, urls: TrackingUrls) -> tuple[str, ...]:
         cached = self._link_tokens
@@ -464,14 +565,16 @@ class Pipeline:
         *,
         signers: Mapping[str, DkimSigner] | None = None,
         accounts: Mapping[str, Account] | None = None,
-        clicks: bool = False,
+        clicks: bool | Mode = False,
+        opens: Mode = Mode.INDIVIDUAL,
         hostname: str = "localhost",
         received_client: ReceivedClient = ReceivedClient.OMITTED,
         limits: MimeLimits | None = None,
         postal_address: str | None = None,
         pixel_min_html: int = 0,
     ) -> None:
-        """`clicks`: rewrite the HTML links of tracked messages to signed click URLs.
+        """`opens`, `clicks`: how opens and clicks are measured (tracking.modes; `clicks`
+        also as the boolean it was: true is individual).
         `hostname`: the relay's name in the fields it adds (Received, Message-ID).
         `received_client`: what the Received field says about the submitting client.
         `limits`: the bounds on the work one message may cost. `postal_address`: the
@@ -484,7 +587,7 @@ class Pipeline:
             AddReceived(hostname, received_client),
         )
         self.accounts = dict(accounts or {})
-        self.clicks = clicks
+        self.modes = Modes(opens, click_mode(clicks))
         self.limits = limits or MimeLimits()
         self.postal_address = postal_address
         self.pixel_min_html = pixel_min_html
@@ -498,8 +601,9 @@ class Pipeline:
         *,
         arrival: Arrival | None = None,
     ) -> PreparedMessage:
-        meta = Metadata(queue_id, mail_from, arrival or Arrival(), track_clicks=self.clicks)
+        meta = Metadata(queue_id, mail_from, arrival or Arrival())
         meta.account = self.accounts.get(account) if account else None
+        meta.modes = meta.account.modes(self.modes) if meta.account else self.modes
         block = headers_of(raw)
         if len(block) > MAX_HEADER_BYTES:
             # The front door refuses these; one spooled before that must still not cost
@@ -523,9 +627,8 @@ class Pipeline:
             )
             meta.warnings.append(warning)
             meta.decide("dkim", f"warning: {warning}")
-        # Whatever turns open tracking off (X-Optout-Track, transactional, the account's
-        # choice) turns click tracking off too: it is the same consent.
-        meta.track_clicks = meta.track_clicks and meta.track_opens and meta.rewrite_body
+        if not meta.rewrite_body:
+            meta.narrow(Mode.OFF)  # a body left untouched gets no pixel and no click URLs
         decorations = Decorations(
             unsubscribe=not meta.transactional and meta.rewrite_body,
             pixel=meta.track_opens and meta.rewrite_body,
@@ -533,6 +636,7 @@ class Pipeline:
             replace_list_headers=not meta.automatic,
             postal_address=(meta.account and meta.account.postal_address) or self.postal_address,
             pixel_min_html=self.pixel_min_html,
+            preferences=meta.modes.may_name and not meta.transactional,
         )
         template = build_template(raw, decorations, headers, self.limits)
         template.add_fields(meta.fields)

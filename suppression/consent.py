@@ -147,9 +147,7 @@ def consent_of(db: Connection, address_hash: str) -> Consent:
     return consent_from(entries_of(db, address_hash))
 
 
-def withdrawn_among(
-    db: Connection, address_hashes: Iterable[str]
-) -> set[tuple[str, Purpose]]:
+def withdrawn_among(db: Connection, address_hashes: Iterable[str]) -> set[tuple[str, Purpose]]:
     """(recipient, purpose) pairs withdrawn among `address_hashes`: one query for a batch."""
     keys = sorted(set(address_hashes))
     if not keys:

@@ -494,6 +494,7 @@ def _apply_migrations(conn: psycopg.Connection[Any], migrations: Sequence[Migrat
                     "INSERT INTO migrations (name, applied_at) VALUES (%s, %s)",
                     [migration.name, utc_now()],
                 )
+            applied.add(migration.name)  # a migration two packages list is applied once
             log.info("storage: applied %s", migration.name)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK])

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from multidict import istr
 
+from .aggregate import AggregateHit, Counting, day_of, repeat_digest
 from .errors import BadToken
 from .events import Event, EventType
 from .metrics import Tally
@@ -26,7 +27,7 @@ from .network import (
     truncated,
 )
 from .ratelimit import RateLimit, RateLimiter
-from .tokens import Reading, TrackingUrls
+from .tokens import AggregateReading, Reading, TrackingUrls
 from .verdict import Judge, Verdict
 
 if TYPE_CHECKING:
@@ -65,6 +66,14 @@ class Beacons:
     store_user_agent: bool
     repeat_window: timedelta = DEFAULT_REPEAT_WINDOW
     limiter: RateLimiter | None = None  # None: every fetch recorded
+    # A recipient's opens of a campaign are one event with the day of the last one.
+    keep_last_open_only: bool = False
+    # How fetches are sorted when written: aggregate counts, the event log (made per process).
+    counting: Counting = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        counting = Counting(self.repeat_window, self.keep_last_open_only)
+        object.__setattr__(self, "counting", counting)
 
     def admits(self, address: IPAddress | None) -> bool:
         """Whether a fetch from `address` may be recorded: within its rate limit, or from a
@@ -91,6 +100,7 @@ class BeaconSpec:
     machine_networks: tuple[tuple[str, tuple[str, ...]], ...] = ()
     repeat_window: timedelta = DEFAULT_REPEAT_WINDOW
     fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT
+    keep_last_open_only: bool = False
 
     @classmethod
     def of(
@@ -105,6 +115,7 @@ class BeaconSpec:
         machine_networks: Mapping[str, Sequence[str]] | None,
         repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
         fetch_limit: RateLimit | None = DEFAULT_FETCH_LIMIT,
+        keep_last_open_only: bool = False,
     ) -> BeaconSpec:
         return cls(
             urls,
@@ -116,6 +127,7 @@ class BeaconSpec:
             tuple((label, tuple(nets)) for label, nets in (machine_networks or {}).items()),
             repeat_window,
             fetch_limit,
+            keep_last_open_only,
         )
 
     def build(self) -> Beacons:
@@ -132,6 +144,7 @@ class BeaconSpec:
             self.store_user_agent,
             self.repeat_window,
             None if self.fetch_limit is None else RateLimiter(self.fetch_limit),
+            self.keep_last_open_only,
         )
 
 
@@ -171,29 +184,56 @@ def raw_fetch(request: web.Request, token: str, at: float) -> RawFetch:
     )
 
 
-def resolve_fetch(beacons: Beacons, tally: Tally, raw: Fetch | RawFetch) -> Event | None:
-    """The open event of a pixel fetch, or None for a token that is not genuine or a client
-    past its rate limit (its pixel was answered all the same)."""
+def resolve_fetch(
+    beacons: Beacons, tally: Tally, raw: Fetch | RawFetch
+) -> Event | AggregateHit | None:
+    """The open event of a pixel fetch (an aggregate hit for an aggregate pixel), or None
+    for a token that is not genuine or a client past its rate limit (its pixel was
+    answered all the same)."""
     fetch = raw if isinstance(raw, Fetch) else Fetch._make(raw)
     address = client_of_fetch(beacons, fetch)
     if not beacons.admits(address):
         tally.limited("pixel")
         return None
     try:
-        reading = beacons.urls.check_open(fetch.token)
+        reading = beacons.urls.check_beacon(fetch.token)
     except BadToken:
         tally.bad_token("pixel")
         return None
     verdict = judge(beacons, reading, fetch, address)
     tally.open(verdict.machine, verdict.reason)
+    if isinstance(reading, AggregateReading):
+        return aggregate_hit(EventType.OPEN, reading, verdict, fetch, address)
     return beacon_event(beacons, EventType.OPEN, reading, verdict, fetch, address)
+
+
+def aggregate_hit(
+    kind: EventType,
+    reading: AggregateReading,
+    verdict: Verdict,
+    fetch: Fetch,
+    address: IPAddress | None,
+    url: str = "",
+) -> AggregateHit:
+    """The count of an aggregate pixel or link. A repeat is this URL fetched again by the
+    same client (its network and agent) with the same verdict (tracking.aggregate)."""
+    repeat = repeat_digest(
+        kind, fetch.token, url, limiter_key(address), fetch.user_agent, verdict.reason
+    )
+    ref = reading.ref
+    return AggregateHit(str(kind), ref.campaign, ref.domain, verdict.machine, fetch.at, repeat)
 
 
 def client_of_fetch(beacons: Beacons, fetch: Fetch) -> IPAddress | None:
     return client_address(fetch.remote, fetch.forwarded_for, beacons.trusted_proxies)
 
 
-def judge(beacons: Beacons, reading: Reading, fetch: Fetch, address: IPAddress | None) -> Verdict:
+def judge(
+    beacons: Beacons,
+    reading: Reading | AggregateReading,
+    fetch: Fetch,
+    address: IPAddress | None,
+) -> Verdict:
     """The verdict, as of the request, given on the client's address."""
     return beacons.judge.judge(
         fetch.user_agent,
@@ -220,7 +260,13 @@ def beacon_event(
     if beacons.store_user_agent and fetch.user_agent:
         detail["user_agent"] = fetch.user_agent[:MAX_STORED_AGENT]
     ref = reading.ref
-    key = repeat_key(kind, ref.address_hash, ref.queue_id, verdict.reason, *extra.values())
+    at = event_time(fetch.at)
+    if kind is EventType.OPEN and beacons.keep_last_open_only:
+        # Only the day is kept, and one event per recipient and campaign and day.
+        at = day_of(at)
+        key = repeat_key(kind, ref.address_hash, ref.campaign, verdict.machine)
+    else:
+        key = repeat_key(kind, ref.address_hash, ref.queue_id, verdict.reason, *extra.values())
     return Event(
         kind,
         ref.address_hash,
@@ -228,7 +274,7 @@ def beacon_event(
         ref.queue_id,
         verdict.machine,
         detail,
-        event_time(fetch.at),
+        at,
         repeat_key=key,
     )
 

@@ -2,8 +2,10 @@
 
 A click URL is `/c/RECIPIENT/LINK`: RECIPIENT is the recipient's signed reference (one per
 copy), LINK a signed [message id, URL] (one per link of a message, made once). Both must be
-genuine and name the same message. Anything else is answered with a page, never a redirect:
-no one can use this endpoint to send people to an address the relay did not sign.
+genuine and name the same message. A link measured in aggregate is `/c/-/LINK`, LINK signing
+the campaign, the sending domain and the URL: the same for every copy of the message.
+Anything else is answered with a page, never a redirect: no one can use this endpoint to
+send people to an address the relay did not sign.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import logging
 
 from aiohttp import web
 
-from .beacons import Fetch, beacon_event, client_of_fetch, judge
+from .beacons import Fetch, aggregate_hit, beacon_event, client_of_fetch, judge
 from .errors import BadToken
 from .events import EventType
 from .pages import NO_STORE, guarded, page
 from .state import TRACKING
-from .tokens import is_redirectable
+from .tokens import AggregateReading, is_redirectable
 
 log = logging.getLogger("optout.http")
 
@@ -43,17 +45,22 @@ async def click(request: web.Request) -> web.Response:
     if not tracking.beacons.admits(address):  # the reader still gets there, unrecorded
         tracking.metrics.limited("click")
         return redirect
-    verdict = judge(tracking.beacons, found.reading, fetch, address)
+    reading = found.reading
+    verdict = judge(tracking.beacons, reading, fetch, address)
     tracking.metrics.click(verdict.machine, verdict.reason)
-    event = beacon_event(
-        tracking.beacons,
-        EventType.CLICK,
-        found.reading,
-        verdict,
-        fetch,
-        address,
-        url=found.url[:MAX_STORED_URL],
-    )
+    event: object
+    if isinstance(reading, AggregateReading):
+        event = aggregate_hit(EventType.CLICK, reading, verdict, fetch, address, found.url)
+    else:
+        event = beacon_event(
+            tracking.beacons,
+            EventType.CLICK,
+            reading,
+            verdict,
+            fetch,
+            address,
+            url=found.url[:MAX_STORED_URL],
+        )
     try:
         if tracking.options.durable_events:
             await tracking.recorder.add_and_wait(event)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from suppression.engine import EngineSpec
 
+from .aggregate import AggregateHit
 from .beacons import Beacons, BeaconSpec, resolve_fetch
 from .errors import EventProcessError, EventWriteError
 from .events import MIGRATIONS, Event, EventStore
@@ -597,7 +598,9 @@ async def _write_rounds(
 
 
 async def _write(
-    store: EventStore | BufferedFetches, events: Sequence[Event], beacons: Beacons
+    store: EventStore | BufferedFetches,
+    events: Sequence[Event | AggregateHit],
+    beacons: Beacons,
 ) -> None:
     if events:
-        await store.record_fetches(events, beacons.repeat_window)
+        await store.record_fetches(events, beacons.repeat_window, beacons.counting)

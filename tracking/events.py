@@ -25,7 +25,9 @@ from suppression import (
     utc_now,
     zeroing,
 )
+from suppression.consent import CONSENT_MIGRATION
 
+from .aggregate import AGGREGATE_MIGRATION, AggregateHit, Counting
 from .statistics.rollup import ROLLUP_MIGRATION, count_events, forget_reach, purge_reach
 from .webhooks.schema import OUTBOX_MIGRATION, queue_event_webhooks
 
@@ -44,6 +46,8 @@ class EventType(StrEnum):
     POLICY_REFUSAL = "policy_refusal"
     # The front door refused a recipient at RCPT (550 5.7.1): no copy was ever made.
     REFUSED = "refused"
+    # A recipient stopped individual tracking of their opens and clicks (preference page).
+    TRACKING_WITHDRAWN = "tracking.withdrawn"
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}
@@ -176,6 +180,10 @@ MIGRATIONS = (
     Migration("tracking/0003-repeated-fetches", _repeated_fetches, _PG_REPEATED_FETCHES),
     ROLLUP_MIGRATION,
     OUTBOX_MIGRATION,
+    # Read when an open arrives (a withdrawal reaches mail already sent), and the counts
+    # of opens and clicks that name nobody.
+    CONSENT_MIGRATION,
+    AGGREGATE_MIGRATION,
 )
 
 PAGE_SIZE = 1000
@@ -216,13 +224,21 @@ class EventStore:
     async def record(self, *events: Event) -> None:
         await self._db.write(lambda db: insert_events(db, events))
 
-    async def record_fetches(self, events: Sequence[Event], window: timedelta) -> None:
+    async def record_fetches(
+        self,
+        events: Sequence[Event | AggregateHit],
+        window: timedelta,
+        counting: Counting | None = None,
+    ) -> None:
         """Record opens and clicks, in one transaction: a fetch whose `repeat_key` has an
         event begun less than `window` before it adds to that event's count; the others are
         new rows. The window is read from the rows themselves, so it holds across batches,
         processes and restarts (a batch resent after a lost acknowledgement adds to counts,
-        never rows)."""
-        await self._db.write(lambda db: _insert_or_count(db, events, window))
+        never rows). Aggregate hits, and the fetches of recipients who withdrew, are only
+        counted (`counting`, tracking.aggregate)."""
+        sort = counting or Counting(window)
+        counted = await self._db.write(lambda db: _record_fetches(db, events, window, sort))
+        sort.recent.remember(counted)
 
     async def export(self, only: EventFilter | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Every event (or those `only` picks), oldest first, as the documented JSON object
@@ -429,6 +445,19 @@ _COUNT_REPEATS = (
     "UPDATE events SET count = count + ?, last_at = {greatest}(coalesce(last_at, at), ?)"
     " WHERE id = ?"
 )
+
+
+def _record_fetches(
+    db: Connection,
+    items: Sequence[Event | AggregateHit],
+    window: timedelta,
+    counting: Counting,
+) -> list[tuple[bytes, float]]:
+    events, counted = counting.sort(db, items)
+    if events:
+        _insert_or_count(db, events, window)
+        counting.after_insert(db, events)
+    return counted
 
 
 def _insert_or_count(db: Connection, events: Sequence[Event], window: timedelta) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from suppression import Connection, Database, Migration, StorageUnavailable
 
+from .aggregate import AggregateHit, Counting
 from .errors import EventWriteError
 from .events import Event, EventStore, EventType
 
@@ -44,7 +45,12 @@ def _create(db: Connection) -> None:
 MIGRATIONS = (Migration("pending/0001-events", _create),)
 
 
-def _dumps(event: Event) -> str:
+def _dumps(event: Event | AggregateHit) -> str:
+    if isinstance(event, AggregateHit):
+        # A count to add: no recipient, and the time only to the day it counts on.
+        day = event.at - event.at % 86400
+        hit = [event.kind, event.campaign, event.domain, event.machine, day]
+        return json.dumps({"aggregate": hit}, separators=(",", ":"))
     return json.dumps(
         {
             "type": str(event.type),
@@ -61,8 +67,10 @@ def _dumps(event: Event) -> str:
     )
 
 
-def _loads(text: str) -> Event:
+def _loads(text: str) -> Event | AggregateHit:
     fields: dict[str, Any] = json.loads(text)
+    if "aggregate" in fields:
+        return AggregateHit(*fields["aggregate"])
     return Event(**{**fields, "type": EventType(fields["type"])})
 
 
@@ -79,7 +87,7 @@ class PendingEvents:
     async def close(self) -> None:
         await self._db.close()
 
-    async def add(self, events: Sequence[Event]) -> None:
+    async def add(self, events: Sequence[Event | AggregateHit]) -> None:
         rows = [(_dumps(event),) for event in events]
 
         def insert(db: Connection) -> None:
@@ -92,7 +100,7 @@ class PendingEvents:
 
         await self._db.write(insert)
 
-    async def oldest(self, limit: int) -> list[tuple[int, Event]]:
+    async def oldest(self, limit: int) -> list[tuple[int, Event | AggregateHit]]:
         rows = await self._db.read(
             lambda db: db.execute(
                 "SELECT id, event FROM pending_events ORDER BY id LIMIT ?", [limit]
@@ -121,12 +129,20 @@ class BufferedFetches:
         self._store = store
         self._pending = pending
         self._waiting = asyncio.Event()
+        self._counting: Counting | None = None
 
-    async def record_fetches(self, events: Sequence[Event], window: timedelta) -> None:
+    async def record_fetches(
+        self,
+        events: Sequence[Event | AggregateHit],
+        window: timedelta,
+        counting: Counting | None = None,
+    ) -> None:
+        self._counting = counting
         try:
-            await self._store.record_fetches(events, window)
+            await self._store.record_fetches(events, window, counting)
         except StorageUnavailable:
-            await self._pending.add(events)
+            sort = counting or Counting(window)
+            await self._pending.add(sort.unseen(events))
             self._waiting.set()
 
     async def drain(self, window: timedelta) -> None:
@@ -140,7 +156,9 @@ class BufferedFetches:
                 self._waiting.clear()
                 continue
             try:
-                await self._store.record_fetches([event for _, event in batch], window)
+                await self._store.record_fetches(
+                    [event for _, event in batch], window, self._counting
+                )
             except StorageUnavailable:
                 await asyncio.sleep(RETRY_EVERY)
                 continue

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
+from .aggregate import AggregateHit, Counting
 from .beacons import DEFAULT_REPEAT_WINDOW
 from .events import Event, EventStore
 from .metrics import Metrics, Tally
@@ -34,9 +35,10 @@ MAX_BATCH = 5000
 RESOLVE_CHUNK = 500  # items resolved between two turns of the event loop (~10 ms)
 MAX_PENDING = 100_000  # held while the database is slow; beyond that, counted and lost
 
-# What a request hands over: an event, or the raw facts `resolve` turns into one (or None).
+# What a request hands over: an event (or an aggregate hit), or the raw facts `resolve`
+# turns into one (or None).
 Pending = Any
-Resolver = Callable[[Pending], Event | None]
+Resolver = Callable[[Pending], Event | AggregateHit | None]
 
 
 class Recorder(Protocol):
@@ -67,7 +69,7 @@ class Recorder(Protocol):
         ...
 
 
-def _no_resolver(item: Pending) -> Event | None:
+def _no_resolver(item: Pending) -> Event | AggregateHit | None:
     raise TypeError(f"cannot record {type(item).__name__}")
 
 
@@ -106,12 +108,14 @@ class Gathering:
         return count, done
 
 
-def resolve_items(items: Sequence[Pending], resolve: Resolver, tally: Tally) -> list[Event]:
-    """The events of `items`: an event as it is, other facts through `resolve` (None: no
-    event). A failure costs only its own item, counted and logged."""
-    events = []
+def resolve_items(
+    items: Sequence[Pending], resolve: Resolver, tally: Tally
+) -> list[Event | AggregateHit]:
+    """The events of `items`: an event (or hit) as it is, other facts through `resolve`
+    (None: no event). A failure costs only its own item, counted and logged."""
+    events: list[Event | AggregateHit] = []
     for item in items:
-        if isinstance(item, Event):
+        if isinstance(item, Event | AggregateHit):
             events.append(item)
             continue
         try:
@@ -133,11 +137,14 @@ class EventRecorder:
         *,
         resolve: Resolver = _no_resolver,
         repeat_window: timedelta = DEFAULT_REPEAT_WINDOW,
+        counting: Counting | None = None,
     ) -> None:
+        """`counting`: how aggregate hits are counted (default: as a new `Counting`)."""
         self._events = events
         self._metrics = metrics
         self.resolve = resolve
         self._repeat_window = repeat_window
+        self._counting = counting or Counting(repeat_window)
         self._gathering = Gathering()
         self._inflight: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
@@ -195,7 +202,7 @@ class EventRecorder:
         try:
             events = await self._resolved(batch)
             if events:
-                await self._events.record_fetches(events, self._repeat_window)
+                await self._events.record_fetches(events, self._repeat_window, self._counting)
         except Exception as exc:
             # The events are lost; the pixels were answered. Say so, loudly and countably.
             self.healthy = False
@@ -214,8 +221,8 @@ class EventRecorder:
             if self._inflight is done:
                 self._inflight = None
 
-    async def _resolved(self, batch: list[Pending]) -> list[Event]:
-        events: list[Event] = []
+    async def _resolved(self, batch: list[Pending]) -> list[Event | AggregateHit]:
+        events: list[Event | AggregateHit] = []
         for start in range(0, len(batch), RESOLVE_CHUNK):
             if start:
                 await asyncio.sleep(0)  # let requests in between: no long stall of the loop

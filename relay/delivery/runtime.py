@@ -100,7 +100,8 @@ class DeliveryRuntime:
                         load_dkim_signers(settings) if self._signers is None else self._signers
                     ),
                     accounts=accounts,
-                    clicks=settings.tracking.clicks,
+                    opens=settings.tracking.opens,
+                    clicks=settings.tracking.click_mode,
                     hostname=hostname,
                     received_client=ReceivedClient(settings.smtp.received_client),
                     limits=settings.rewrite.limits(),

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from suppression import STOPS_TRANSACTIONAL, Reason, StorageUnavailable, SuppressionStore
+from suppression import (
+    NO_WORD,
+    STOPS_TRANSACTIONAL,
+    Consent,
+    Reason,
+    StorageUnavailable,
+    SuppressionStore,
+)
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
@@ -363,9 +370,7 @@ class DeliveryWorker:
                 )
                 del self._unrecorded[delivery.id]
                 return
-            blocked = await self._blocked(
-                address_hash, prepared.scopes_to_check, meta.transactional
-            )
+            blocked, consent = await self._blocked(address_hash, prepared)
             if blocked:
                 await self._events.record(
                     Event(
@@ -392,6 +397,7 @@ class DeliveryWorker:
                     eight_bit_ok=self._transport.eight_bit_ok,
                     address_hash=address_hash,
                     marks=marks,
+                    modes=prepared.modes_for(consent),
                 ),
                 delivery.recipient,
                 self._urls,
@@ -463,15 +469,22 @@ class DeliveryWorker:
         )
 
     async def _blocked(
-        self, address_hash: str, scopes: tuple[str, ...], transactional: bool
-    ) -> str | None:
-        """Checked again at send time: an opt-out may have arrived while the mail waited."""
-        found = await self._suppressions.check_hash(address_hash, scopes)
+        self, address_hash: str, prepared: PreparedMessage
+    ) -> tuple[str | None, Consent]:
+        """Checked again at send time: an opt-out may have arrived while the mail waited.
+        With it, in the same read, the recipient's word on tracking when their copy may
+        measure them individually (tracking.modes)."""
+        scopes = prepared.scopes_to_check
+        consent = NO_WORD
+        if prepared.meta.modes.may_name:
+            found, consent = await self._suppressions.check_hash_and_consent(address_hash, scopes)
+        else:
+            found = await self._suppressions.check_hash(address_hash, scopes)
         if found is None:
-            return None
-        if transactional and found.reason not in STOPS_TRANSACTIONAL:
-            return None
-        return found.scope
+            return None, consent
+        if prepared.meta.transactional and found.reason not in STOPS_TRANSACTIONAL:
+            return None, consent
+        return found.scope, consent
 
     async def _record(
         self,

@@ -38,6 +38,10 @@ _LINK_OPEN = (
     'font-size:12px;line-height:18px;color:{colour};text-align:center">'
 )
 _LINK = ('<a href="', '" style="color:{colour};text-decoration:underline">Unsubscribe</a>')
+_PREFERENCES = (
+    ' | <a href="',
+    '" style="color:{colour};text-decoration:underline">Tracking preferences</a>',
+)
 _PIXEL = (
     '<img src="',
     '" width="1" height="1" alt="" style="display:block;width:1px;height:1px;border:0">',
@@ -115,6 +119,7 @@ def html_footer(
     max_tokens: int = 0,
     postal_address: str | None = None,
     pixel_min_html: int = 0,
+    preferences: bool = False,
 ) -> tuple[Edit, list[str]]:
     """The footer (link, postal address) and the open pixel before the body's end, and the
     notes on what was decided.
@@ -135,7 +140,11 @@ def html_footer(
             lines = [_html_text(line) for line in postal_address.splitlines() if line.strip()]
             added += ["<br>".join(lines), "<br>", nl]
         link = _LINK[1].format(colour=colour)
-        added += [_LINK[0], Hole.UNSUBSCRIBE_URL, link, nl, "</div>", nl]
+        added += [_LINK[0], Hole.UNSUBSCRIBE_URL, link, nl]
+        if preferences:
+            added += [_PREFERENCES[0], Hole.PREFERENCES_URL, _PREFERENCES[1].format(colour=colour)]
+            added += [nl]
+        added += ["</div>", nl]
     if pixel:
         own_images = any(t.kind is Kind.START and t.name == "img" for t in scan.tokens)
         size = len(text) + sum(len(a) for a in added if isinstance(a, str))

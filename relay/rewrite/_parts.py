@@ -23,6 +23,7 @@ class Hole(StrEnum):
     UNSUBSCRIBE_URL = "unsubscribe_url"
     PIXEL_URL = "pixel_url"
     CLICK_URL = "click_url"  # in `Template.holes` when links are tracked (see LinkHole)
+    PREFERENCES_URL = "preferences_url"  # the recipient's tracking preferences page
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ class Decorations:
     # HTML parts of at most this many characters (footer included) with no image of their
     # own get no pixel: spam filters score an image in short HTML (rewrite.pixel_min_html).
     pixel_min_html: int = 0
+    # A link to the recipient's tracking preferences beside the unsubscribe link (HTML
+    # footer): where someone may be tracked individually, the way to withdraw.
+    preferences: bool = False
 
 
 @dataclass(slots=True)
@@ -349,6 +352,7 @@ class _Builder:
                     max_tokens=limits.max_html_tokens,
                     postal_address=decorations.postal_address,
                     pixel_min_html=decorations.pixel_min_html,
+                    preferences=decorations.preferences,
                 )
                 edits[key].append(edit)
                 self.notes.extend(notes)
