@@ -101,6 +101,8 @@ def tracking_app(
         undo_window=timedelta(seconds=tracking.undo_window),
         machine_seconds=tracking.machine_seconds,
         health_details=health_details,
+        tracking_withdrawal=settings.individual_tracking(),
+        keep_last_open_only=tracking.keep_last_open_only,
     )
 
 

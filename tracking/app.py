@@ -22,10 +22,18 @@ from .metrics import Metrics
 from .network import LOOPBACK, networks
 from .opens import PIXEL_GIF, PixelAnswer, pixel_handler
 from .pages import environment
+from .preferences import preferences_page, preferences_post
 from .ratelimit import RateLimit, RateLimiter
 from .recorder import EventRecorder, Recorder
 from .state import SECURITY_HEADERS, TRACKING, Options, Tracking, client_of
-from .tokens import CLICK_PATH, OPEN_PATH, PIXEL_SUFFIX, UNSUBSCRIBE_PATH, TrackingUrls
+from .tokens import (
+    CLICK_PATH,
+    OPEN_PATH,
+    PIXEL_SUFFIX,
+    PREFERENCES_PATH,
+    UNSUBSCRIBE_PATH,
+    TrackingUrls,
+)
 from .unsubscribe import confirmation_page, unsubscribe
 from .verdict import DEFAULT_FAST_SECONDS
 
@@ -64,6 +72,8 @@ def create_app(
     machine_networks: Mapping[str, Sequence[str]] | None = None,
     clock: Callable[[], float] = time.time,
     health_details: HealthDetails | None = None,
+    tracking_withdrawal: bool = False,
+    keep_last_open_only: bool = False,
 ) -> web.Application:
     """The app. Every keyword has a safe default:
 
@@ -91,6 +101,11 @@ def create_app(
     - `machine_*`: when an open or click counts as a machine's, beyond the built-in lists.
     - `health_details`: lines /healthz adds below "ok" (a webhook endpoint failing for an
       hour, say); they do not make it fail.
+    - `tracking_withdrawal`: the unsubscribe pages also offer to stop individual open and
+      click tracking without unsubscribing (where some mail may track individually; the
+      preference page, /p/TOKEN, always does).
+    - `keep_last_open_only`: a recipient's opens of a campaign are one event holding only
+      the day of the last one.
     """
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     metrics = Metrics()
@@ -104,6 +119,7 @@ def create_app(
         machine_networks=machine_networks,
         repeat_window=repeat_window,
         fetch_limit=fetch_limit,
+        keep_last_open_only=keep_last_open_only,
     )
     beacons = spec.build()
     recorder: Recorder
@@ -120,6 +136,7 @@ def create_app(
             metrics,
             resolve=functools.partial(resolve_fetch, beacons, metrics),
             repeat_window=repeat_window,
+            counting=beacons.counting,
         )
     tracking = app[TRACKING] = Tracking(
         suppressions=suppressions,
@@ -135,6 +152,7 @@ def create_app(
             metrics_from=networks(metrics_from),
             clock=clock,
             body_timeout=body_timeout,
+            tracking_withdrawal=tracking_withdrawal,
         ),
         metrics=metrics,
         beacons=beacons,
@@ -153,6 +171,10 @@ def create_app(
     unsubscribe_route.add_route("GET", confirmation_page)
     unsubscribe_route.add_route("HEAD", confirmation_page)
     unsubscribe_route.add_route("POST", unsubscribe)
+    preferences_route = router.add_resource(PREFERENCES_PATH + "{token}", name="preferences")
+    preferences_route.add_route("GET", preferences_page)
+    preferences_route.add_route("HEAD", preferences_page)
+    preferences_route.add_route("POST", preferences_post)
     router.add_get("/healthz", healthz, name="healthz")
     router.add_get("/metrics", metrics_page, name="metrics")
     return app

@@ -119,6 +119,12 @@ class Metrics:
             ["method", "scope"],
             registry=r,
         )
+        self.withdrawals = Counter(
+            "optout_tracking_withdrawals",
+            "Recipients who stopped individual open and click tracking, by page",
+            ["method"],
+            registry=r,
+        )
         self.undos = Counter(
             "optout_unsubscribe_undos", "Unsubscribes undone from the done page", registry=r
         )

@@ -42,6 +42,7 @@ class Options:
     metrics_from: Ranges
     clock: Callable[[], float] = time.time
     body_timeout: float = 30.0  # seconds to read a POST's body
+    tracking_withdrawal: bool = False  # the unsubscribe pages offer to stop tracking
 
 
 @dataclass(slots=True)

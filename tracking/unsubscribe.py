@@ -22,6 +22,7 @@ from .errors import BadToken
 from .events import Event, EventType
 from .network import limiter_key, truncated
 from .pages import guarded, page
+from .preferences import SOURCE_PAGE, STOP_TRACKING, stop_tracking
 from .state import TRACKING, client_of
 from .tokens import Reading
 
@@ -36,6 +37,11 @@ METHOD_ONE_CLICK = "one-click"
 METHOD_PAGE = "page"
 UNDO_SOURCE = "page-undo"
 EVERYTHING = "all"  # the page's "everything from this sender" choice
+
+
+def tracking_offered(request: web.Request) -> bool:
+    """Whether the pages offer to stop individual tracking (some mail may track so)."""
+    return request.app[TRACKING].options.tracking_withdrawal
 
 
 def topic_of(scope: str) -> str | None:
@@ -58,7 +64,8 @@ async def confirmation_page(request: web.Request) -> web.Response:
     if reading is None:
         return page(request, "invalid.html", status=404, kind="unsubscribe")
     scope = reading.ref.scope
-    return page(request, "confirm.html", scope=scope, topic=topic_of(scope))
+    withdrawal = tracking_offered(request)
+    return page(request, "confirm.html", scope=scope, topic=topic_of(scope), withdrawal=withdrawal)
 
 
 @guarded("unsubscribe")
@@ -103,6 +110,8 @@ async def unsubscribe(request: web.Request) -> web.Response:
     if "undo" in form:
         scope = GLOBAL if form.get("scope") == EVERYTHING else reading.ref.scope
         return await _undo(request, reading, scope)
+    if STOP_TRACKING in form and tracking_offered(request):
+        return await stop_tracking(request, reading, SOURCE_PAGE)
     return page(request, "bad-request.html", status=400)
 
 
@@ -148,6 +157,7 @@ async def _suppress(
         scope=scope,
         topic=topic_of(scope),
         undo_scope=EVERYTHING if scope == GLOBAL and ref.scope != GLOBAL else "",
+        withdrawal=tracking_offered(request),
     )
 
 
