@@ -18,11 +18,11 @@ import asyncio
 import logging
 from typing import Any
 
-import sqlite_utils
 from aiohttp import web
 
 from suppression import ALL_PURPOSES
 from suppression.consent import State, consent_of, record_consent
+from suppression.engine import Connection
 
 from .errors import BadToken
 from .events import Event, EventType, insert_events
@@ -102,7 +102,7 @@ async def stop_tracking(request: web.Request, reading: Reading, source: str) -> 
     if tracking.options.store_ip and address is not None:
         proof["ip"] = truncated(address)
 
-    def write(db: sqlite_utils.Database) -> list[str]:
+    def write(db: Connection) -> list[str]:
         changed = record_consent(
             db, ref.address_hash, ALL_PURPOSES, State.WITHDRAWN, source=source, detail=proof
         )
