@@ -115,6 +115,7 @@ def test_subject_export_and_erase(config: Path, tmp_path: Path) -> None:
         " added: mail to it stays refused)",
         "  contact: deleted",
         "  events: 1 anonymised",
+        "  tracking: 2 withdrawn",
         "  webhooks: 0 anonymised",
         "  outbox: 0 files deleted",
         "  (anonymised events keep their campaign counts, without the address)",
