@@ -6,7 +6,6 @@ one URL for everyone, counted, deduplicated per client, and no recipient in sigh
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from relay.settings import Settings, SigningSettings, StorageSettings
-from relay.stores import STORE_FILE, Stores
+from relay.stores import Stores
 from tracking import RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 from tracking.tokens import AggregateRef
@@ -29,8 +28,10 @@ Client = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    settings = Settings(storage=StorageSettings(tmp_path), signing=SigningSettings(KEYS))
+async def stores(tmp_path: Path, store_database: str | None) -> AsyncIterator[Stores]:
+    """On each engine (the conftest fixture `store_database`)."""
+    storage = StorageSettings(tmp_path, database=store_database)
+    settings = Settings(storage=storage, signing=SigningSettings(KEYS))
     async with Stores(settings) as opened:
         await opened.suppressions.remember([ERIN])
         yield opened
@@ -64,9 +65,15 @@ def path(url: str) -> str:
     return url.removeprefix(PUBLIC)
 
 
-def consent_rows(tmp_path: Path) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(tmp_path / STORE_FILE) as db:
-        return list(db.execute("SELECT purpose, state, source FROM tracking_consent ORDER BY 1"))
+async def query(stores: Stores, sql: str) -> list[tuple[Any, ...]]:
+    """Rows straight from the store's database (SQLite file or PostgreSQL)."""
+    return await stores.suppressions.database.read(
+        lambda db: [tuple(row) for row in db.execute(sql).fetchall()]
+    )
+
+
+async def consent_rows(stores: Stores) -> list[tuple[Any, ...]]:
+    return await query(stores, "SELECT purpose, state, source FROM tracking_consent ORDER BY 1")
 
 
 async def withdrawn_events(stores: Stores) -> list[dict[str, Any]]:
@@ -83,12 +90,12 @@ async def test_the_preference_page_changes_nothing_until_its_form_is_posted(
     page_text = await (await client.get(preferences)).text()
     assert "Stop tracking whether I open these emails" in page_text
     assert "<script" not in page_text
-    assert consent_rows(tmp_path) == []
+    assert await consent_rows(stores) == []
 
     stopped = await client.post(preferences, data={"stop_tracking": "yes"})
     assert stopped.status == 200
     assert "Tracking stopped" in await stopped.text()
-    assert consent_rows(tmp_path) == [
+    assert await consent_rows(stores) == [
         ("clicks", "withdrawn", "preferences"),
         ("opens", "withdrawn", "preferences"),
     ]
@@ -110,7 +117,7 @@ async def test_the_unsubscribe_pages_offer_it_without_unsubscribing(
     assert confirm.count("<form") == 2 and 'name="stop_tracking"' in confirm
     stopped = await client.post(unsubscribe, data={"stop_tracking": "yes"})
     assert "Tracking stopped" in await stopped.text()
-    assert [row[2] for row in consent_rows(tmp_path)] == ["page", "page"]
+    assert [row[2] for row in await consent_rows(stores)] == ["page", "page"]
     assert await stores.suppressions.check(ERIN, ["global", "topic:news"]) is None  # subscribed
 
     done = await client.post(unsubscribe, data={"confirm": "yes"})
@@ -132,7 +139,7 @@ async def test_forged_tokens_and_foreign_forms_change_nothing(
     assert (
         await client.post(path(foreign).replace("/u/", "/p/"), data={"stop_tracking": "1"})
     ).status == 404
-    assert consent_rows(tmp_path) == []
+    assert await consent_rows(stores) == []
 
 
 async def test_an_aggregate_pixel_names_nobody_and_counts_once_per_client(
@@ -147,8 +154,6 @@ async def test_an_aggregate_pixel_names_nobody_and_counts_once_per_client(
         )
         assert answer.status == 200 and answer.content_type == "image/gif"
     await client.app[TRACKING].recorder.flush()
-    with sqlite3.connect(tmp_path / STORE_FILE) as db:
-        counts = db.execute("SELECT campaign, domain, metric, n FROM aggregate_counts").fetchall()
-        events = db.execute("SELECT count(*) FROM events").fetchone()[0]
+    counts = await query(stores, "SELECT campaign, domain, metric, n FROM aggregate_counts")
     assert counts == [("spring", "shop.example", "open_human", 2)]
-    assert events == 0
+    assert await query(stores, "SELECT count(*) FROM events") == [(0,)]

@@ -59,7 +59,7 @@ def _create(db: SqliteConnection) -> None:
 AGGREGATE_MIGRATION = Migration("tracking/aggregate-0001-counts", _create, [_CREATE])
 
 _ADD = """INSERT INTO aggregate_counts (campaign, domain, day, metric, n) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (campaign, domain, day, metric) DO UPDATE SET n = n + excluded.n"""
+ON CONFLICT (campaign, domain, day, metric) DO UPDATE SET n = aggregate_counts.n + excluded.n"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,15 +272,16 @@ def keep_last_open(db: Connection, address_hash: str, campaign: str | None) -> N
     )
 
 
+# The opens that are not a recipient's last of their campaign.
+_OLDER_OPENS = """SELECT id FROM (
+    SELECT id, row_number() OVER (
+        PARTITION BY address_hash, campaign ORDER BY at DESC, id DESC) AS newest
+    FROM events WHERE type = 'open' AND address_hash IS NOT NULL) AS ranked
+WHERE newest > 1"""
 # Every recipient's opens of a campaign brought down to the last one's day: for a store
 # that kept more before the setting was turned on (purge, the hourly task).
 _KEEP_LAST_OPENS = [
-    """DELETE FROM events WHERE id IN (
-        SELECT id FROM (
-            SELECT id, row_number() OVER (
-                PARTITION BY address_hash, campaign ORDER BY at DESC, id DESC) AS newest
-            FROM events WHERE type = 'open' AND address_hash IS NOT NULL)
-        WHERE newest > 1)""",
+    f"DELETE FROM events WHERE id IN ({_OLDER_OPENS})",  # noqa: S608 - a constant
     """UPDATE events SET at = substr(at, 1, 10) || 'T00:00:00.000Z', count = 1, last_at = NULL
         WHERE type = 'open' AND address_hash IS NOT NULL
             AND (substr(at, 11) != 'T00:00:00.000Z' OR count != 1 OR last_at IS NOT NULL)""",
@@ -301,3 +302,8 @@ def keep_last_opens(db: Connection) -> int:
     for statement in _KEEP_LAST_OPENS[1:]:
         db.execute(statement)
     return deleted
+
+
+def count_older_opens(db: Connection) -> int:
+    """How many events `keep_last_opens` would delete."""
+    return int(db.execute(f"SELECT count(*) FROM ({_OLDER_OPENS}) AS older").fetchone()[0])  # noqa: S608
