@@ -440,7 +440,12 @@ class Relay:
         """Retention: events and contacts past their age, and lapsed suppressions, go."""
         while True:
             try:
-                report = await purge(stores.events, stores.suppressions, self.settings.retention)
+                report = await purge(
+                    stores.events,
+                    stores.suppressions,
+                    self.settings.retention,
+                    keep_last_open_only=self.settings.tracking.keep_last_open_only,
+                )
                 log.info("retention: %s", report.summary(), extra={"fields": report.fields()})
             except Exception:
                 log.exception("retention purge failed; trying again in an hour")

@@ -27,7 +27,13 @@ from suppression import (
 )
 from suppression.consent import CONSENT_MIGRATION
 
-from .aggregate import AGGREGATE_MIGRATION, AggregateHit, Counting
+from .aggregate import (
+    AGGREGATE_MIGRATION,
+    AggregateHit,
+    Counting,
+    count_older_opens,
+    keep_last_opens,
+)
 from .statistics.rollup import ROLLUP_MIGRATION, count_events, forget_reach, purge_reach
 from .webhooks.schema import OUTBOX_MIGRATION, queue_event_webhooks
 
@@ -322,6 +328,13 @@ class EventStore:
         if dry_run:
             return await self._count(sql, params)
         return await self._purge(sql, [*params, PURGE_BATCH])
+
+    async def keep_last_opens(self, *, dry_run: bool = False) -> int:
+        """Each recipient's opens of a campaign down to one event with the day of the last
+        (tracking.keep_last_open_only); how many events that deletes (`dry_run`: would)."""
+        if dry_run:
+            return await self._db.read(count_older_opens)
+        return await self._db.write(keep_last_opens)
 
     async def purge_firsts(self, kind: str, older_than: datetime) -> int:
         """The statistics' record of whose first open (click) was counted goes with the

@@ -132,20 +132,26 @@ async def purge(
     now: datetime | None = None,
     *,
     dry_run: bool = False,
+    keep_last_open_only: bool = False,
 ) -> PurgeReport:
     """Delete what the retention policy no longer allows to keep; `serve` runs this hourly.
     `dry_run`: count it, delete nothing.
 
     Lapsed suppressions are always removed (they no longer stop mail, and still hold an
-    address); events and contacts by their configured ages.
+    address); events and contacts by their configured ages. `keep_last_open_only`
+    (tracking.keep_last_open_only): each recipient's opens of a campaign come down to one
+    event with the day of the last; those deleted count as purged opens.
     """
     moment = now or datetime.now(UTC)
     report = PurgeReport(retention, dry_run)
+    if keep_last_open_only:
+        report.events["open"] = await events.keep_last_opens(dry_run=dry_run)
     for kind, age in retention.event_ages().items():
         if age is None:
             continue
         which = Others(retention.own_kinds()) if kind == "other" else kind
-        report.events[kind] = await events.purge(which, moment - age, dry_run=dry_run)
+        purged = await events.purge(which, moment - age, dry_run=dry_run)
+        report.events[kind] = report.events.get(kind, 0) + purged
         if kind in ("open", "click") and not dry_run:
             # Whose first open (click) the statistics counted goes with those events.
             await events.purge_firsts(kind, moment - age)

@@ -163,7 +163,13 @@ def purge_command(config_path: Path | None, keep: tuple[str, ...], dry_run: bool
     retention = _keep(keep, settings.retention)
 
     async def run(stores: Stores) -> PurgeReport:
-        return await purge(stores.events, stores.suppressions, retention, dry_run=dry_run)
+        return await purge(
+            stores.events,
+            stores.suppressions,
+            retention,
+            dry_run=dry_run,
+            keep_last_open_only=settings.tracking.keep_last_open_only,
+        )
 
     report = with_stores(settings, run)
     click.echo(report.summary())
