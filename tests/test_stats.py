@@ -143,6 +143,15 @@ SPRING = {
     "open_rate_human": 0.201005,
     "click_rate_human": 0.040201,
     "warnings": ["complaint rate 0.20% is above Gmail's 0.1% target"],
+    # No mail of this history was measured in aggregate: all of it is individual.
+    "opens_human_individual": 200,
+    "opens_machine_individual": 100,
+    "clicks_human_individual": 40,
+    "clicks_machine_individual": 10,
+    "opens_human_aggregate": 0,
+    "opens_machine_aggregate": 0,
+    "clicks_human_aggregate": 0,
+    "clicks_machine_aggregate": 0,
 }
 
 

@@ -40,6 +40,14 @@ _RATES = (
 )
 
 
+_MEASURED = (
+    ("human opens", "opens_human"),
+    ("machine opens", "opens_machine"),
+    ("human clicks", "clicks_human"),
+    ("machine clicks", "clicks_machine"),
+)
+
+
 def _name(row: dict[str, Any], group_by: GroupBy) -> str:
     value = row[group_by]
     return "(none)" if value is None else str(value)
@@ -63,6 +71,13 @@ def _text(rows: list[dict[str, Any]], group_by: GroupBy) -> None:
         )
         rates = ", ".join(f"{label} {_percent(row[key])}" for label, key in _RATES)
         click.echo(f"{'':<{width}}  {rates}")
+        aggregate = ", ".join(
+            f"{label} {row[key + '_aggregate']}"
+            for label, key in _MEASURED
+            if row[key + "_aggregate"]
+        )
+        if aggregate:
+            click.echo(f"{'':<{width}}  of which in aggregate, naming nobody: {aggregate}")
         for warning in row["warnings"]:
             click.echo(f"{'':<{width}}  WARNING: {warning}")
 
@@ -104,8 +119,9 @@ def stats(
     config_path: Path | None, campaign: str | None, age: str | None, group_by: GroupBy, fmt: str
 ) -> None:
     """Sent, delivered, bounced, complaints, unsubscribes, human and machine opens and
-    clicks (unique per recipient), their rates, and warnings past Gmail's complaint lines
-    (0.1%, 0.3%) or 2% hard bounces."""
+    clicks (unique per recipient where measured individually, plus those counted in
+    aggregate; JSON and CSV give each part), their rates, and warnings past Gmail's
+    complaint lines (0.1%, 0.3%) or 2% hard bounces."""
     selection = Selection.since(_since(age), campaign, group_by)
 
     async def read(stores: Stores) -> list[CampaignStats]:

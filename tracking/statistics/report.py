@@ -1,10 +1,11 @@
 """Campaign statistics from the rollup: counts, rates and Gmail's warning lines.
 
 The numbers come from count sources: functions that give (group, bucket, metric, n) rows
-for a selection, summed over whole periods as asked (all of it, days or hours). The event
-rollup is the one source today; aggregate-only measurement (opens and clicks counted
-without naming anyone) is meant to be a second, its metrics shown beside the individual
-ones rather than mixed into them.
+for a selection, summed over whole periods as asked (all of it, days or hours): the event
+rollup (`rollup_counts`), and the opens and clicks counted without naming anyone
+(`aggregate_counts`, tracking.aggregate: per day, as `*_aggregate` metrics). The contract's
+`opens_human` and the rest are the two together; `*_individual` and `*_aggregate` say which
+part is which.
 """
 
 from __future__ import annotations
@@ -62,6 +63,33 @@ def rollup_counts(db: Connection, selection: Selection, bucket: int) -> Iterable
     ).fetchall()
 
 
+def aggregate_counts(db: Connection, selection: Selection, bucket: int) -> Iterable[CountRow]:
+    """From `aggregate_counts` (per day: an hourly bucket is the day's first hour), as
+    `open_human_aggregate` and the like."""
+    column = "campaign" if selection.group_by == "campaign" else "domain"
+    where, params = ["TRUE"], []
+    if selection.campaign is not None:
+        where.append("campaign = ?")
+        params.append(selection.campaign)
+    if selection.since_hour is not None:
+        where.append("day >= ?")
+        params.append(selection.since_hour[:10])
+    return db.execute(
+        f"SELECT {column}, substr(day || 'T00', 1, ?), metric || '_aggregate', SUM(n)"  # noqa: S608
+        f" FROM aggregate_counts WHERE {' AND '.join(where)} GROUP BY 1, 2, 3",
+        [bucket, *params],
+    ).fetchall()
+
+
+# Opens and clicks: (JSON key, metric of the recipients counted once, metric counted in
+# aggregate). The key is the two together; `_individual` and `_aggregate` are each part.
+MEASURED = (
+    ("opens_human", "open_human_unique", "open_human_aggregate"),
+    ("opens_machine", "open_machine_unique", "open_machine_aggregate"),
+    ("clicks_human", "click_human_unique", "click_human_aggregate"),
+    ("clicks_machine", "click_machine_unique", "click_machine_aggregate"),
+)
+
 # Gmail's bulk-sender lines: keep complaints under 0.1%, never reach 0.3%. Hard bounces
 # over 2% mean a list that needs cleaning.
 COMPLAINT_TARGET = 0.001
@@ -87,6 +115,14 @@ class CampaignStats:
 
     def count(self, metric: str) -> int:
         return self.counts.get(metric, 0)
+
+    def measured(self, key: str) -> int:
+        """Opens or clicks (`opens_human`, ...): recipients counted once each where they
+        are measured individually, plus the fetches counted in aggregate."""
+        for name, individual, aggregate in MEASURED:
+            if name == key:
+                return self.count(individual) + self.count(aggregate)
+        raise KeyError(key)
 
     # ---- the contract's numbers
 
@@ -117,8 +153,8 @@ class CampaignStats:
             "soft_bounce_rate": _share(self.bounced_soft, sent),
             "complaint_rate": _share(self.count("complaint"), delivered),
             "unsubscribe_rate": _share(self.count("unsubscribe"), delivered),
-            "open_rate_human": _share(self.count("open_human_unique"), delivered),
-            "click_rate_human": _share(self.count("click_human_unique"), delivered),
+            "open_rate_human": _share(self.measured("opens_human"), delivered),
+            "click_rate_human": _share(self.measured("clicks_human"), delivered),
         }
 
     def warnings(self) -> list[str]:
@@ -146,21 +182,24 @@ class CampaignStats:
             "bounced_soft": self.bounced_soft,
             "complaints": self.count("complaint"),
             "unsubscribes": self.count("unsubscribe"),
-            "opens_human": self.count("open_human_unique"),
-            "opens_machine": self.count("open_machine_unique"),
-            "clicks_human": self.count("click_human_unique"),
-            "clicks_machine": self.count("click_machine_unique"),
+            **{name: self.measured(name) for name, _, _ in MEASURED},
             "suppressed": self.count("suppressed"),
             **self.rates(),
             "warnings": self.warnings(),
+            # Which part of the opens and clicks is which: recipients measured one by one,
+            # and fetches counted in aggregate (naming nobody).
+            **{f"{name}_individual": self.count(one) for name, one, _ in MEASURED},
+            **{f"{name}_aggregate": self.count(all_) for name, _, all_ in MEASURED},
         }
 
 
 # What a chart draws per day (or hour), and what each line is called.
 SERIES = {
     "opens (human)": "open_human_unique",
+    "opens (human, aggregate)": "open_human_aggregate",
     "opens (machine)": "open_machine_unique",
     "clicks (human)": "click_human_unique",
+    "clicks (human, aggregate)": "click_human_aggregate",
     "unsubscribes": "unsubscribe",
     "bounces": "bounced",
     "complaints": "complaint",
@@ -182,7 +221,9 @@ class Series:
 class Statistics:
     """Read-only: `report` for the table, `series` for a chart."""
 
-    def __init__(self, db: Engine, sources: Sequence[CountSource] = (rollup_counts,)) -> None:
+    def __init__(
+        self, db: Engine, sources: Sequence[CountSource] = (rollup_counts, aggregate_counts)
+    ) -> None:
         self._db = db
         self._sources = tuple(sources)
 
@@ -219,7 +260,12 @@ class Statistics:
     async def campaigns(self) -> list[str]:
         """Every campaign name with a count ('' for mail without one)."""
         return await self._db.read(
-            lambda db: [row[0] for row in db.execute("SELECT DISTINCT campaign FROM stats_counts")]
+            lambda db: [
+                row[0]
+                for row in db.execute(
+                    "SELECT campaign FROM stats_counts UNION SELECT campaign FROM aggregate_counts"
+                )
+            ]
         )
 
     def _rows(self, db: Connection, selection: Selection, bucket: int) -> list[CountRow]:
