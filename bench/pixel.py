@@ -20,7 +20,10 @@ Run from the repository root:
 `--durable` answers each pixel only after its open is committed (create_app(durable_events=
 True)); by default opens are committed within one batch round after the answer.
 `--replay` fetches one recipient's pixel URL over and over (a replay flood): every fetch is
-counted, on one row per repeat window.
+counted, on one row per repeat window. `--aggregate` fetches the pixels of copies measured in
+aggregate (tracking.opens = "aggregate": one URL per message, here 50 messages), each fetch
+from another client address (X-Forwarded-For, believed from loopback), so that every fetch is
+a new reader and is counted: the counts in aggregate_counts, no event rows.
 
 Every request comes from one client (127.0.0.1), so the app runs without its per-client limit
 on recorded opens (create_app(fetch_limit=None)): each fetch is resolved and counted, as
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import signal
 import sqlite3
@@ -38,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -46,11 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiohttp import web
 
 from tracking import PIXEL_GIF, RecipientRef, Signer, TrackingUrls
+from tracking.tokens import AggregateRef
 
 KEYS = ("bench-pixel-key-0123456789abcdef",)
 PUBLIC = "https://mail.shop.example"
 AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Thunderbird/128.0"
 RECIPIENTS = 5000
+MESSAGES = 50  # aggregate pixel URLs: one per message
 
 
 # --- the two servers (run as child processes) ----------------------------------------------
@@ -112,23 +119,39 @@ async def serve(kind: str, data: Path | None, durable: bool, event_process: bool
 # --- the driver ---------------------------------------------------------------------------
 
 
-def lua_script(directory: Path, recipients: int = RECIPIENTS) -> Path:
+def lua_script(directory: Path, recipients: int = RECIPIENTS, aggregate: bool = False) -> Path:
     urls = TrackingUrls(PUBLIC, Signer(KEYS))
-    paths = [
-        urls.pixel_url(RecipientRef(f"bench-{i:06d}", "global", "bench", f"Q{i}")).removeprefix(
-            PUBLIC
-        )
-        for i in range(recipients)
-    ]
+    if aggregate:
+        arrived = int(time.time())
+        paths = [
+            urls.aggregate_pixel_url(AggregateRef(f"bench-{i}", "shop.example"), arrived)
+            for i in range(MESSAGES)
+        ]
+    else:
+        paths = [
+            urls.pixel_url(RecipientRef(f"bench-{i:06d}", "global", "bench", f"Q{i}"))
+            for i in range(recipients)
+        ]
     script = directory / "pixels.lua"
-    entries = ",\n".join(f'  "{p}"' for p in paths)
+    entries = ",\n".join(f'  "{p.removeprefix(PUBLIC)}"' for p in paths)
+    # Aggregate: every request from another reader (a distinct address in 10.0.0.0/8).
+    fetch = (
+        '  local client = string.format("10.%d.%d.%d", math.floor(i / 65536) % 256,'
+        " math.floor(i / 256) % 256, i % 256)\n"
+        '  return wrk.format("GET", paths[(i % #paths) + 1],'
+        f' {{["User-Agent"] = "{AGENT}", ["X-Forwarded-For"] = client}})\n'
+        if aggregate
+        else '  return wrk.format("GET", paths[(i % #paths) + 1])\n'
+    )
     script.write_text(
         f"local paths = {{\n{entries}\n}}\n"
         "local i = 0\n"
+        # Each run starts where it is told: the readers of one run are not those of another.
+        "init = function(args) i = tonumber(args[1] or 0) end\n"
         f'wrk.headers["User-Agent"] = "{AGENT}"\n'
         "request = function()\n"
         "  i = i + 1\n"
-        '  return wrk.format("GET", paths[(i % #paths) + 1])\n'
+        f"{fetch}"
         "end\n"
     )
     return script
@@ -153,6 +176,10 @@ def stop(process: subprocess.Popen[str]) -> None:
     process.wait(timeout=60)
 
 
+RUNS = itertools.count()
+READERS_PER_RUN = 1 << 20  # distinct client addresses a run may use (10.0.0.0/8 has 2^24)
+
+
 def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[float, int, int]:
     """(requests per second, requests answered, non-2xx answers) for one wrk run."""
     output = subprocess.run(
@@ -164,6 +191,8 @@ def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[fl
             "-s",
             str(script),
             f"http://127.0.0.1:{port}",
+            "--",
+            str(next(RUNS) * READERS_PER_RUN),
         ],
         check=True,
         capture_output=True,
@@ -191,6 +220,9 @@ def main() -> None:
     parser.add_argument("--durable", action="store_true")
     parser.add_argument("--replay", action="store_true", help="one pixel URL, fetched again")
     parser.add_argument(
+        "--aggregate", action="store_true", help="aggregate pixels (one URL per message)"
+    )
+    parser.add_argument(
         "--in-process", action="store_true", help="opens written on the app's event loop"
     )
     parser.add_argument("--serve", choices=["bare", "app"], help=argparse.SUPPRESS)
@@ -202,7 +234,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-pixel-") as tmp:
         directory = Path(tmp)
-        script = lua_script(directory, 1 if args.replay else RECIPIENTS)
+        script = lua_script(directory, 1 if args.replay else RECIPIENTS, args.aggregate)
         data = directory / "data"
         bare, bare_port = start("bare", directory, False, False)
         app, app_port = start("app", data, args.durable, args.in_process)
@@ -230,6 +262,10 @@ def main() -> None:
             rows, fetches = db.execute(
                 "SELECT COUNT(*), SUM(count) FROM events WHERE type = 'open'"
             ).fetchone()
+            counters, counted = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM aggregate_counts"
+            ).fetchone()
+        fetches = (fetches or 0) + counted
     bare_rate = statistics.median(rates["bare"])
     app_rate = statistics.median(rates["app"])
     mode = "durable (answered after commit)" if args.durable else "batched (committed after)"
@@ -239,7 +275,8 @@ def main() -> None:
     print(f"ratio app/bare:       {app_rate / bare_rate:10.2f}  (target >= 0.80)")
     # wrk counts the answers it read before its deadline; the server may answer (and record)
     # a few more that were in flight, never fewer.
-    print(f"open rows in SQLite:  {rows:10d}, counting {fetches} fetches")
+    print(f"open rows in SQLite:  {rows:10d}; aggregate counters: {counters}")
+    print(f"opens counted:        {fetches:10d}")
     print(f"pixel requests:       {answered:10d} answered, as wrk saw them")
     print(f"events dropped:       {dropped:10.0f} (the event writer fell behind)")
     if fetches < answered:
