@@ -96,7 +96,9 @@ class DeliveryWorker:
         # Messages whose last pass failed locally: not picked up again before this time.
         self._cooldown: dict[str, float] = {}
         # Copies sent whose outcome could not be written yet: recorded, never sent again.
-        self._unrecorded: dict[int, tuple[Outcome, str | None, str | None]] = {}
+        # By (queue id, delivery id): a delivery id is an SQLite rowid, which the spool
+        # hands out again once the row is gone; a queue id never repeats.
+        self._unrecorded: dict[tuple[str, int], tuple[Outcome, str | None, str | None]] = {}
         # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
         self._failed_connects = 0
         self._paused_until = 0.0
@@ -253,7 +255,7 @@ class DeliveryWorker:
         assert prepared.refusal is not None
         outcome = Outcome(Status.BOUNCED, prepared.refusal)
         for delivery in message.deliveries:
-            if delivery.id in self._unrecorded:
+            if (message.queue_id, delivery.id) in self._unrecorded:
                 continue  # sent before: only its outcome is left to write
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
             await self._record(
@@ -291,7 +293,7 @@ class DeliveryWorker:
             return
         waiting = () if current is None else current.deliveries
         for delivery in waiting:
-            if delivery.id in self._unrecorded:
+            if (message.queue_id, delivery.id) in self._unrecorded:
                 continue  # sent: its outcome is written on the next pass, never a bounce
             try:
                 if too_old or delivery.attempts + 1 >= LOCAL_FAILURE_LIMIT:
@@ -354,7 +356,7 @@ class DeliveryWorker:
                 return
             meta = prepared.meta
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
-            unrecorded = self._unrecorded.get(delivery.id)
+            unrecorded = self._unrecorded.get((message.queue_id, delivery.id))
             if unrecorded is not None:
                 # Already sent; only writing its outcome failed. Never send it twice.
                 outcome, campaign, _ = unrecorded
@@ -368,7 +370,7 @@ class DeliveryWorker:
                     message_id=meta.message_id,
                     from_domain=meta.from_domain,
                 )
-                del self._unrecorded[delivery.id]
+                del self._unrecorded[message.queue_id, delivery.id]
                 return
             blocked, consent = await self._blocked(address_hash, prepared)
             if blocked:
@@ -428,7 +430,8 @@ class DeliveryWorker:
                 )
             except Exception:
                 if outcome.status is not Status.DEFERRED:
-                    self._unrecorded[delivery.id] = (outcome, meta.campaign, address_hash)
+                    key = (message.queue_id, delivery.id)
+                    self._unrecorded[key] = (outcome, meta.campaign, address_hash)
                 raise
 
     async def _send_report(self, message: SpooledMessage, delivery: Delivery) -> None:
