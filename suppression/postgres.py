@@ -310,7 +310,14 @@ class PostgresDatabase:
     # --- on the database threads ------------------------------------------------------------
 
     def _connect(self, *, autocommit: bool = True) -> psycopg.Connection[Any]:
-        kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": CONNECT_TIMEOUT}
+        kwargs: dict[str, Any] = {
+            "autocommit": autocommit,
+            "connect_timeout": CONNECT_TIMEOUT,
+            # A node stuck inside a transaction must not hold the write lock for ever: its
+            # session ends (and the lock with it); a write waiting that long fails, and
+            # its caller retries, rather than hanging.
+            "options": "-c idle_in_transaction_session_timeout=60000 -c lock_timeout=30000",
+        }
         if self._password is not None:
             kwargs["password"] = self._password
         conn = psycopg.connect(self.url, **kwargs)
@@ -341,21 +348,32 @@ class PostgresDatabase:
                 batch, stop = self._reads.take()
                 outcomes: list[_Outcome] = []
                 for job in _claim(batch):
-                    try:
-                        conn = self._connection(conn)
-                        outcomes.append((job, None, job.fn(PostgresConnection(conn))))
-                    except StorageUnavailable as exc:
-                        outcomes.append((job, exc, None))
-                    except Exception as exc:
-                        if _broken(exc, conn):
-                            exc = self._health.failed(exc)
-                        outcomes.append((job, exc, None))
+                    conn, outcome = self._read_one(conn, job)
+                    outcomes.append(outcome)
                 _report(outcomes)
                 if stop:
                     return
         finally:
             if conn is not None:
                 conn.close()
+
+    def _read_one(
+        self, conn: psycopg.Connection[Any] | None, job: _Job
+    ) -> tuple[psycopg.Connection[Any] | None, _Outcome]:
+        """Run a read; a connection the server dropped while it was idle (a restart) is
+        replaced and the read tried once more before the server counts as away."""
+        for retry in (True, False):
+            try:
+                conn = self._connection(conn)
+                return conn, (job, None, job.fn(PostgresConnection(conn)))
+            except StorageUnavailable as exc:
+                return conn, (job, exc, None)
+            except Exception as exc:
+                if not _broken(exc, conn):
+                    return conn, (job, exc, None)
+                if not retry:
+                    return conn, (job, self._health.failed(exc), None)
+        raise AssertionError("unreachable")
 
     def _write_loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
@@ -427,7 +445,15 @@ class PostgresDatabase:
         done: list[_Outcome] = []
         single = len(batch) == 1
         try:
-            conn.execute("BEGIN")
+            try:
+                conn.execute("BEGIN")
+            except psycopg.Error as exc:
+                if not _broken(exc, conn):
+                    raise
+                # Dropped while idle (a server restart): nothing was sent, a new
+                # connection begins the same transaction.
+                conn = self._connection(conn)
+                conn.execute("BEGIN")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
             wrapped = PostgresConnection(conn)
             for job in batch:

@@ -227,11 +227,21 @@ async def test_the_database_stopped_under_load_loses_nothing_acknowledged(
 
     # Every 250 delivered, once; nothing refused at RCPT was accepted.
     def delivered() -> set[str]:
-        return {m.recipients[0] for m in handler.messages}
+        return {r for m in handler.messages for r in m.recipients}
 
-    await wait_for(
-        lambda: set(accepted) <= delivered(), within=60, what="every accepted message delivered"
-    )
+    try:
+        await wait_for(lambda: set(accepted) <= delivered(), within=60)
+    except AssertionError:
+        missing = set(accepted) - delivered()
+        lines = [
+            line
+            for line in node.log().splitlines()
+            if "storage" in line or any(address in line for address in missing)
+        ]
+        captured = [(m.recipients, len(m.content)) for m in handler.messages[-8:]]
+        raise AssertionError(
+            f"never delivered: {missing}\nlast captured: {captured}\n" + "\n".join(lines)
+        ) from None
     assert not set(deferred) & delivered()
 
     # No open lost: each pixel fetched while the store was away is an open event now.
