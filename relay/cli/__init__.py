@@ -32,6 +32,7 @@ COMMANDS = {
     "stats": "stats:stats",
     "feedback": "feedback:feedback",
     "consent": "consent:consent",
+    "storage": "storage:storage",
 }
 
 
@@ -82,6 +83,9 @@ def _known_error(exc: Exception) -> tuple[str, int] | None:
     suppression = sys.modules.get("suppression")
     if suppression is not None and isinstance(exc, suppression.SuppressionError):
         return str(exc), 2
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        return f"the shared database cannot be used: {exc}", 1
     sqlite3 = sys.modules.get("sqlite3")
     if sqlite3 is not None and isinstance(exc, sqlite3.Error):
         return f"the data in the storage dir cannot be used: {exc}", 1
