@@ -79,3 +79,11 @@ async def test_copy_into_another_relays_store_is_refused(tmp_path: Path, postgre
     assert result.returncode != 0
     assert "already has another address-hash key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_queue_commands_say_they_act_on_this_node(tmp_path: Path, postgres_url: str) -> None:
+    shared = cli(config_file(tmp_path, postgres_url), "queue", "list")
+    assert shared.returncode == 0, shared.stderr
+    assert f"queue of this node only ({tmp_path / 'data'})" in shared.stderr
+    alone = cli(config_file(tmp_path, name="alone.toml"), "queue", "list")
+    assert alone.returncode == 0 and "this node" not in alone.stderr

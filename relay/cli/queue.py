@@ -12,13 +12,19 @@ import click
 
 from ..spool import QueueEntry, Spool, iso_utc
 from ..stores import SPOOL_FILE, ensure_private_dir
-from .common import config_option, settings_from
+from .common import PROG, config_option, settings_from
 
 T = TypeVar("T")
 
 
 def _with_spool(config_path: Path | None, action: Callable[[Spool], Awaitable[T]]) -> T:
     settings = settings_from(config_path)
+    if settings.storage.database is not None:
+        # The store is shared, the spool is not: say whose mail this is.
+        click.echo(
+            f"{PROG}: queue of this node only ({settings.storage.dir}); every node keeps its own",
+            err=True,
+        )
 
     async def run() -> T:
         ensure_private_dir(settings.storage.dir)
@@ -46,7 +52,7 @@ def _describe(entry: QueueEntry) -> list[str]:
 
 @click.group()
 def queue() -> None:
-    """Inspect and manage mail waiting for delivery."""
+    """Inspect and manage mail waiting for delivery (in this node's spool)."""
 
 
 @queue.command("list")
