@@ -4,13 +4,16 @@ Postfix's smtp-source submits the same HTML campaign message to each relay, both
 Postfix's smtp-sink. The pass-through relay is done when smtp-source is; optout-relay is done
 when its spool is empty (every copy durably spooled, rewritten and delivered). The two take
 turns for several rounds, so that other load on the machine hits both alike, and the medians
-are compared. Also reports optout-relay's peak RSS, per process, and the peak under 100
-clients each submitting a 1 MB message at once.
+are compared. Also reports the CPU time each spent per message (all of its processes, from
+/proc: steadier than wall time on a busy machine), optout-relay's peak RSS, per process, and
+the peak under 100 clients each submitting a 1 MB message at once. optout-relay runs on its
+defaults (delivery.processes and workers) unless --processes or --workers say otherwise.
 
 Needs Debian's postfix package (smtp-source, smtp-sink). Run from the repository root:
 
     python bench/throughput.py                     # 2,000 / 1,000 messages, 3 rounds
     python bench/throughput.py --count 1000 --rounds 5
+    python bench/throughput.py --processes 2 --workers 16
     python bench/throughput.py --memory-only
 """
 
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import smtplib
 import socket
 import sqlite3
 import statistics
@@ -128,6 +132,28 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            found += tree(int(child))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes so far (those gone count nothing)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
 def tree_peak_rss_mb(pid: int) -> list[float]:
     """Peak RSS of the relay, then of each of its child processes (delivery, and Python's
     resource tracker); their sum is an upper bound of the whole relay's peak."""
@@ -169,8 +195,14 @@ class PssSampler(threading.Thread):
 
 
 def start_relay(
-    workdir: Path, sink_port: int, workers: int, processes: int
+    workdir: Path,
+    sink_port: int,
+    workers: int | None = None,
+    processes: int | None = None,
+    extra: str = "",
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """optout-relay delivering to `sink_port`; None: the relay's default. `extra`: more
+    config lines for its [delivery] section, then sections of their own."""
     smtp_port, http_port = free_ports(2)
     config = workdir / "relay.toml"
     config.write_text(
@@ -178,8 +210,10 @@ def start_relay(
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nmax_message_size = 5000000\n'
         "max_connections_per_client = 200\n"
         f'[http]\nlisten = "127.0.0.1:{http_port}"\npublic_url = "https://mail.shop.example"\n'
-        f'[delivery]\ndownstream = "smtp://127.0.0.1:{sink_port}"\nworkers = {workers}\n'
-        f"processes = {processes}\n"
+        f'[delivery]\ndownstream = "smtp://127.0.0.1:{sink_port}"\n'
+        + ("" if workers is None else f"workers = {workers}\n")
+        + ("" if processes is None else f"processes = {processes}\n")
+        + extra
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", str(config)],
@@ -188,26 +222,54 @@ def start_relay(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     wait_listening(smtp_port)
+    warm_up(smtp_port, workdir / "data")
     return process, smtp_port
 
 
+def warm_up(port: int, data_dir: Path) -> None:
+    """One message through, so that the delivery processes are up before the clock starts."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.sendmail(
+            "news@shop.example",
+            ["warm-up@example.org"],
+            b"From: news@shop.example\r\nSubject: warm-up\r\n\r\nwarm-up\r\n",
+        )
+    deadline = time.monotonic() + 60
+    while not spool_empty(data_dir):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the warm-up message was not delivered within 60 s")
+        time.sleep(0.01)
+
+
 def measure_relay(
-    workdir: Path, sink_port: int, message_file: Path, count: int, workers: int, processes: int
-) -> tuple[float, list[float]]:
+    workdir: Path,
+    sink_port: int,
+    message_file: Path,
+    count: int,
+    workers: int | None,
+    processes: int | None,
+) -> tuple[float, float, list[float]]:
+    """(messages per second, CPU seconds per message, peak RSS per process)."""
     process, port = start_relay(workdir, sink_port, workers, processes)
     try:
+        pids = tree(process.pid)
+        cpu = cpu_seconds(pids)
         started = time.perf_counter()
         run_source(port, message_file, count)
         while not spool_empty(workdir / "data"):
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
-        return count / elapsed, tree_peak_rss_mb(process.pid)
+        used = cpu_seconds(pids) - cpu
+        return count / elapsed, used / count, tree_peak_rss_mb(process.pid)
     finally:
         process.terminate()
         process.wait()
 
 
-def measure_passthrough(sink_port: int, message_file: Path, count: int, pool: int) -> float:
+def measure_passthrough(
+    sink_port: int, message_file: Path, count: int, pool: int
+) -> tuple[float, float]:
+    """(messages per second, CPU seconds per message) of the pass-through relay."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -220,7 +282,9 @@ def measure_passthrough(sink_port: int, message_file: Path, count: int, pool: in
     )
     try:
         wait_listening(port)
-        return count / run_source(port, message_file, count)
+        cpu = cpu_seconds([process.pid])
+        rate = count / run_source(port, message_file, count)
+        return rate, (cpu_seconds([process.pid]) - cpu) / count
     finally:
         process.terminate()
         process.wait()
@@ -247,7 +311,7 @@ async def concurrent_big_submissions(port: int, clients: int, size: int) -> None
 
 
 def measure_memory(
-    workdir: Path, sink_port: int, workers: int, processes: int
+    workdir: Path, sink_port: int, workers: int | None, processes: int | None
 ) -> tuple[list[float], float]:
     """Peak RSS per process, and the peak of the PSS summed over the processes."""
     process, port = start_relay(workdir, sink_port, workers, processes)
@@ -269,9 +333,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="messages per run")
     parser.add_argument(
-        "--workers", type=int, default=16, help="optout-relay copies sent at once, per process"
+        "--workers", type=int, help="optout-relay copies sent at once (default: its own)"
     )
-    parser.add_argument("--processes", type=int, default=2, help="optout-relay delivery processes")
+    parser.add_argument(
+        "--processes", type=int, help="optout-relay delivery processes (default: its own)"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs of each relay per size, taken in turns"
     )
@@ -293,25 +359,34 @@ def main() -> None:
                 message_file.write_bytes(campaign(size))
                 count = args.count if size <= 20_000 else args.count // 2
                 baselines, ours, peaks = [], [], []
+                cpu: dict[str, list[float]] = {"pass-through": [], "optout-relay": []}
                 # In turns, so that whatever else the machine does hits both alike.
                 for round_ in range(args.rounds):
-                    baselines.append(measure_passthrough(sink_port, message_file, count, SESSIONS))
+                    base_rate, base_cpu = measure_passthrough(
+                        sink_port, message_file, count, SESSIONS
+                    )
+                    baselines.append(base_rate)
+                    cpu["pass-through"].append(base_cpu)
                     run_dir = workdir / f"relay-{size}-{round_}"
                     run_dir.mkdir()
-                    rate, rss = measure_relay(
+                    rate, used, rss = measure_relay(
                         run_dir, sink_port, message_file, count, args.workers, args.processes
                     )
                     ours.append(rate)
+                    cpu["optout-relay"].append(used)
                     peaks.append(rss)
                     print(
                         f"{size // 1000:>4} KB round {round_ + 1}: pass-through"
-                        f" {baselines[-1]:4.0f} msg/s, optout-relay {rate:4.0f} msg/s",
+                        f" {base_rate:4.0f} msg/s ({base_cpu * 1000:.2f} ms CPU/msg),"
+                        f" optout-relay {rate:4.0f} msg/s ({used * 1000:.2f} ms CPU/msg)",
                         flush=True,
                     )
                 baseline, rate = statistics.median(baselines), statistics.median(ours)
                 print(
                     f"{size // 1000:>4} KB median: pass-through {baseline:.0f} msg/s,"
-                    f" optout-relay {rate:.0f} msg/s, ratio {rate / baseline:.2f} (target 0.80);"
+                    f" optout-relay {rate:.0f} msg/s, ratio {rate / baseline:.2f} (target 1.00);"
+                    f" CPU per message {statistics.median(cpu['pass-through']) * 1000:.2f} ms"
+                    f" against {statistics.median(cpu['optout-relay']) * 1000:.2f} ms;"
                     f" peak RSS {describe_rss(max(peaks, key=sum))}",
                     flush=True,
                 )
