@@ -26,6 +26,7 @@ from tracking.webhooks import (
 )
 
 from .accounts import CATEGORIES, Account, PasswordHashError, check_password_hash
+from .cores import auto_delivery_processes
 from .errors import ConfigError
 from .names import domain_name, selector_name
 from .settings import (
@@ -130,6 +131,18 @@ def _positive_int(value: Any, key: str) -> int:
     if value <= 0:
         raise ConfigError(key, f"must be greater than 0 (got {value})")
     return value
+
+
+AUTO = 0  # `_processes`' "auto", resolved once the section is read
+
+
+def _processes(value: Any, key: str) -> int:
+    """A positive count, or "auto" (AUTO): one per core where delivery runs apart."""
+    if value == "auto":
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f'must be an integer or "auto", not {_type_name(value)}')
+    return _positive_int(value, key)
 
 
 def _postal_address(value: Any, key: str) -> str:
@@ -553,7 +566,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "require_tls": _boolean,
             "max_queued_messages": _positive_int,
             "separate_process": _boolean,
-            "processes": _positive_int,
+            "processes": _processes,
         },
     ),
     "rewrite": (
@@ -640,6 +653,11 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
             if key not in parsers:
                 raise ConfigError(dotted, "unknown key")
             values[key] = parsers[key](raw, dotted)
+        if name == "delivery" and values.get("processes", AUTO) == AUTO:
+            # One process per core when delivery runs apart; on the front door's loop
+            # (separate_process = false) there is only that one.
+            separate = values.get("separate_process", True)
+            values["processes"] = auto_delivery_processes() if separate else 1
         sections[name] = cls(**values)
     settings = Settings(**sections)
     if "admin" in document and not settings.admin.users:

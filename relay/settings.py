@@ -15,6 +15,7 @@ from tracking.retention import Retention
 from tracking.webhooks import WebhookDelivery, WebhookEndpoint
 
 from .accounts import Account
+from .cores import auto_delivery_processes
 
 if TYPE_CHECKING:
     from .mime import MimeLimits
@@ -133,7 +134,8 @@ class DeliverySettings:
     require_tls: bool = False
     max_queued_messages: int = 100_000
     separate_process: bool = True
-    processes: int = 1  # delivery processes, each owning a share of the spool
+    # Delivery processes, each owning a share of the spool; "auto" in the file: one per core.
+    processes: int = field(default_factory=auto_delivery_processes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,9 @@ def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
             retry_initial_delay=0.2,
             retry_max_delay=1.0,
             timeout=10.0,
+            # One, not one per core: tests start many relays, and spawning costs a second
+            # each; several processes are tested where they matter (test_spool.py).
+            processes=1,
         ),
         signing=SigningSettings(secret_keys=SIGNING_KEYS),
         # The test newsletters are short HTML, which by default gets no open pixel (spam

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from relay.accounts import hash_password
 from relay.config import load_settings, parse_settings, section_keys
+from relay.cores import MAX_AUTO_PROCESSES, usable_cores
 from relay.errors import ConfigError
 from relay.settings import Downstream, Listen, Settings
 from tests.helpers import PASSWORD, ROOT, run_cli
@@ -94,6 +96,9 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
             {"delivery": {"retry_initial_delay": 10, "retry_max_delay": 5}},
             "delivery.retry_max_delay",
         ),
+        ({"delivery": {"processes": "two"}}, "delivery.processes"),
+        ({"delivery": {"processes": 0}}, "delivery.processes"),
+        ({"delivery": {"processes": 2, "separate_process": False}}, "delivery.processes"),
         ({"signing": {"secret_keys": ["short"]}}, "signing.secret_keys"),
         ({"signing": {"secret_keys": []}}, "signing.secret_keys"),
         ({"storage": "x"}, "storage"),
@@ -122,6 +127,23 @@ def test_bad_values_name_their_key(document: dict[str, object], key: str) -> Non
     with pytest.raises(ConfigError) as caught:
         parse_settings(document)
     assert caught.value.key == key
+
+
+def test_delivery_processes_auto_is_one_per_two_usable_cores(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert parse_settings({}).delivery.processes == max(1, min(cores // 2, MAX_AUTO_PROCESSES))
+    assert parse_settings({"delivery": {"processes": "auto"}}) == parse_settings({})
+    assert parse_settings({"delivery": {"processes": 3}}).delivery.processes == 3
+    # Delivery on the front door's loop is one process, "auto" or not.
+    alone = {"separate_process": False}
+    assert parse_settings({"delivery": alone}).delivery.processes == 1
+    assert parse_settings({"delivery": {**alone, "processes": "auto"}}).delivery.processes == 1
+    # A container's CPU quota counts: 1.5 CPUs is two processes, at most the CPU set's.
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert usable_cores(quota) == min(cores, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == cores
 
 
 def test_accounts_and_dkim_keys_read_domain_names_by_one_rule(tmp_path: Path) -> None:
