@@ -133,6 +133,26 @@ class _Lane:
         return jobs, True
 
 
+# A database holds personal data: owner-only, whatever the umask or the directory's mode.
+PRIVATE_FILE = 0o600
+# SQLite gives its -wal and -shm files the mode of the database file.
+_COMPANIONS = ("", "-wal", "-shm")
+
+
+def _make_private(path: Path) -> None:
+    """Create `path` (mode 0600) before SQLite does (0644 less the umask), and take group
+    and other access from a database file made before this rule, and its companions."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE))
+    except OSError:
+        return  # SQLite reports what is wrong with the path, in its own words
+    for suffix in _COMPANIONS:
+        companion = path.with_name(path.name + suffix)
+        with contextlib.suppress(OSError):
+            if os.stat(companion).st_mode & 0o077:
+                os.chmod(companion, PRIVATE_FILE)
+
+
 def _connect(path: Path, cache_kib: int = CACHE_KIB) -> SqliteConnection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -156,11 +176,19 @@ class Database:
     """An SQLite file used from asyncio without blocking the event loop."""
 
     def __init__(
-        self, path: Path, migrations: Sequence[Migration] = (), *, cache_kib: int = CACHE_KIB
+        self,
+        path: Path,
+        migrations: Sequence[Migration] = (),
+        *,
+        cache_kib: int = CACHE_KIB,
+        after_commit: Callable[[SqliteConnection], None] | None = None,
     ) -> None:
-        """`cache_kib`: the page cache of each of its two connections (a ceiling)."""
+        """`cache_kib`: the page cache of each of its two connections (a ceiling).
+        `after_commit`: run on the writer thread after each durable commit, before any
+        caller of that commit hears of it (it must not raise)."""
         self.path = path
         self._cache_kib = cache_kib
+        self._after_commit = after_commit
         self._migrations = tuple(migrations)
         self._writes = _Lane()
         self._reads = _Lane()
@@ -175,9 +203,14 @@ class Database:
 
     @classmethod
     async def open(
-        cls, path: Path, migrations: Sequence[Migration] = (), *, cache_kib: int = CACHE_KIB
+        cls,
+        path: Path,
+        migrations: Sequence[Migration] = (),
+        *,
+        cache_kib: int = CACHE_KIB,
+        after_commit: Callable[[SqliteConnection], None] | None = None,
     ) -> Database:
-        database = cls(path, migrations, cache_kib=cache_kib)
+        database = cls(path, migrations, cache_kib=cache_kib, after_commit=after_commit)
         database._writer.start()
         try:
             await asyncio.wrap_future(database._ready)
@@ -216,6 +249,26 @@ class Database:
         WAL still holds.
         """
         return await self.maintain(checkpoint_truncate)
+
+    async def probe_write(self) -> None:
+        """A real write that changes nothing (a WAL frame, fsynced): raises when the file
+        cannot take writes now (a full disk, a read-only or damaged file)."""
+
+        def rewrite_user_version(db: SqliteConnection) -> None:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version = {version}")
+
+        await self.write(rewrite_user_version)
+
+    async def quick_check(self) -> list[str]:
+        """SQLite's `PRAGMA quick_check`: what it found wrong with the file, [] if nothing.
+        Raises (sqlite3.DatabaseError) for a file too damaged to check."""
+
+        def check(db: SqliteConnection) -> list[str]:
+            found = [str(row[0]) for row in db.execute("PRAGMA quick_check(20)").fetchall()]
+            return [] if found == ["ok"] else found
+
+        return await self.read(check)
 
     async def read(self, fn: Callable[[SqliteConnection], T]) -> T:
         """Run `fn` on the reader connection (sees every committed write)."""
@@ -274,6 +327,7 @@ class Database:
     def _write_loop(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(self.path)
             db = _connect(self.path, self._cache_kib)
             _apply_migrations(db, self._migrations)
         except BaseException as exc:
@@ -289,8 +343,7 @@ class Database:
         finally:
             db.conn.close()
 
-    @classmethod
-    def _run_jobs(cls, db: SqliteConnection, jobs: list[_Job]) -> None:
+    def _run_jobs(self, db: SqliteConnection, jobs: list[_Job]) -> None:
         """Transactional jobs in group commits; each maintenance job alone, in queue order.
         All the outcomes go back to the event loop together, after the last commit."""
         outcomes: list[_Outcome] = []
@@ -300,11 +353,11 @@ class Database:
                 pending.append(job)
                 continue
             if pending:
-                outcomes += cls._run_batch(db, pending)
+                outcomes += self._run_batch(db, pending)
                 pending = []
-            outcomes.append(cls._run_alone(db, job))
+            outcomes.append(self._run_alone(db, job))
         if pending:
-            outcomes += cls._run_batch(db, pending)
+            outcomes += self._run_batch(db, pending)
         _report(outcomes)
 
     @staticmethod
@@ -314,8 +367,7 @@ class Database:
         except Exception as exc:
             return job, exc, None
 
-    @staticmethod
-    def _run_batch(db: SqliteConnection, batch: list[_Job]) -> list[_Outcome]:
+    def _run_batch(self, db: SqliteConnection, batch: list[_Job]) -> list[_Outcome]:
         conn = db.conn
         outcomes: list[_Outcome] = []
         try:
@@ -338,6 +390,8 @@ class Database:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             return [(job, exc, None) for job in batch]
+        if self._after_commit is not None:
+            self._after_commit(db)
         return outcomes
 
 
