@@ -138,6 +138,9 @@ class _Health:
         self.up = True
         self.reason = ""
         self._next_try = 0.0
+        # Times the server came back: a connection opened before the last of them was cut
+        # when it went away, even if nothing has used it since to find out.
+        self.recoveries = 0
 
     def may_try(self) -> bool:
         with self._lock:
@@ -162,6 +165,7 @@ class _Health:
         with self._lock:
             if not self.up:
                 self.up = True
+                self.recoveries += 1
                 log.warning("storage: PostgreSQL at %s reachable again", self._location)
 
 
@@ -186,6 +190,8 @@ class PostgresDatabase:
         self._password = password
         self._migrations = tuple(migrations)
         self._health = _Health(self.location)
+        # id of each reader's and the writer's connection -> the recoveries when it opened.
+        self._opened: dict[int, int] = {}
         self._writes = _Lane()
         self._reads = _Lane()
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -326,19 +332,25 @@ class PostgresDatabase:
 
     def _connection(self, current: psycopg.Connection[Any] | None) -> psycopg.Connection[Any]:
         """`current` if it is still good, else a new connection (StorageUnavailable if the
-        server cannot be reached, or was not reachable a moment ago)."""
-        if current is not None and not current.closed and not current.broken:
+        server cannot be reached, or was not reachable a moment ago). One opened before the
+        server last came back is replaced unused: failing on it would say the server is
+        unreachable a second time, a moment after another thread said it is back."""
+        fresh = current is not None and self._opened.get(id(current)) == self._health.recoveries
+        if current is not None and fresh and not current.closed and not current.broken:
             return current
         if current is not None:
             with contextlib.suppress(Exception):
                 current.close()
         if not self._health.may_try():
             raise self._health.unavailable()
+        if current is not None:
+            self._opened.pop(id(current), None)
         try:
             conn = self._connect()
         except psycopg.Error as exc:
             raise self._health.failed(exc) from None
         self._health.succeeded()
+        self._opened[id(conn)] = self._health.recoveries
         return conn
 
     def _read_loop(self) -> None:
@@ -379,6 +391,7 @@ class PostgresDatabase:
         conn: psycopg.Connection[Any] | None = None
         try:
             conn = self._connect()
+            self._opened[id(conn)] = self._health.recoveries
             if not self._create and not _has_store(conn):
                 raise SchemaMissing(f"no store in the database {self.location}")
             _apply_migrations(conn, self._migrations)
