@@ -54,6 +54,7 @@ class EventType(StrEnum):
     REFUSED = "refused"
     # A recipient stopped individual tracking of their opens and clicks (preference page).
     TRACKING_WITHDRAWN = "tracking.withdrawn"
+    HELD = "held"  # set aside in the spool (it crashed delivery, or its stored copy is damaged)
 
 
 _MACHINE_VERDICT = {EventType.OPEN, EventType.CLICK}
@@ -129,6 +130,14 @@ def _queue_and_message_ids(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# How far events copied from another store's journal (the spool's) have been recorded.
+_EVENT_SOURCES = "CREATE TABLE event_sources (source TEXT PRIMARY KEY, through INTEGER NOT NULL)"
+
+
+def _create_event_sources(db: sqlite_utils.Database) -> None:
+    db.execute(_EVENT_SOURCES)
+
+
 _REPEATED_FETCHES = [
     # A fetch repeated within the window adds to its event's count (and moves last_at)
     # instead of adding a row: a replayed pixel URL costs an UPDATE, not a row per fetch.
@@ -190,6 +199,11 @@ MIGRATIONS = (
     # of opens and clicks that name nobody.
     CONSENT_MIGRATION,
     AGGREGATE_MIGRATION,
+    Migration(
+        "tracking/0004-event-sources",
+        _create_event_sources,
+        postgresql=[_EVENT_SOURCES.replace("INTEGER", "BIGINT")],
+    ),
 )
 
 PAGE_SIZE = 1000
@@ -245,6 +259,28 @@ class EventStore:
         sort = counting or Counting(window)
         counted = await self._db.write(lambda db: _record_fetches(db, events, window, sort))
         sort.recent.remember(counted)
+
+    async def record_from(self, source: str, through: int, events: Iterable[Event]) -> None:
+        """Record events copied from `source`'s journal, whose entries up to `through` they
+        are, exactly once: a copy repeated after a crash (entries not yet dropped from the
+        journal) is not recorded again."""
+        batch = list(events)
+
+        def insert(db: Connection) -> None:
+            if _recorded_through(db, source) >= through:
+                return
+            insert_events(db, batch)
+            db.execute(
+                "INSERT INTO event_sources (source, through) VALUES (?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET through = excluded.through",
+                [source, through],
+            )
+
+        await self._db.write(insert)
+
+    async def recorded_through(self, source: str) -> int:
+        """The last journal entry of `source` recorded here (0: none)."""
+        return await self._db.read(lambda db: _recorded_through(db, source))
 
     async def export(self, only: EventFilter | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Every event (or those `only` picks), oldest first, as the documented JSON object
@@ -399,6 +435,11 @@ _EVENT_ROWS = (
 def _recipient_rows(db: Connection, *, address_hash: str) -> list[dict[str, Any]]:
     cursor = db.execute(f"{_EVENT_ROWS} WHERE e.address_hash = ? ORDER BY e.id", [address_hash])
     return row_dicts(cursor)
+
+
+def _recorded_through(db: Connection, source: str) -> int:
+    row = db.execute("SELECT through FROM event_sources WHERE source = ?", [source]).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def insert_events(db: Connection, events: Iterable[Event]) -> None:
