@@ -13,6 +13,7 @@ import ctypes
 import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+_M_ARENA_MAX = -8
 BIG_BUFFER = 256 * 1024
 
 
@@ -25,3 +26,16 @@ def return_big_buffers() -> None:
     except (OSError, AttributeError):
         return
     mallopt(_M_MMAP_THRESHOLD, BIG_BUFFER)
+
+
+def limit_arenas(count: int) -> None:
+    """At most `count` glibc malloc arenas. Each thread that allocates may otherwise get an
+    arena of its own, and each reserves 64 MiB of address space: under an address-space
+    limit (RLIMIT_AS), reservations rather than use would exhaust it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_ARENA_MAX, count)

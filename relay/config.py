@@ -498,6 +498,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
         StorageSettings,
         {
             "dir": _directory,
+            "reserve": _non_negative_int,
             "database": _database_url,
             "database_password_file": _readable_file,
         },
@@ -567,6 +568,8 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "max_queued_messages": _positive_int,
             "separate_process": _boolean,
             "processes": _processes,
+            "memory_limit": _non_negative_int,
+            "message_cpu_limit": _positive_number,
         },
     ),
     "rewrite": (

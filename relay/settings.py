@@ -50,6 +50,7 @@ class Downstream:
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
     dir: Path = Path("optout-data")
+    reserve: int = 32 * 1024 * 1024  # bytes kept free so the spool can always drain; 0: none
     # A shared store (suppressions, events, keys...) for several nodes; None: SQLite in dir.
     database: str | None = None
     database_password_file: Path | None = None
@@ -136,6 +137,8 @@ class DeliverySettings:
     separate_process: bool = True
     # Delivery processes, each owning a share of the spool; "auto" in the file: one per core.
     processes: int = field(default_factory=auto_delivery_processes)
+    memory_limit: int = 2 * 1024**3  # address space of each delivery process (bytes); 0: none
+    message_cpu_limit: float = 60.0  # CPU seconds to rewrite a message or render one copy
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,8 @@ PASSWORD = "correct horse battery staple"
 def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
     """Settings for a relay on free loopback ports, quick to retry."""
     return Settings(
-        storage=StorageSettings(dir=data_dir),
+        # A small disk reserve: tests make many data dirs, and some small filesystems.
+        storage=StorageSettings(dir=data_dir, reserve=1024 * 1024),
         smtp=SmtpSettings(listen=Listen("127.0.0.1", 0), hostname="relay.test"),
         http=HttpSettings(listen=Listen("127.0.0.1", 0), public_url="https://mail.shop.example"),
         delivery=DeliverySettings(

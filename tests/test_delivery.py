@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import smtplib
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -244,4 +246,68 @@ async def test_a_header_dkim_cannot_read_is_still_delivered(
     result = await asubmit(relay.addresses.smtp[1], raw, "news@shop.example", [ALICE])
     assert result.error is None
     await wait_for(lambda: len(downstream.handler.messages) == 1, what="the odd message")
+    await wait_for(lambda: _spool_empty(relay), what="an empty spool")
+
+
+async def test_8bit_headers_to_a_downstream_without_8bitmime_bounce_saying_why(
+    tmp_path: Path, start_downstream: StartDownstream, start_relay: StartRelay
+) -> None:
+    """A raw UTF-8 Subject cannot become 7-bit in transit (RFC 6532 needs SMTPUTF8): the
+    copy is bounced at once with the reason, never deferred for ever."""
+    server = await start_downstream(eight_bit=False)
+    relay = await start_relay(relay_settings(tmp_path / "data", server.port))
+    raw = (
+        "From: news@shop.example\r\nTo: alice@example.org\r\nSubject: Grüße aus dem Laden\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHallo\r\n"
+    ).encode()
+    result = await asubmit(relay.addresses.smtp[1], raw, "news@shop.example", [ALICE])
+    assert result.error is None
+    await wait_for(lambda: _has(relay, "bounced"), what="the bounce")
+    [bounced] = await events_of(relay, "bounced")
+    assert bounced["detail"]["reply"] == (
+        f"554 5.6.3 127.0.0.1:{server.port} does not accept 8-bit data (no 8BITMIME) and this"
+        " message cannot be converted to 7-bit: its header fields are 8-bit (raw UTF-8 needs"
+        " SMTPUTF8, RFC 6532)"
+    )
+    assert bounced["detail"]["attempt"] == 1
+    assert not await events_of(relay, "deferred")
+    # The sender's DSN goes through the same old MTA: 7-bit, the headers quoted-printable.
+    await wait_for(lambda: bool(server.handler.messages), what="the DSN")
+    [dsn] = server.handler.messages
+    assert dsn.recipients == ["news@shop.example"]
+    assert dsn.content.isascii()
+    assert b"Status: 5.6.3" in dsn.content
+    assert b"Subject: Gr=C3=BC=C3=9Fe aus dem Laden" in dsn.content
+
+
+async def test_an_smtputf8_recipient_past_a_next_hop_without_it_bounces_with_a_dsn(
+    tmp_path: Path, downstream: CaptureServer, start_relay: StartRelay
+) -> None:
+    """RFC 6531 §3.4: a next hop without SMTPUTF8 cannot take the address; the sender
+    hears of it (a DSN), it is never dropped in silence."""
+    relay = await start_relay(relay_settings(tmp_path / "data", downstream.port))
+    jurgen = "jürgen@example.org"
+
+    def submit() -> None:
+        with smtplib.SMTP("127.0.0.1", relay.addresses.smtp[1], timeout=30) as client:
+            client.ehlo("tool.test")
+            client.sendmail(
+                "news@shop.example",
+                [jurgen],
+                newsletter(["friends@example.org"]).as_bytes(),
+                mail_options=["SMTPUTF8"],
+            )
+
+    await asyncio.to_thread(submit)
+    await wait_for(lambda: _has(relay, "bounced"), what="the bounce")
+    [bounced] = await events_of(relay, "bounced")
+    assert bounced["recipient"] == jurgen
+    assert bounced["detail"]["reply"] == (
+        f"553 5.6.7 127.0.0.1:{downstream.port} does not offer SMTPUTF8 for this address"
+    )
+    await wait_for(lambda: bool(downstream.handler.messages), what="the DSN")
+    [dsn] = downstream.handler.messages
+    assert (dsn.mail_from, dsn.recipients) == ("<>", ["news@shop.example"])
+    assert b"Final-Recipient: rfc822; j\\xfcrgen@example.org" in dsn.content
+    assert b"Status: 5.6.7" in dsn.content
     await wait_for(lambda: _spool_empty(relay), what="an empty spool")

@@ -145,3 +145,87 @@ async def test_a_4xx_keeps_the_copy_spooled_for_a_later_attempt(
     assert entry.attempts == 1
     assert entry.last_reply is not None and entry.last_reply.startswith("451 4.2.0")
     assert downstream.handler.messages == []
+
+
+def quick_worker(stores: Stores, downstream: CaptureServer) -> DeliveryWorker:
+    return DeliveryWorker(
+        spool=stores.spool,
+        transport=SmtpTransport(
+            Downstream("127.0.0.1", downstream.port),
+            pool_size=2,
+            timeout=10,
+            local_hostname="relay.test",
+        ),
+        pipeline=Pipeline(),
+        suppressions=stores.suppressions,
+        events=stores.events,
+        urls=TrackingUrls(PUBLIC_URL, Signer(SIGNING_KEYS)),
+        retry=RetryPolicy(initial_delay=0.01, max_delay=0.02, max_age=86400),
+        concurrency=2,
+        hostname="relay.test",
+    )
+
+
+@pytest.fixture
+async def quick(stores: Stores, downstream: CaptureServer) -> AsyncIterator[DeliveryWorker]:
+    """A worker that retries at once (local failures come back within milliseconds)."""
+    worker = quick_worker(stores, downstream)
+    task = asyncio.create_task(worker.run())
+    yield worker
+    await worker.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_a_message_that_fails_locally_every_time_bounces_with_a_dsn_and_an_event(
+    stores: Stores, downstream: CaptureServer, quick: DeliveryWorker
+) -> None:
+    """Spooled by an older relay for an address the suppression list cannot read: every
+    pass fails before sending, and the fifth returns it to its sender."""
+    queue_id = await spool_message(stores, "no address at all")
+    await wait_for(lambda: stores.events_of("bounced"), what="the bounced event")
+    [bounced] = await stores.events_of("bounced")
+    assert (bounced["queue_id"], bounced["campaign"], bounced["recipient"]) == (
+        queue_id,
+        "spring",
+        None,  # no one to name: the address has no key
+    )
+    assert bounced["detail"] == {
+        "reply": "554 5.3.0 the relay could not process this message",
+        "attempt": 5,
+    }
+    await wait_for(lambda: bool(downstream.handler.messages), what="the DSN")
+    [dsn] = downstream.handler.messages
+    assert (dsn.mail_from, dsn.recipients) == ("<>", [SENDER])
+    assert b"Status: 5.3.0" in dsn.content
+
+    async def empty() -> bool:
+        return await stores.spool.depth() == (0, 0)
+
+    await wait_for(empty, what="an empty spool")
+
+
+async def test_the_queue_report_counts_mail_another_process_spooled(
+    tmp_path: Path, stores: Stores, downstream: CaptureServer, quick: DeliveryWorker
+) -> None:
+    """The front door spools in another process: a tally kept by the delivery process
+    would go below zero (`queue: -2 messages waiting`)."""
+    front_door = await Spool.open(tmp_path / "spool.db")
+    try:
+        for name in ("ann", "bob"):
+            rcpt = f"{name}@example.org"
+            await front_door.accept(SENDER, [rcpt], newsletter([rcpt]).as_bytes(), "t")
+        await wait_for(lambda: len(downstream.handler.messages) == 2, what="both copies")
+
+        async def empty() -> bool:
+            return await stores.spool.depth() == (0, 0)
+
+        await wait_for(empty, what="an empty spool")
+        assert await quick.report_queue() == 0
+        downstream.handler.rcpt_replies["cy@example.org"] = "451 4.2.0 Mailbox busy"
+        await front_door.accept(SENDER, ["cy@example.org"], b"Subject: x\r\n\r\nHi\r\n", "t")
+        await wait_for(lambda: stores.events_of("deferred"), what="the deferral")
+        assert await quick.report_queue() == 1
+    finally:
+        await front_door.close()

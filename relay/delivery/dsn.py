@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import quopri
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
-from ..mime import headers_of
+from ..mime import crlf_line_breaks, headers_of
 
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -97,8 +98,12 @@ def build_dsn(
         f"--{boundary}",
         "Content-Description: Undelivered Message Headers",
         "Content-Type: text/rfc822-headers",
-        "",
     ]
-    head = "\r\n".join(lines).encode("ascii") + b"\r\n"
     original_headers = headers if headers.endswith(b"\n") else headers + b"\r\n"
+    if not original_headers.isascii():
+        # A report is 7-bit, whatever the next hop takes: 8-bit headers go encoded.
+        lines.append("Content-Transfer-Encoding: quoted-printable")
+        original_headers = crlf_line_breaks(quopri.encodestring(original_headers))
+    lines.append("")
+    head = "\r\n".join(lines).encode("ascii") + b"\r\n"
     return head + original_headers + f"\r\n--{boundary}--\r\n".encode("ascii")

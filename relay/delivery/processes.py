@@ -13,13 +13,16 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from .._malloc import return_big_buffers
+from .._malloc import limit_arenas, return_big_buffers
 from ..logs import LogFormat, setup_logging
 from ..spool import Partition
+from ..spool.state import DirLock
+from .guard import EXIT_STOPPED_WORK
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext
@@ -38,16 +41,34 @@ def _child_main(
 ) -> None:
     setup_logging(log_format)
     return_big_buffers()
+    limit = settings.delivery.memory_limit
+    if limit:
+        # Few malloc arenas: each reserves 64 MiB of address space, which a limit counts.
+        limit_arenas(2)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     asyncio.run(_run_child(settings, wakeups, partition))
 
 
 async def _run_child(settings: Settings, wakeups: Connection, partition: Partition) -> None:
-    from .runtime import DeliveryRuntime  # here: the child imports the wiring, not the reverse
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Held while this process lives: a serve started after its parent died waits for it.
+    lock = DirLock.delivery(settings.storage.dir, exclusive=False, within=STOP_TIMEOUT)
+    try:
+        await _deliver_until_stopped(settings, wakeups, partition, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _deliver_until_stopped(
+    settings: Settings, wakeups: Connection, partition: Partition, stop: asyncio.Event
+) -> None:
+    from .runtime import DeliveryRuntime  # here: the child imports the wiring, not the reverse
+
+    loop = asyncio.get_running_loop()
     async with DeliveryRuntime(settings, partition=partition) as runtime:
 
         def woken() -> None:
@@ -128,6 +149,15 @@ class DeliveryProcess:
         for child in self._children:
             child.wake()
 
+    @property
+    def pids(self) -> list[int]:
+        """The delivery processes running now (for an operator's or a test's supervisor)."""
+        return [
+            c.process.pid
+            for c in self._children
+            if c.process is not None and c.process.pid is not None and c.process.is_alive()
+        ]
+
     async def _supervise(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
@@ -141,8 +171,11 @@ class DeliveryProcess:
                 loop.remove_reader(process.sentinel)
             child.close_pipe()
             # A stop signalled to the whole process group (Ctrl-C, systemd) may reach a
-            # child before the relay has begun to stop: give it a moment to say so.
-            await asyncio.sleep(RESTART_DELAY)
+            # child before the relay has begun to stop: give it a moment to say so. A child
+            # that ended itself over a message, or was killed (out of memory), is replaced
+            # at once: mail waits while there is none.
+            if process.exitcode not in (EXIT_STOPPED_WORK, -signal.SIGKILL):
+                await asyncio.sleep(RESTART_DELAY)
             if self._stopping:
                 return
             log.error(

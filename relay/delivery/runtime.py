@@ -21,7 +21,9 @@ from ..pipeline import Pipeline
 from ..rewrite import ReceivedClient
 from ..settings import Settings
 from ..spool import WHOLE, Partition, Spool
+from ..spool.state import marker_file
 from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
+from .guard import WorkGuard, memory_ceiling
 from .transport import OutboxTransport, SmtpTransport, Transport, outbox_name
 from .worker import DeliveryWorker, RetryPolicy
 
@@ -87,7 +89,9 @@ class DeliveryRuntime:
                 stores = await self._exit.enter_async_context(Stores(settings))
             spool = self._spool
             if spool is None:
-                spool = await Spool.open(settings.storage.dir / SPOOL_FILE)
+                spool = await Spool.open(
+                    settings.storage.dir / SPOOL_FILE, reserve=settings.storage.reserve
+                )
                 self._exit.push_async_callback(spool.close)
             hostname = settings.smtp.hostname or socket.getfqdn()
             self.transport = build_transport(settings, hostname)
@@ -119,6 +123,13 @@ class DeliveryRuntime:
                 concurrency=settings.delivery.workers,
                 hostname=hostname,
                 partition=self._partition,
+                guard=WorkGuard(
+                    marker_file(settings.storage.dir, self._partition.index),
+                    cpu_limit=settings.delivery.message_cpu_limit,
+                    memory_ceiling=memory_ceiling(settings.delivery.memory_limit),
+                    # Only a supervised delivery process may end itself over a message.
+                    enforce=settings.delivery.separate_process,
+                ),
                 marks=feedback_marks(settings, accounts, stores.signer()),
             )
             task = asyncio.create_task(self.worker.run(), name="delivery-worker")

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from suppression import fsync_directory
 
+from ..mime import headers_of
 from ..settings import Downstream
 from .client import ConnectionLost, SmtpClientError, SmtpConnection, unverified_tls
 
@@ -28,6 +29,8 @@ class Outgoing:
     mail_from: str
     recipient: str
     content: bytes
+    # Rendered for a next hop without 8BITMIME: 8-bit left in it cannot be converted.
+    seven_bit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,8 @@ class Outcome:
     status: Status
     reply: str
     reached: bool = True  # False: the next hop never answered (down, refused, timed out)
+    # The next hop lacks 8BITMIME and the copy was rendered 8-bit: render it 7-bit, send again.
+    needs_seven_bit: bool = False
 
 
 class Transport(Protocol):
@@ -46,6 +51,18 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
     def describe(self) -> str: ...
+
+
+def _no_seven_bit(next_hop: str, message: Outgoing) -> str:
+    """Why a copy that is still 8-bit after a 7-bit rendering cannot go to `next_hop`."""
+    if not headers_of(message.content).isascii():
+        what = "its header fields are 8-bit (raw UTF-8 needs SMTPUTF8, RFC 6532)"
+    else:
+        what = "it has 8-bit content the relay must not re-encode (signed or encrypted parts)"
+    return (
+        f"554 5.6.3 {next_hop} does not accept 8-bit data (no 8BITMIME) and this message"
+        f" cannot be converted to 7-bit: {what}"
+    )
 
 
 def _status_for(code: int) -> Status:
@@ -130,9 +147,11 @@ class SmtpTransport:
         options = []
         if not message.content.isascii():
             if not connection.supports("8bitmime"):
-                # Rendered before this server's EHLO was known; the retry goes out 7-bit.
-                why = f"{self.describe()} lacks 8BITMIME; sending 7-bit next time"
-                return Outcome(Status.DEFERRED, why), True
+                if not message.seven_bit:
+                    # Rendered before this server's EHLO was known: the worker renders again.
+                    why = f"{self.describe()} lacks 8BITMIME; rendering the copy 7-bit"
+                    return Outcome(Status.DEFERRED, why, needs_seven_bit=True), True
+                return Outcome(Status.BOUNCED, _no_seven_bit(self.describe(), message)), True
             options.append("BODY=8BITMIME")
         if not (message.mail_from.isascii() and message.recipient.isascii()):
             if not connection.supports("smtputf8"):
@@ -193,14 +212,15 @@ class OutboxTransport:
         return Outcome(Status.DELIVERED, f"250 2.0.0 written to {path.name}")
 
     def _write(self, message: Outgoing) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"{message.queue_id}-{secrets.token_hex(4)}.eml"
         temporary = self.directory / f".{name}.tmp"
         # Final delivery adds the envelope as Postfix's local delivery does.
         envelope = (
             f"Return-Path: <{message.mail_from}>\r\nX-Original-To: {message.recipient}\r\n"
         ).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        # A copy names its recipient: owner-only, as every file in the data dir.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as file:
             file.write(envelope)
             file.write(message.content)

@@ -7,44 +7,65 @@ import contextlib
 import functools
 import logging
 import random
+import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 from suppression import (
     NO_WORD,
     STOPS_TRANSACTIONAL,
     Consent,
-    Reason,
+    InvalidAddress,
     StorageUnavailable,
     SuppressionStore,
 )
 from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
+from ..mime import headers_of, parse_headers
 from ..pipeline import Arrival, Pipeline, PreparedMessage
-from ..spool import DSN, WHOLE, Delivery, Partition, Spool, SpooledMessage, iso_utc
+from ..spool import (
+    DSN,
+    WHOLE,
+    Delivery,
+    Partition,
+    Record,
+    Report,
+    Spool,
+    SpooledMessage,
+    iso_utc,
+)
+from ..spool.state import Pause, paused_file, report_damage, write_pause
 from .dsn import Failure, build_dsn, status_of
+from .guard import OUT_OF_MEMORY, WorkGuard
+from .outcomes import OutcomeForwarder, event_record
 from .transport import Outcome, Outgoing, Status, Transport
 
 log = logging.getLogger("optout.delivery")
-T = TypeVar("T")
 
 IDLE_POLL = 5.0
 SPOOL_RETRY = 5.0
+SPOOL_RETRY_MAX = 60.0
 STORE_RETRY = 2.0  # seconds before a message is tried again while the shared store is away
 REPORT_EVERY = 60.0
-# Spooled bytes loaded at once, so a flood of big messages cannot exhaust memory: each
+# Bytes of small messages loaded at once, so a flood of them cannot exhaust memory: each
 # loaded message is held several times over while its copies are rewritten and sent.
 LOADED_BYTES_BUDGET = 2 * 1024 * 1024
 REMEMBERED_LIMIT = 100_000
-# Rewriting and signing a message bigger than this runs in a thread.
+# A message bigger than this is rewritten and signed in a thread, and only one such is
+# loaded at a time; it never keeps small messages waiting, however long it takes.
 OFFLOAD_BYTES = 256 * 1024
 # A message that fails locally this many times is returned to its sender.
 LOCAL_FAILURE_LIMIT = 5
+# A message a delivery process died on this many times is held.
+CRASH_LIMIT = 2
+# Seconds a stopping worker waits for the messages in flight.
+STOP_GRACE = 10.0
+# A message that cannot even be read from a damaged spool is not tried again before this.
+DAMAGED_COOLDOWN = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +78,46 @@ class RetryPolicy:
         """Exponential back-off with jitter, so deferred mail does not return in lockstep."""
         base = min(self.initial_delay * 2.0 ** min(attempts, 32), self.max_delay)
         return base * random.uniform(0.8, 1.0)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """SQLite found its file damaged (not merely busy or full)."""
+    return isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    )
+
+
+def classify_bounce(outcome: Outcome, detail: dict[str, object]) -> None:
+    """The downstream refused a copy: the bounced event says what kind of failure it is. A
+    5.1.x (no such mailbox, RFC 3463) suppresses the address as a DSN would (the forwarder
+    does it as it records the event: relay.delivery.outcomes); a policy refusal (5.7.x) is
+    the sender's problem and suppresses nobody."""
+    status = status_of(outcome.reply, "5.0.0")
+    kind = "policy" if status[1:3] == ".7" else "soft" if status.startswith("4.") else "hard"
+    detail.update(kind=kind, status=status, source="sync")
+
+
+@dataclass(frozen=True, slots=True)
+class Named:
+    """What an event names a message by, read from its headers when the pipeline never
+    finished with it (a crash, a local failure)."""
+
+    campaign: str | None = None
+    message_id: str | None = None
+    from_domain: str | None = None  # the sending domain, for statistics per domain
+
+    @classmethod
+    def of(cls, content: bytes) -> Named:
+        try:
+            headers = parse_headers(headers_of(content))
+        except Exception:  # whatever the headers are, this is only for the record
+            return cls()
+        campaign, message_id = (
+            " ".join(str(headers.get(name, "")).split())
+            for name in ("X-Optout-Campaign", "Message-ID")
+        )
+        return cls(campaign[:200] or None, message_id[:998] or None)
 
 
 class DeliveryWorker:
@@ -73,9 +134,11 @@ class DeliveryWorker:
         concurrency: int,
         hostname: str,
         partition: Partition = WHOLE,
+        guard: WorkGuard | None = None,
         marks: FeedbackMarks | None = None,
     ) -> None:
-        """`marks`: with feedback on, each copy's return path, mailto: and fields."""
+        """`guard`: bounds each message's work (relay.delivery.guard). `marks`: with
+        feedback on, each copy's return path, mailto: and fields."""
         self._partition = partition
         self._marks = marks
         self._spool = spool
@@ -86,49 +149,156 @@ class DeliveryWorker:
         self._urls = urls
         self._retry = retry
         self._hostname = hostname
+        self._guard = guard or WorkGuard(None, cpu_limit=None, enforce=False)
+        self._outcomes = OutcomeForwarder(spool, events, suppressions, partition)
+        self._data_dir = spool.path.parent
         self._sends = asyncio.Semaphore(concurrency)
         self._max_messages = concurrency * 4
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[str, asyncio.Task[None]] = {}
-        self._loaded_bytes = 0
+        self._loaded_bytes = 0  # of small messages
+        self._big_loaded = False
         self._remembered: OrderedDict[str, None] = OrderedDict()
+        # Recipients the suppression store could not take (full disk): their first event
+        # carries the address, and the forwarder remembers it.
+        self._unremembered: set[str] = set()
         # Messages whose last pass failed locally: not picked up again before this time.
         self._cooldown: dict[str, float] = {}
         # Copies sent whose outcome could not be written yet: recorded, never sent again.
         # By (queue id, delivery id): a delivery id is an SQLite rowid, which the spool
         # hands out again once the row is gone; a queue id never repeats.
-        self._unrecorded: dict[tuple[str, int], tuple[Outcome, str | None, str | None]] = {}
+        self._unrecorded: dict[tuple[str, int], Outcome] = {}
         # Global back-off while the next hop does not answer, so a dead MTA is not hammered.
         self._failed_connects = 0
         self._paused_until = 0.0
+        self._spool_trouble: str | None = None
 
     def notify(self) -> None:
         """A message was spooled: look for work now rather than at the next poll."""
         self._wakeup.set()
 
     async def run(self) -> None:
+        await self._recover()
+        self._guard.start_watchdog()
         reporter = asyncio.create_task(self._report_queue(), name="queue-report")
+        forwarder = asyncio.create_task(self._outcomes.run(), name="outcome-forwarder")
+        retry = SPOOL_RETRY
         try:
             while not self._stopping:
                 self._wakeup.clear()
                 try:
                     await self._start_due()
                     await self._sleep()
-                except Exception:
-                    # The spool is unreadable for now (disk, lock): mail stays there.
-                    log.exception("cannot read the spool; retrying in %.0f s", SPOOL_RETRY)
-                    await asyncio.sleep(SPOOL_RETRY)
+                except Exception as exc:
+                    # The spool is unreadable for now (disk, lock, damage): mail stays there.
+                    await self._spool_failed(exc, retry)
+                    await asyncio.sleep(retry)
+                    retry = min(retry * 2, SPOOL_RETRY_MAX)
+                    continue
+                retry = SPOOL_RETRY
+                if self._spool_trouble is not None:
+                    log.warning("spool readable again")
+                    self._spool_trouble = None
         finally:
             reporter.cancel()
+            await self._outcomes.stop(forwarder)
 
     async def stop(self) -> None:
-        """Finish the copies being sent now; the rest stays spooled for the next start."""
+        """Finish the copies being sent now; the rest stays spooled for the next start.
+        A message's rewrite still running after STOP_GRACE is abandoned with the process."""
         self._stopping = True
         self._wakeup.set()
         if self._in_flight:
-            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            _, running = await asyncio.wait(self._in_flight.values(), timeout=STOP_GRACE)
+            if running:
+                self._guard.abandon()
+                await asyncio.gather(*running, return_exceptions=True)
         await self._transport.close()
+        await asyncio.to_thread(self._guard.close)
+
+    async def _spool_failed(self, exc: Exception, retry: float) -> None:
+        """Said once per kind of trouble, not once per retry (a damaged page would
+        otherwise fill the log with the same traceback for ever)."""
+        if isinstance(exc, MemoryError):
+            self._guard.die(OUT_OF_MEMORY)
+        trouble = f"{type(exc).__name__}: {exc}"
+        if trouble == self._spool_trouble:
+            return
+        self._spool_trouble = trouble
+        if is_damage(exc):
+            problem = f"{self._spool.path.name} is damaged ({exc}); delivery from it stops"
+            await asyncio.to_thread(report_damage, self._data_dir, problem)
+            log.error(
+                "%s. Stop the relay and repair it (sqlite3 %s '.recover'); the queue is kept",
+                problem,
+                self._spool.path,
+            )
+            return
+        log.error(
+            "cannot read the spool (%s); trying again, every %.0f s at most",
+            trouble,
+            SPOOL_RETRY_MAX,
+            exc_info=exc,
+        )
+
+    # ---- what a delivery process that died left behind ----
+
+    async def _recover(self) -> None:
+        """Charge the messages a dead delivery process was working on; hold repeat
+        offenders. Sooner retries of the others wait their turn behind other mail."""
+        casualties = await asyncio.to_thread(self._guard.recover)
+        for casualty in casualties:
+            queue_id = casualty.queue_id
+            try:
+                crashes = await self._spool.strike(queue_id, time.time() + self._retry.delay(0))
+                if crashes >= CRASH_LIMIT:
+                    await self._hold(
+                        queue_id,
+                        f"the delivery process died {crashes} times while working on it"
+                        f" (last: {casualty.cause})",
+                    )
+                elif crashes:
+                    log.warning(
+                        "the delivery process died while working on this message (%s);"
+                        " it is tried again later, alone",
+                        casualty.cause,
+                        extra={"queue_id": queue_id},
+                    )
+            except Exception:
+                log.exception("cannot charge a crash to this message", extra={"queue_id": queue_id})
+
+    async def _hold(self, queue_id: str, reason: str) -> None:
+        """Set a message aside, with a `held` event per waiting recipient."""
+        message = await self._spool.load(queue_id, float("inf"))
+        if message is None:
+            return
+        named = Named.of(message.content) if message.kind != DSN else Named()
+        records = [
+            event_record(
+                Event(
+                    EventType.HELD,
+                    self._hash_or_none(d.recipient),
+                    named.campaign,
+                    queue_id,
+                    detail={"reason": reason},
+                    message_id=named.message_id,
+                ),
+                d.recipient,  # perhaps never remembered: its rewrite never finished
+            )
+            for d in message.deliveries
+            if message.kind != DSN
+        ]
+        if await self._spool.hold(queue_id, reason, records):
+            self._outcomes.notify()
+            log.error(
+                "held: %s; `optout-relay queue release %s` tries it again",
+                reason,
+                queue_id,
+                extra={"queue_id": queue_id, "fields": {"status": "held", "reason": reason}},
+            )
+
+    # ---- taking work from the spool ----
 
     async def _start_due(self) -> None:
         now = time.time()
@@ -137,21 +307,32 @@ class DeliveryWorker:
         if len(self._in_flight) > self._max_messages // 2:
             return
         room = self._max_messages - len(self._in_flight)
-        if now < self._paused_until or self._loaded_bytes > LOADED_BYTES_BUDGET:
+        if now < self._paused_until:
+            return
+        if self._loaded_bytes > LOADED_BYTES_BUDGET and self._big_loaded:
             return
         self._cooldown = {q: until for q, until in self._cooldown.items() if until > now}
         busy = self._in_flight.keys() | self._cooldown.keys()
         for queue_id, size in await self._spool.due(now, busy, room, self._partition):
-            if self._loaded_bytes > LOADED_BYTES_BUDGET:
-                break
-            self._loaded_bytes += size
+            big = size > OFFLOAD_BYTES
+            if big:
+                if self._big_loaded:
+                    continue
+                self._big_loaded = True
+            else:
+                if self._loaded_bytes > LOADED_BYTES_BUDGET:
+                    continue
+                self._loaded_bytes += size
             task = asyncio.create_task(self._deliver(queue_id), name=f"deliver-{queue_id}")
             self._in_flight[queue_id] = task
-            task.add_done_callback(functools.partial(self._done, queue_id, size))
+            task.add_done_callback(functools.partial(self._done, queue_id, size, big))
 
-    def _done(self, queue_id: str, size: int, _task: asyncio.Task[None]) -> None:
+    def _done(self, queue_id: str, size: int, big: bool, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(queue_id, None)
-        self._loaded_bytes -= size
+        if big:
+            self._big_loaded = False
+        else:
+            self._loaded_bytes -= size
         self._wakeup.set()
 
     async def _sleep(self) -> None:
@@ -159,8 +340,13 @@ class DeliveryWorker:
         timeout = IDLE_POLL
         if now < self._paused_until:
             timeout = self._paused_until - now  # nothing is sent before then anyway
-        elif not self._in_flight and not self._cooldown:
+        elif not self._in_flight:
             next_at = await self._spool.next_attempt_at(self._partition)
+            if self._cooldown:
+                # What is due now was started, unless it is cooling down: wake when the
+                # first cooldown ends, or at the next attempt after now if that is sooner.
+                cooled = min(self._cooldown.values())
+                next_at = cooled if next_at is None or next_at <= now else min(next_at, cooled)
             if next_at is not None:
                 timeout = min(max(next_at - now, 0.01), IDLE_POLL)
         with contextlib.suppress(TimeoutError):
@@ -169,15 +355,28 @@ class DeliveryWorker:
     async def _report_queue(self) -> None:
         while True:
             await asyncio.sleep(REPORT_EVERY)
-            if self._spool.waiting:
-                age = await self._spool.oldest_age(time.time()) or 0.0
-                log.info(
-                    "queue: %d messages waiting, oldest %.0f s, %d in flight",
-                    self._spool.waiting,
-                    age,
-                    len(self._in_flight),
-                    extra={"fields": {"queue_depth": self._spool.waiting, "oldest_age": age}},
-                )
+            try:
+                await self.report_queue()
+            except Exception:  # noqa: S112 - the main loop says what is wrong with the spool
+                continue
+
+    async def report_queue(self) -> int:
+        """Log how many messages wait, counted in the spool now: another process (the
+        front door) adds mail, so a tally kept here would drift (even below zero)."""
+        await self._spool.recount()
+        waiting = self._spool.waiting
+        if waiting:
+            age = await self._spool.oldest_age(time.time()) or 0.0
+            log.info(
+                "queue: %d messages waiting, oldest %.0f s, %d in flight",
+                waiting,
+                age,
+                len(self._in_flight),
+                extra={"fields": {"queue_depth": waiting, "oldest_age": age}},
+            )
+        return waiting
+
+    # ---- one message ----
 
     async def _deliver(self, queue_id: str) -> None:
         message = None
@@ -185,11 +384,18 @@ class DeliveryWorker:
             message = await self._spool.load(queue_id, time.time())
             if message is None or not message.deliveries:
                 return
+            if not message.intact:
+                await self._hold(
+                    queue_id,
+                    "its stored copy is damaged (its SHA-256 digest differs from the one"
+                    " taken when it was accepted); nothing was sent",
+                )
+                return
             if message.kind == DSN:
                 await asyncio.gather(*(self._send_report(message, d) for d in message.deliveries))
                 return
-            prepared = await self._offload_if_big(
-                message,
+            prepared = await self._guard.run(
+                queue_id,
                 functools.partial(
                     self._pipeline.prepare, arrival=Arrival(message.client, message.received_ts)
                 ),
@@ -197,6 +403,8 @@ class DeliveryWorker:
                 message.mail_from,
                 message.content,
                 message.account,
+                offload=len(message.content) > OFFLOAD_BYTES,
+                alone=message.crashes > 0,
             )
             if prepared.meta.decisions:
                 log.info(
@@ -205,19 +413,23 @@ class DeliveryWorker:
                     extra={"queue_id": queue_id, "fields": {"decisions": prepared.meta.decisions}},
                 )
             if prepared.meta.warnings and not any(d.attempts for d in message.deliveries):
-                await self._events.record(
-                    *(
-                        Event(
-                            EventType.WARNING,
-                            None,
-                            prepared.meta.campaign,
-                            queue_id,
-                            detail={"warning": warning},
-                            message_id=prepared.meta.message_id,
+                await self._spool.record(
+                    queue_id,
+                    [
+                        event_record(
+                            Event(
+                                EventType.WARNING,
+                                None,
+                                prepared.meta.campaign,
+                                queue_id,
+                                detail={"warning": warning},
+                                message_id=prepared.meta.message_id,
+                            )
                         )
                         for warning in prepared.meta.warnings
-                    )
+                    ],
                 )
+                self._outcomes.notify()
             if prepared.refusal is not None:
                 await self._refuse(message, prepared)
                 return
@@ -240,7 +452,12 @@ class DeliveryWorker:
             # spool, no attempt counted (an outage never bounces mail), and is tried again
             # soon; the store said why, once.
             self._cooldown[queue_id] = time.time() + STORE_RETRY
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, MemoryError):
+                self._guard.die(OUT_OF_MEMORY)
+            if message is None and is_damage(exc):
+                await self._unreadable(queue_id, exc)
+                return
             # The spool still holds everything not finished; keep the message out of the
             # next passes for a while so a failing disk or a bad message is not a hot loop.
             log.exception("delivery pass failed", extra={"queue_id": queue_id})
@@ -254,28 +471,43 @@ class DeliveryWorker:
         copy bounces with its reason (a bounced event), and the sender gets a DSN saying it."""
         assert prepared.refusal is not None
         outcome = Outcome(Status.BOUNCED, prepared.refusal)
+        named = self._named(prepared)
         for delivery in message.deliveries:
             if (message.queue_id, delivery.id) in self._unrecorded:
                 continue  # sent before: only its outcome is left to write
-            address_hash = self._suppressions.hasher.hash(delivery.recipient)
-            await self._record(
-                message, prepared.meta.campaign, delivery, address_hash, outcome, time.time()
-            )
+            address_hash = self._hash_or_none(delivery.recipient)
+            await self._record(message, named, delivery, address_hash, outcome, time.time())
 
-    async def _offload_if_big(
-        self, message: SpooledMessage, work: Callable[..., T], *args: Any
-    ) -> T:
-        """CPU work on a big message runs in a thread, so the loop keeps serving others."""
-        if len(message.content) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(work, *args)
-        return work(*args)
+    @staticmethod
+    def _named(prepared: PreparedMessage) -> Named:
+        meta = prepared.meta
+        return Named(meta.campaign, meta.message_id, meta.from_domain)
+
+    async def _unreadable(self, queue_id: str, exc: BaseException) -> None:
+        """The message cannot be read from a damaged spool: hold it if the spool lets us
+        say so, and stop trying it for a long while either way."""
+        self._cooldown[queue_id] = time.time() + DAMAGED_COOLDOWN
+        problem = f"{self._spool.path.name} is damaged: message {queue_id} cannot be read ({exc})"
+        await asyncio.to_thread(report_damage, self._data_dir, problem)
+        log.error("%s", problem, extra={"queue_id": queue_id})
+        with contextlib.suppress(Exception):
+            await self._spool.hold(queue_id, f"cannot be read from the spool: {exc}")
 
     async def _remember(self, recipients: Iterable[str]) -> None:
-        """Record hash -> address for token actions; skip those this process already did."""
-        new = [r for r in recipients if r not in self._remembered]
+        """Record hash -> address for token actions; skip those this process already did.
+        A store that cannot be written does not stop delivery: the events say it later."""
+        # An address the suppression list cannot read has no key: its copy fails locally.
+        new = [r for r in recipients if r not in self._remembered and self._hash_or_none(r)]
         if not new:
             return
-        await self._suppressions.remember(new)
+        try:
+            await self._suppressions.remember(new)
+        except Exception as exc:
+            if isinstance(exc, MemoryError):
+                raise
+            self._outcomes.report_failure(exc)
+            self._unremembered.update(new)
+            return
         for recipient in new:
             self._remembered[recipient] = None
         while len(self._remembered) > REMEMBERED_LIMIT:
@@ -292,21 +524,33 @@ class DeliveryWorker:
             log.exception("cannot read the spool", extra={"queue_id": message.queue_id})
             return
         waiting = () if current is None else current.deliveries
+        named = Named.of(message.content) if message.kind != DSN else Named()
         for delivery in waiting:
             if (message.queue_id, delivery.id) in self._unrecorded:
                 continue  # sent: its outcome is written on the next pass, never a bounce
+            address_hash = None if message.kind == DSN else self._hash_or_none(delivery.recipient)
             try:
                 if too_old or delivery.attempts + 1 >= LOCAL_FAILURE_LIMIT:
                     outcome = Outcome(
                         Status.BOUNCED, "554 5.3.0 the relay could not process this message"
                     )
-                    await self._record(message, None, delivery, None, outcome, time.time())
+                    await self._record(
+                        message, named, delivery, address_hash, outcome, time.time(), local=True
+                    )
                 else:
                     retry_at = time.time() + self._retry.delay(delivery.attempts)
                     await self._spool.defer(delivery, retry_at, "local error in delivery")
             except Exception:
                 log.exception("cannot defer", extra={"queue_id": message.queue_id})
                 return
+
+    def _hash_or_none(self, address: str) -> str | None:
+        """The recipient's key, or None for an address the suppression list cannot read
+        (then its event names no one, but is still counted for its campaign)."""
+        try:
+            return self._suppressions.hasher.hash(address)
+        except InvalidAddress:
+            return None
 
     def _paused(self) -> bool:
         return self._stopping or time.time() < self._paused_until
@@ -354,37 +598,21 @@ class DeliveryWorker:
         async with self._sends:
             if self._paused():
                 return
-            meta = prepared.meta
+            named = self._named(prepared)
             address_hash = self._suppressions.hasher.hash(delivery.recipient)
             unrecorded = self._unrecorded.get((message.queue_id, delivery.id))
             if unrecorded is not None:
                 # Already sent; only writing its outcome failed. Never send it twice.
-                outcome, campaign, _ = unrecorded
-                await self._record(
-                    message,
-                    campaign,
-                    delivery,
-                    address_hash,
-                    outcome,
-                    time.time(),
-                    message_id=meta.message_id,
-                    from_domain=meta.from_domain,
-                )
+                await self._record(message, named, delivery, address_hash, unrecorded, time.time())
                 del self._unrecorded[message.queue_id, delivery.id]
                 return
             blocked, consent = await self._blocked(address_hash, prepared)
             if blocked:
-                await self._events.record(
-                    Event(
-                        EventType.SUPPRESSED,
-                        address_hash,
-                        meta.campaign,
-                        message.queue_id,
-                        detail={"scope": blocked},
-                        message_id=meta.message_id,
-                    )
+                record = self._event_record(
+                    EventType.SUPPRESSED, address_hash, named, message, delivery, {"scope": blocked}
                 )
-                await self._spool.finish(delivery)
+                await self._spool.finish(delivery, record=record)
+                self._outcomes.notify()
                 log.info(
                     "to=<%s>, status=suppressed (%s)",
                     delivery.recipient,
@@ -392,11 +620,38 @@ class DeliveryWorker:
                     extra={"queue_id": message.queue_id},
                 )
                 return
-            content = await self._offload_if_big(
-                message,
+            started = time.time()
+            outcome = await self._send_copy(
+                message, prepared, delivery, address_hash, marks, consent
+            )
+            self._note_reachability(outcome)
+            outcome = self._expire_if_too_old(message, outcome)
+            try:
+                await self._record(message, named, delivery, address_hash, outcome, started)
+            except Exception:
+                if outcome.status is not Status.DEFERRED:
+                    self._unrecorded[message.queue_id, delivery.id] = outcome
+                raise
+
+    async def _send_copy(
+        self,
+        message: SpooledMessage,
+        prepared: PreparedMessage,
+        delivery: Delivery,
+        address_hash: str,
+        marks: CopyMarks | None,
+        consent: Consent,
+    ) -> Outcome:
+        """Render the recipient's copy for what the next hop takes, and send it. A copy
+        rendered 8-bit for a server that turns out to lack 8BITMIME is rendered 7-bit and
+        sent again at once."""
+        eight_bit = self._transport.eight_bit_ok
+        while True:
+            content = await self._guard.run(
+                message.queue_id,
                 functools.partial(
                     prepared.personalise,
-                    eight_bit_ok=self._transport.eight_bit_ok,
+                    eight_bit_ok=eight_bit,
                     address_hash=address_hash,
                     marks=marks,
                     modes=prepared.modes_for(consent),
@@ -404,35 +659,22 @@ class DeliveryWorker:
                 delivery.recipient,
                 self._urls,
                 self._suppressions.hasher,
+                offload=len(message.content) > OFFLOAD_BYTES,
+                alone=message.crashes > 0,
             )
-            started = time.time()
             outcome = await self._transport.send(
                 Outgoing(
                     message.queue_id,
                     message.mail_from if marks is None else marks.return_path,
                     delivery.recipient,
                     content,
+                    seven_bit=not eight_bit,
                 )
             )
             del content
-            self._note_reachability(outcome)
-            outcome = self._expire_if_too_old(message, outcome)
-            try:
-                await self._record(
-                    message,
-                    meta.campaign,
-                    delivery,
-                    address_hash,
-                    outcome,
-                    started,
-                    message_id=meta.message_id,
-                    from_domain=meta.from_domain,
-                )
-            except Exception:
-                if outcome.status is not Status.DEFERRED:
-                    key = (message.queue_id, delivery.id)
-                    self._unrecorded[key] = (outcome, meta.campaign, address_hash)
-                raise
+            if not (outcome.needs_seven_bit and eight_bit):
+                return outcome
+            eight_bit = False
 
     async def _send_report(self, message: SpooledMessage, delivery: Delivery) -> None:
         """Our own DSNs go out as they are: no decoration, no suppression, no DSN of a DSN."""
@@ -441,22 +683,32 @@ class DeliveryWorker:
         async with self._sends:
             started = time.time()
             outcome = await self._transport.send(
-                Outgoing(message.queue_id, "", delivery.recipient, message.content)
+                Outgoing(message.queue_id, "", delivery.recipient, message.content, seven_bit=True)
             )
             self._note_reachability(outcome)
             outcome = self._expire_if_too_old(message, outcome)
-            await self._record(message, None, delivery, None, outcome, started)
+            await self._record(message, Named(), delivery, None, outcome, started)
 
     def _note_reachability(self, outcome: Outcome) -> None:
         if outcome.reached:
-            self._failed_connects = 0
+            if self._failed_connects:
+                self._failed_connects = 0
+                self._paused_until = 0.0
+                self._tell_pause(None)
             return
         self._failed_connects += 1
         pause = self._retry.delay(self._failed_connects - 1)
         self._paused_until = max(self._paused_until, time.time() + pause)
+        self._tell_pause(Pause(self._paused_until, outcome.reply))
         log.warning(
             "%s unreachable; pausing deliveries for %.1f s", self._transport.describe(), pause
         )
+
+    def _tell_pause(self, pause: Pause | None) -> None:
+        """Say so in the data dir, for `optout-relay queue retry` and `queue list`."""
+        path = paused_file(self._data_dir, self._partition.index)
+        task = asyncio.create_task(asyncio.to_thread(write_pause, path, pause))
+        task.add_done_callback(lambda t: t.exception())  # write_pause never raises
 
     def _expire_if_too_old(self, message: SpooledMessage, outcome: Outcome) -> Outcome:
         if outcome.status is not Status.DEFERRED:
@@ -489,89 +741,83 @@ class DeliveryWorker:
             return None, consent
         return found.scope, consent
 
+    def _event_record(
+        self,
+        kind: EventType,
+        address_hash: str | None,
+        named: Named,
+        message: SpooledMessage,
+        delivery: Delivery,
+        detail: dict[str, object],
+    ) -> Record | None:
+        if message.kind == DSN:
+            return None  # our own reports are not events about anyone
+        recipient = delivery.recipient if delivery.recipient in self._unremembered else None
+        self._unremembered.discard(delivery.recipient)
+        event = Event(
+            kind,
+            address_hash,
+            named.campaign,
+            message.queue_id,
+            detail=detail,
+            message_id=named.message_id,
+        )
+        return event_record(event, recipient)
+
     async def _record(
         self,
         message: SpooledMessage,
-        campaign: str | None,
+        named: Named,
         delivery: Delivery,
         address_hash: str | None,
         outcome: Outcome,
         started: float,
         *,
-        message_id: str | None = None,
-        from_domain: str | None = None,
+        local: bool = False,
     ) -> None:
+        """The outcome into the spool: the delivery deferred or finished, its event and the
+        sender's DSN with it, in one transaction. `local`: the relay gave up on it, the next
+        hop never said anything about the recipient."""
         attempt = delivery.attempts + 1
         detail: dict[str, object] = {"reply": outcome.reply, "attempt": attempt}
-        if from_domain:
+        if named.from_domain:
             # The sending domain, for statistics per domain (complaint rates are per domain).
-            detail["from_domain"] = from_domain
+            detail["from_domain"] = named.from_domain
         if outcome.status is Status.DEFERRED:
             retry_at = time.time() + self._retry.delay(delivery.attempts)
             detail["retry_at"] = iso_utc(retry_at)
-            if address_hash is not None:
-                await self._events.record(
-                    Event(
-                        EventType.DEFERRED,
-                        address_hash,
-                        campaign,
-                        message.queue_id,
-                        detail=detail,
-                        message_id=message_id,
-                    )
-                )
-            await self._spool.defer(delivery, retry_at, outcome.reply)
+            record = self._event_record(
+                EventType.DEFERRED, address_hash, named, message, delivery, detail
+            )
+            await self._spool.defer(delivery, retry_at, outcome.reply, record=record)
         else:
             kind = EventType.DELIVERED if outcome.status is Status.DELIVERED else EventType.BOUNCED
-            if outcome.status is Status.BOUNCED:
-                await self._notify_sender(message, delivery, outcome)
-                if address_hash is not None and message.kind != DSN:
-                    await self._synchronous_bounce(address_hash, outcome, detail)
-            # Two databases, two writer threads: commit both at once. A crash between the
-            # two costs a resend or one event, never a message.
-            await asyncio.gather(
-                self._spool.finish(delivery),
-                self._events.record(
-                    Event(
-                        kind,
-                        address_hash,
-                        campaign,
-                        message.queue_id,
-                        detail=detail,
-                        message_id=message_id,
-                    )
+            if outcome.status is Status.BOUNCED and message.kind != DSN and not local:
+                classify_bounce(outcome, detail)
+            record = self._event_record(kind, address_hash, named, message, delivery, detail)
+            report = self._report(message, delivery, outcome)
+            report_id = await self._spool.finish(delivery, record=record, report=report)
+            if report_id is not None:
+                log.info(
+                    "sender non-delivery notification: %s",
+                    report_id,
+                    extra={"queue_id": message.queue_id},
                 )
-                if address_hash is not None
-                else asyncio.sleep(0),
-            )
+                self.notify()
+        if record is not None:
+            self._outcomes.notify()
         self._log_attempt(message, delivery, outcome, started, attempt)
 
-    async def _synchronous_bounce(
-        self, address_hash: str, outcome: Outcome, detail: dict[str, object]
-    ) -> None:
-        """The downstream refused a copy: the bounced event says what kind of failure it is;
-        a 5.1.x (no such mailbox, RFC 3463) suppresses the address as a DSN would. A policy
-        refusal (5.7.x) is the sender's problem and suppresses nobody."""
-        status = status_of(outcome.reply, "5.0.0")
-        kind = "policy" if status[1:3] == ".7" else "soft" if status.startswith("4.") else "hard"
-        detail.update(kind=kind, status=status, source="sync")
-        if status.startswith("5.1."):
-            proof = {"kind": "hard", "status": status, "source": "sync", "reply": outcome.reply}
-            await self._suppressions.add_hash(
-                address_hash,
-                reason=Reason.HARD_BOUNCE,
-                source="bounce:sync",
-                detail=proof,
-            )
-
-    async def _notify_sender(
+    def _report(
         self, message: SpooledMessage, delivery: Delivery, outcome: Outcome
-    ) -> None:
+    ) -> Report | None:
+        if outcome.status is not Status.BOUNCED:
+            return None
         if message.kind == DSN or not message.mail_from:
-            return  # never a DSN about a DSN or to the null sender (RFC 3464 §2, 5321 §4.5.5)
+            return None  # never a DSN about a DSN or to the null sender (RFC 3464 §2, 5321 §4.5.5)
         reply = outcome.reply
         status = status_of(reply, "4.4.7" if reply.startswith("4.4.7") else "5.0.0")
-        report = build_dsn(
+        content = build_dsn(
             reporting_mta=self._hostname,
             original_sender=message.mail_from,
             original=message.content,
@@ -584,11 +830,7 @@ class DeliveryWorker:
             ),
             queue_id=message.queue_id,
         )
-        dsn_id = await self._spool.accept("", [message.mail_from], report, "local", kind=DSN)
-        log.info(
-            "sender non-delivery notification: %s", dsn_id, extra={"queue_id": message.queue_id}
-        )
-        self.notify()
+        return Report(message.mail_from, content)
 
     def _log_attempt(
         self,

@@ -172,6 +172,8 @@ def build_template(
     except MimeError as exc:
         _failed(template, str(exc))
         splices = [s for s in splices if s.end <= head_end]
+    except MemoryError:
+        raise  # the delivery process's guard stops this message's work (relay.delivery.guard)
     except Exception as exc:  # a rewriting bug must not cost the message its delivery
         _failed(template, f"unexpected {type(exc).__name__}: {exc}")
         splices = [s for s in splices if s.end <= head_end]
