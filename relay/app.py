@@ -8,6 +8,7 @@ import functools
 import logging
 import signal
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -18,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
+from tracking.app import HEALTH_CHECKS, HealthCheck
 from tracking.listener import ConnectionCaps, HttpListener
 from tracking.retention import purge
 from tracking.state import TRACKING
@@ -27,6 +29,7 @@ from ._malloc import return_big_buffers
 from .accounts import verify_password
 from .delivery import DeliveryProcess, DeliveryRuntime
 from .delivery import destination as delivery_destination
+from .delivery.processes import STOP_TIMEOUT
 from .descriptors import (
     ADMIN_CONNECTIONS,
     Budget,
@@ -36,6 +39,7 @@ from .descriptors import (
     raise_limit,
 )
 from .errors import ConfigError
+from .health import Health, startup_checks
 from .logs import LogFormat, setup_logging
 from .pipeline import signer_for
 from .settings import Settings
@@ -49,7 +53,15 @@ from .smtpd import (
     tls_context,
 )
 from .spool import Spool
-from .stores import PENDING_EVENTS_FILE, SPOOL_FILE, Stores, load_dkim_signers, tracking_urls
+from .spool.state import DirLock
+from .stores import (
+    PENDING_EVENTS_FILE,
+    SPOOL_FILE,
+    Stores,
+    ensure_private_dir,
+    load_dkim_signers,
+    tracking_urls,
+)
 
 log = logging.getLogger("optout.serve")
 
@@ -134,13 +146,18 @@ class Relay:
         # Before anything is opened or spawned: children inherit the raised limit, and a
         # configuration whose connection caps cannot fit is refused before any work.
         budget = plan(settings, raise_limit(), descriptors_open())
+        await self._lock_data_dir(settings.storage.dir)
         stores = await self._exit.enter_async_context(Stores(settings))
         signed_by = stores.signer()
         urls = tracking_urls(settings, signed_by)
-        spool = await Spool.open(settings.storage.dir / SPOOL_FILE, receiving=True)
+        spool = await Spool.open(
+            settings.storage.dir / SPOOL_FILE, receiving=True, reserve=settings.storage.reserve
+        )
         self._exit.push_async_callback(spool.close)
         self.spool = spool
         self.stores = stores
+        found = await startup_checks(stores, spool, settings.storage.dir)
+        self.health = Health(stores, spool, settings.storage.dir, found)
         hostname = settings.smtp.hostname
         if hostname is None:
             hostname = await asyncio.to_thread(socket.getfqdn)  # may ask DNS
@@ -271,6 +288,8 @@ class Relay:
         app = tracking_app(
             self.settings, stores, urls, self.log_format, health_details=health_details
         )
+        checks: list[HealthCheck] = [self.health.problems]
+        app[HEALTH_CHECKS] = checks
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=http.header_timeout)
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
@@ -299,7 +318,11 @@ class Relay:
         none); this one POSTs them, in a task of its own."""
         settings = self.settings
         delivery = settings.webhook_delivery
-        await stores.webhooks.subscribe(settings.webhooks, delivery.give_up_after)
+        try:
+            await stores.webhooks.subscribe(settings.webhooks, delivery.give_up_after)
+        except sqlite3.Error as exc:
+            # A full or failing optout.db must not keep the relay from draining its spool.
+            log.error("webhooks: cannot record the configured endpoints (%s)", exc)
         if not settings.webhooks:
             return None
         dispatcher = Dispatcher(stores.webhooks, settings.webhooks, delivery)
@@ -352,6 +375,21 @@ class Relay:
         address = _host_port(listener.addresses[0])
         log.info("dashboard on http://%s", _fmt(address))
         return address
+
+    async def _lock_data_dir(self, data_dir: Path) -> None:
+        """One serve per data dir: a second one stops here, naming the first's pid. Then
+        wait for the delivery processes of a serve that ended abruptly to finish their
+        copies, so that no message goes out from two processes."""
+        ensure_private_dir(data_dir)
+        lock = await asyncio.to_thread(DirLock.serve, data_dir)
+        self._exit.callback(lock.release)
+        previous = await asyncio.to_thread(
+            DirLock.delivery, data_dir, exclusive=True, within=STOP_TIMEOUT + 5
+        )
+        if previous is None:
+            log.warning("delivery processes of a previous serve are still running")
+        else:
+            previous.release()
 
     async def _listen_smtp(
         self, front_doors: list[FrontDoor], hostname: str, spill_dir: Path
@@ -459,6 +497,11 @@ class Relay:
                 await spool.recount()
             except Exception:
                 log.exception("cannot count the spool")
+
+    @property
+    def delivery_pids(self) -> list[int]:
+        """The delivery processes' pids ([] when delivery runs in this process)."""
+        return [] if self._delivery is None else self._delivery.pids
 
     async def stop(self) -> None:
         if self._stopped:

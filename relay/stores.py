@@ -156,6 +156,20 @@ class Stores:
         if self._db is not None:
             await self._db.close()
 
+    async def quick_check(self) -> list[str]:
+        """What SQLite's quick_check finds wrong with the store's file ([] if nothing; a
+        shared PostgreSQL store's files are its server's to check)."""
+        if isinstance(self._db, Database):
+            return await self._db.quick_check()
+        return []
+
+    async def probe_write(self) -> None:
+        """Raises when the store cannot take a write now."""
+        if isinstance(self._db, Database):
+            await self._db.probe_write()
+        else:
+            await self.database.write(lambda db: db.execute("SELECT 1").fetchone())
+
 
 def engine_spec(settings: Settings) -> EngineSpec:
     """Where the stores are: the shared database (with its password file read), or

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,7 +37,18 @@ from .tokens import (
 from .unsubscribe import confirmation_page, unsubscribe
 from .verdict import DEFAULT_FAST_SECONDS
 
-__all__ = ["MAX_REQUEST_BODY", "PIXEL_GIF", "SECURITY_HEADERS", "create_app"]
+__all__ = [
+    "HEALTH_CHECKS",
+    "MAX_REQUEST_BODY",
+    "PIXEL_GIF",
+    "SECURITY_HEADERS",
+    "HealthCheck",
+    "create_app",
+]
+
+# What else /healthz asks (the stores, the spool): each returns its problems, [] if none.
+HealthCheck = Callable[[], Awaitable[list[str]]]
+HEALTH_CHECKS: web.AppKey[list[HealthCheck]] = web.AppKey("health_checks")
 
 # A one-click POST is 26 bytes; the page's form a few dozen. Anything large is not ours.
 MAX_REQUEST_BODY = 16 * 1024
@@ -215,8 +226,11 @@ async def healthz(request: web.Request) -> web.Response:
         )
     except StorageUnavailable as exc:
         return web.Response(status=503, text=f"store unreachable: {exc}\n{details}")
-    if not request.app[TRACKING].recorder.healthy:
-        return web.Response(status=503, text=f"event writes failing\n{details}")
+    problems = [] if request.app[TRACKING].recorder.healthy else ["event writes failing"]
+    for check in request.app.get(HEALTH_CHECKS, ()):
+        problems += await check()
+    if problems:
+        return web.Response(status=503, text="".join(f"{p}\n" for p in problems) + details)
     return web.Response(text=f"ok\n{details}")
 
 
