@@ -48,7 +48,8 @@ class Mode(StrEnum):
 
 
 _RANKS = {Mode.OFF: 0, Mode.AGGREGATE: 1, Mode.CONSENTED: 2, Mode.INDIVIDUAL: 3}
-MODES = tuple(mode.value for mode in Mode)
+# In the contract's order (DESIGN.md: `individual | aggregate | consented | off`).
+MODES = ("individual", "aggregate", "consented", "off")
 
 
 def click_mode(value: bool | str) -> Mode:
