@@ -249,11 +249,17 @@ class Statistics:
             bucket = per_bucket.setdefault(when, {})
             bucket[name] = bucket.get(name, 0) + int(n)
         buckets = sorted(per_bucket)
+        lines = {
+            label: [per_bucket[b].get(metric, 0) for b in buckets]
+            for label, metric in SERIES.items()
+        }
+        # The aggregate lines only where something was measured so: most charts have none.
         return Series(
             buckets,
             {
-                label: [per_bucket[b].get(metric, 0) for b in buckets]
-                for label, metric in SERIES.items()
+                label: values
+                for label, values in lines.items()
+                if any(values) or not SERIES[label].endswith("_aggregate")
             },
         )
 
