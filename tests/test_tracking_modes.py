@@ -385,6 +385,8 @@ async def test_consent_per_recipient_in_one_campaign(relayed: Relayed) -> None:
 
     vouched = campaign_mail([BOB, CAROL], campaign="summer", X_Optout_Consent="opens")
     later = await relayed.send(vouched, [BOB, CAROL])
+    for delivered in relayed.downstream.handler.messages:  # read, then removed
+        assert b"X-Optout-Consent" not in delivered.content
     assert later[BOB].pixel != later[CAROL].pixel  # bob's opens individually, carol's not
     assert later[BOB].clicks == later[CAROL].clicks  # nobody vouched for clicks
 
