@@ -50,10 +50,10 @@ class Downstream:
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
     dir: Path = Path("optout-data")
-    reserve: int = 32 * 1024 * 1024  # bytes kept free so the spool can always drain; 0: none
     # A shared store (suppressions, events, keys...) for several nodes; None: SQLite in dir.
     database: str | None = None
     database_password_file: Path | None = None
+    reserve: int = 32 * 1024 * 1024  # bytes kept free so the spool can always drain; 0: none
 
 
 @dataclass(frozen=True, slots=True)

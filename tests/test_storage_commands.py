@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from relay.settings import Settings, StorageSettings
-from relay.stores import Stores
+from relay.spool import Spool
+from relay.stores import SPOOL_FILE, Stores
 from suppression import Reason
 from tests.helpers import cli
 from tracking.events import Event, EventType
@@ -63,13 +64,17 @@ async def test_copy_moves_an_sqlite_store_and_its_keys_and_can_run_again(
     events = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(events) == 2500 and events[0]["recipient"] == "bob@example.org"
     # New events get new ids after the copied ones.
-    async with Stores(Settings(storage=StorageSettings(tmp_path / "data", postgres_url))) as s:
+    async with Stores(
+        Settings(storage=StorageSettings(tmp_path / "data", database=postgres_url))
+    ) as s:
         await s.events.record(Event(EventType.OPEN, bob, "spring", "Q1", machine=False))
         assert len([e async for e in s.events.export()]) == 2501
 
 
 async def test_copy_into_another_relays_store_is_refused(tmp_path: Path, postgres_url: str) -> None:
-    async with Stores(Settings(storage=StorageSettings(tmp_path / "other", postgres_url))) as s:
+    async with Stores(
+        Settings(storage=StorageSettings(tmp_path / "other", database=postgres_url))
+    ) as s:
         await s.suppressions.add("x@example.org")
     async with Stores(Settings(storage=StorageSettings(tmp_path / "data"))) as stores:
         await stores.suppressions.add("ann@example.org")
@@ -81,8 +86,14 @@ async def test_copy_into_another_relays_store_is_refused(tmp_path: Path, postgre
     assert "Traceback" not in result.stderr
 
 
-def test_queue_commands_say_they_act_on_this_node(tmp_path: Path, postgres_url: str) -> None:
-    shared = cli(config_file(tmp_path, postgres_url), "queue", "list")
+async def test_queue_commands_say_they_act_on_this_node(tmp_path: Path, postgres_url: str) -> None:
+    config = config_file(tmp_path, postgres_url)
+    before_serve = await asyncio.to_thread(cli, config, "queue", "list")
+    assert before_serve.returncode == 2 and "no store" in before_serve.stderr
+    assert f"queue of this node only ({tmp_path / 'data'})" in before_serve.stderr
+    (tmp_path / "data").mkdir()
+    await (await Spool.open(tmp_path / "data" / SPOOL_FILE)).close()  # as serve makes it
+    shared = await asyncio.to_thread(cli, config, "queue", "list")
     assert shared.returncode == 0, shared.stderr
     assert f"queue of this node only ({tmp_path / 'data'})" in shared.stderr
     alone = cli(config_file(tmp_path, name="alone.toml"), "queue", "list")

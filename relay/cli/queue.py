@@ -33,14 +33,14 @@ def _with_spool(config_path: Path | None, action: Callable[[Spool], Awaitable[T]
     only `serve` creates it."""
     settings = settings_from(config_path)
     path = settings.storage.dir / SPOOL_FILE
-    if not path.exists():
-        raise MissingStore(path)
     if settings.storage.database is not None:
-        # The store is shared, the spool is not: say whose mail this is.
+        # The store is shared, the spool is not: say whose mail this is (or is not).
         click.echo(
             f"{PROG}: queue of this node only ({settings.storage.dir}); every node keeps its own",
             err=True,
         )
+    if not path.exists():
+        raise MissingStore(path)
 
     async def run() -> T:
         spool = await Spool.open(path, reserve=settings.storage.reserve)
