@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -77,6 +77,26 @@ class _Gate:
         self._shared = 0
         self._alone = False
         self._waiting_alone = 0
+        self._telling: set[asyncio.Task[None]] = set()  # kept until done (asyncio's advice)
+
+    def take_shared(self) -> bool:
+        """The common case, every section but a suspect's: enter at once if nothing runs
+        alone or waits to (no lock to take); False otherwise (then `enter`)."""
+        if self._alone or self._waiting_alone:
+            return False
+        self._shared += 1
+        return True
+
+    def leave_shared(self) -> None:
+        self._shared -= 1
+        if self._waiting_alone and not self._shared:
+            task = asyncio.get_running_loop().create_task(self._tell())
+            self._telling.add(task)
+            task.add_done_callback(self._telling.discard)
+
+    async def _tell(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def enter(self, alone: bool) -> AsyncIterator[None]:
@@ -130,6 +150,7 @@ class WorkGuard:
         self._active: Counter[str] = Counter()
         self._next = 0
         self._fd: int | None = None
+        self._marker_size = 0  # bytes in the marker file, blank lines included
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._reported: set[int] = set()
@@ -180,20 +201,20 @@ class WorkGuard:
     ) -> T:
         """`work(*args)` inside a section for `queue_id`: in a thread when `offload` (or
         `alone`, which also keeps every other section out while it runs)."""
+        if not alone and self._gate.take_shared():
+            try:
+                if offload:
+                    return await asyncio.to_thread(self._guarded, queue_id, work, args)
+                return self._guarded(queue_id, work, args)
+            finally:
+                self._gate.leave_shared()
         async with self._gate.enter(alone):
             if offload or alone:
                 return await asyncio.to_thread(self._guarded, queue_id, work, args)
             return self._guarded(queue_id, work, args)
 
     def _guarded(self, queue_id: str, work: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self._section(queue_id):
-            try:
-                return work(*args)
-            except MemoryError:
-                self.die(OUT_OF_MEMORY)
-
-    @contextlib.contextmanager
-    def _section(self, queue_id: str) -> Iterator[None]:
+        """`work` as a section: in the marker while it runs, watched for its CPU time."""
         clock, cpu = _thread_clock()
         with self._lock:
             key = self._next
@@ -203,7 +224,9 @@ class WorkGuard:
             if self._active[queue_id] == 1:
                 self._write_marker()
         try:
-            yield
+            return work(*args)
+        except MemoryError:
+            self.die(OUT_OF_MEMORY)
         finally:
             with self._lock:
                 del self._sections[key]
@@ -212,16 +235,18 @@ class WorkGuard:
                     del self._active[queue_id]
                     self._write_marker()
 
-    def _write_marker(self, only: str | None = None, cause: str = "") -> None:
+    def _write_marker(self) -> None:
         """With the lock held. The page cache suffices: the marker must outlive the
-        process, not the machine."""
+        process, not the machine. Blank lines fill the rest of what an earlier, longer
+        list wrote, instead of a truncation (a second system call, and the costlier: two
+        of these per copy sent)."""
         if self._fd is None:
             return
-        ids = [only] if only is not None else sorted(self._active)
-        data = "".join(f"{q}\t{cause}\n" if cause else f"{q}\n" for q in ids).encode()
+        data = "".join(f"{q}\n" for q in sorted(self._active)).encode()
+        padded = data + b"\n" * (self._marker_size - len(data))
         with contextlib.suppress(OSError):
-            os.pwrite(self._fd, data, 0)
-            os.ftruncate(self._fd, len(data))
+            os.pwrite(self._fd, padded, 0)
+            self._marker_size = len(padded)
 
     def die(self, cause: str, queue_id: str | None = None) -> NoReturn:
         """End the process now, the marker naming what it was working on (only `queue_id`
