@@ -53,6 +53,12 @@ def crlf_line_breaks(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
+def smtp_lines(content: bytes) -> bytes:
+    """`content` as SMTP carries it: CRLF line breaks (`crlf_line_breaks`), ending in CRLF."""
+    content = crlf_line_breaks(content)
+    return content if content.endswith(b"\r\n") or not content else content + b"\r\n"
+
+
 def _starts(data: Buffer, prefix: bytes, start: int, stop: int) -> bool:
     """data[start:stop].startswith(prefix), for an mmap too."""
     return stop - start >= len(prefix) and data[start : start + len(prefix)] == prefix

@@ -36,7 +36,14 @@ from .accounts import Account
 from .dkim import DkimError, DkimSigner, signing_domains
 from .feedback.outgoing import CopyMarks
 from .from_header import from_domains
-from .mime import MAX_HEADER_BYTES, MimeLimits, address_domain, headers_of, parse_headers
+from .mime import (
+    MAX_HEADER_BYTES,
+    MimeLimits,
+    address_domain,
+    headers_of,
+    parse_headers,
+    smtp_lines,
+)
 from .rewrite import (
     UNTOUCHABLE_TYPES,
     Decorations,
@@ -472,6 +479,7 @@ class PreparedMessage:
         address_hash: str | None = None,
         marks: CopyMarks | None = None,
         modes: Modes | None = None,
+        smtp_form: bool = False,
     ) -> bytes:
         """The recipient's copy, DKIM-signed last so the signature covers every change.
 
@@ -479,15 +487,19 @@ class PreparedMessage:
         `address_hash`: the recipient's keyed hash, when the caller has it already.
         `marks`: the copy's feedback addresses and fields (relay.feedback), if any.
         `modes`: how this copy is measured (`modes_for` the recipient's consent; default:
-        as if they had said nothing).
+        as if they had said nothing). `smtp_form`: the copy as SMTP carries it (CRLF line
+        breaks, a final CRLF; relay.mime.smtp_lines), made once for the signer and the
+        client alike.
         """
         key = address_hash if address_hash is not None else hasher.hash(recipient)
         copy = self._render(key, urls, eight_bit_ok, marks, modes or self.modes_for())
+        if smtp_form:
+            copy = smtp_lines(copy)
         signer = self.meta.signer
         if signer is None:
             return copy
         try:
-            return signer.sign(copy) + copy
+            return signer.sign(copy, smtp_form=smtp_form) + copy
         except DkimError as exc:
             # Headers DKIM cannot sign (e.g. a line without a colon): better unsigned than
             # stuck; the log says why.

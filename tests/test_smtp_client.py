@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.delivery.client import SmtpConnection, TlsUnavailable, dot_stuffed, smtp_lines
+from relay.delivery.client import SmtpConnection, TlsUnavailable, dot_stuffed
 from relay.delivery.transport import Outgoing, SmtpTransport, Status
+from relay.mime import smtp_lines
 from relay.settings import Downstream
 from tests.helpers import CaptureServer, StartDownstream, self_signed_context
 

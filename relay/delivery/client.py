@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import RelayError
-from ..mime import crlf_line_breaks
+from ..mime import smtp_lines
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 100  # a server writing more than this is not one to keep talking to
@@ -57,12 +57,6 @@ def unverified_tls() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def smtp_lines(content: bytes) -> bytes:
-    """`content` as SMTP carries it: CRLF line breaks (`crlf_line_breaks`), ending in CRLF."""
-    content = crlf_line_breaks(content)
-    return content if content.endswith(CRLF) or not content else content + CRLF
 
 
 def dot_stuffed(lines: bytes) -> bytes:
@@ -126,14 +120,21 @@ class SmtpConnection:
         return extension.lower() in self.extensions
 
     async def send(
-        self, mail_from: str, recipient: str, content: bytes, options: Sequence[str] = ()
+        self,
+        mail_from: str,
+        recipient: str,
+        content: bytes,
+        options: Sequence[str] = (),
+        *,
+        smtp_form: bool = False,
     ) -> tuple[Reply, str]:
         """One transaction: the final reply, or the first refusal, and the stage it came at
-        ("mail", "rcpt", "data" or "sent"). After a refusal the caller should RSET."""
+        ("mail", "rcpt", "data" or "sent"). After a refusal the caller should RSET.
+        `smtp_form`: `content` is `smtp_lines` output already (no need to look again)."""
         for address in (mail_from, recipient):
             if "\r" in address or "\n" in address:
                 raise ValueError("line break in an address")
-        lines = smtp_lines(content)
+        lines = content if smtp_form else smtp_lines(content)
         mail_options = list(options)
         if self.supports("size"):
             mail_options.append(f"SIZE={len(lines)}")  # RFC 1870: CRLFs in, stuffing out

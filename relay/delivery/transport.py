@@ -31,6 +31,9 @@ class Outgoing:
     content: bytes
     # Rendered for a next hop without 8BITMIME: 8-bit left in it cannot be converted.
     seven_bit: bool = False
+    # `content` has CRLF line breaks only and ends in one (relay.mime.smtp_lines): a
+    # personalised copy is made so, once, as its DKIM signature covers it.
+    smtp_form: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,11 @@ class SmtpTransport:
             options.append("SMTPUTF8")
         try:
             reply, stage = await connection.send(
-                message.mail_from, message.recipient, message.content, options
+                message.mail_from,
+                message.recipient,
+                message.content,
+                options,
+                smtp_form=message.smtp_form,
             )
         except ConnectionLost as exc:
             return Outcome(Status.DEFERRED, f"lost connection to {self.describe()}: {exc}"), None

@@ -655,6 +655,7 @@ class DeliveryWorker:
                     address_hash=address_hash,
                     marks=marks,
                     modes=prepared.modes_for(consent),
+                    smtp_form=True,
                 ),
                 delivery.recipient,
                 self._urls,
@@ -669,6 +670,7 @@ class DeliveryWorker:
                     delivery.recipient,
                     content,
                     seven_bit=not eight_bit,
+                    smtp_form=True,
                 )
             )
             del content

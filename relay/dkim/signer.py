@@ -132,14 +132,18 @@ class DkimSigner:
     def __repr__(self) -> str:
         return f"DkimSigner(domain={self.domain!r}, selectors={self.selectors!r})"
 
-    def sign(self, message: bytes, *, timestamp: int | None = None) -> bytes:
+    def sign(
+        self, message: bytes, *, timestamp: int | None = None, smtp_form: bool = False
+    ) -> bytes:
         """The DKIM-Signature field(s) to put in front of `message`, CRLF-terminated, the first
         key's signature first. `message` is signed as SMTP carries it: any CR, LF or CRLF line
-        break as CRLF, ending in CRLF. `timestamp` (seconds since the epoch) defaults to now."""
+        break as CRLF, ending in CRLF. `timestamp` (seconds since the epoch) defaults to now.
+        `smtp_form`: `message` is in that form already (relay.mime.smtp_lines)."""
         when = int(time.time()) if timestamp is None else int(timestamp)
         if when < 0:
             raise DkimError("the DKIM timestamp cannot be before 1970")
-        message = crlf_line_breaks(message)
+        if not smtp_form:
+            message = crlf_line_breaks(message)
         fields, body_start = _header_fields(message)
         if b"from" not in fields:
             raise DkimMessageError("the message has no From header field, which DKIM must sign")
