@@ -595,11 +595,11 @@ class DeliveryWorker:
     ) -> None:
         if self._paused():
             return  # left due in the spool: picked up again after the pause
+        named = self._named(prepared)
+        address_hash = self._suppressions.hasher.hash(delivery.recipient)
         async with self._sends:
             if self._paused():
                 return
-            named = self._named(prepared)
-            address_hash = self._suppressions.hasher.hash(delivery.recipient)
             unrecorded = self._unrecorded.get((message.queue_id, delivery.id))
             if unrecorded is not None:
                 # Already sent; only writing its outcome failed. Never send it twice.
@@ -626,12 +626,14 @@ class DeliveryWorker:
             )
             self._note_reachability(outcome)
             outcome = self._expire_if_too_old(message, outcome)
-            try:
-                await self._record(message, named, delivery, address_hash, outcome, started)
-            except Exception:
-                if outcome.status is not Status.DEFERRED:
-                    self._unrecorded[message.queue_id, delivery.id] = outcome
-                raise
+        # The slot goes to the next copy while this one's outcome is committed: a commit
+        # waits for an fsync, and holding the slot meanwhile left the next hop idle.
+        try:
+            await self._record(message, named, delivery, address_hash, outcome, started)
+        except Exception:
+            if outcome.status is not Status.DEFERRED:
+                self._unrecorded[message.queue_id, delivery.id] = outcome
+            raise
 
     async def _send_copy(
         self,
