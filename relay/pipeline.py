@@ -46,6 +46,7 @@ from .mime import (
 )
 from .rewrite import (
     UNTOUCHABLE_TYPES,
+    BodyCache,
     Decorations,
     Hole,
     HoleKey,
@@ -603,6 +604,8 @@ class Pipeline:
         self.limits = limits or MimeLimits()
         self.postal_address = postal_address
         self.pixel_min_html = pixel_min_html
+        # A campaign sent one message per recipient: its body is rewritten once.
+        self._bodies = BodyCache()
 
     def prepare(
         self,
@@ -650,7 +653,7 @@ class Pipeline:
             pixel_min_html=self.pixel_min_html,
             preferences=meta.modes.may_name and not meta.transactional,
         )
-        template = build_template(raw, decorations, headers, self.limits)
+        template = build_template(raw, decorations, headers, self.limits, self._bodies)
         template.add_fields(meta.fields)
         template.add_fields(meta.trace, trace=True)
         for note in template.notes:

@@ -8,7 +8,14 @@ from email.message import EmailMessage, Message
 
 import pytest
 
-from relay.rewrite import Decorations, Hole, build_template, list_unsubscribe_headers
+from relay.rewrite import (
+    BodyCache,
+    Decorations,
+    Hole,
+    LinkHole,
+    build_template,
+    list_unsubscribe_headers,
+)
 
 UNSUB = "https://mail.shop.example/u/TOKEN-1"
 PIXEL = "https://mail.shop.example/o/TOKEN-2.gif"
@@ -415,3 +422,67 @@ def test_one_template_serves_many_recipients() -> None:
     }
     assert len(copies) == 20
     assert template.holes == {Hole.UNSUBSCRIBE_URL, Hole.PIXEL_URL}
+
+
+def test_messages_sharing_a_body_each_render_as_if_rewritten_alone() -> None:
+    """A campaign sent one message per recipient: the body's rewrite is reused (BodyCache),
+    and every copy must still be exactly what the message makes on its own, its own headers
+    included, while a body, a structure or decorations that differ get their own rewrite."""
+
+    def newsletter_to(to: str, body: str = "Everything 20% off.") -> bytes:
+        message = EmailMessage()
+        message["From"] = "Shop <news@shop.example>"
+        message["To"] = to
+        message["Subject"] = "Spring sale"
+        message["Message-ID"] = f"<{to.replace('@', '.')}@shop.example>"
+        message["List-Unsubscribe"] = "<mailto:old@shop.example>"
+        message.set_content(f"Our spring sale.\n{body}\n")
+        message.add_alternative(
+            f'<html><body><p>{body}</p><a href="https://shop.example/sale">Sale</a></body></html>',
+            subtype="html",
+        )
+        message.set_boundary("sale-boundary")  # one body, as a campaign tool sends it
+        return crlf(message)
+
+    html = "<html><body><p>" + "Sale " * 30 + "</p></body></html>"
+    same_body_as_html = simple("text/html", html, cte="quoted-printable")
+    same_body_as_text = same_body_as_html.replace(b"text/html", b"text/plain")
+    messages = [
+        (newsletter_to("ann@example.org"), Decorations(clicks=True)),
+        (newsletter_to("a-much-longer-address@example.org"), Decorations(clicks=True)),
+        (newsletter_to("bob@example.org"), Decorations(clicks=True)),
+        (newsletter_to("bob@example.org"), Decorations(unsubscribe=False, pixel=False)),
+        (newsletter_to("bob@example.org", "All 30% off."), Decorations(clicks=True)),
+        (same_body_as_html, Decorations()),
+        (same_body_as_text, Decorations()),
+        (simple("text/html", html, cte="8bit"), Decorations()),
+        (simple("text/html", html, cte="8bit"), Decorations()),
+    ]
+    bodies = BodyCache()
+    values = {**VALUES, LinkHole(0): "https://mail.shop.example/c/TOKEN-3"}
+    seen = set()
+    for raw, decorations in messages:
+        alone = build_template(raw, decorations)
+        reused = build_template(raw, decorations, bodies=bodies)
+        for template in (alone, reused):
+            assert template.render(values, list_unsubscribe_headers(UNSUB)) == alone.render(
+                values, list_unsubscribe_headers(UNSUB)
+            )
+            assert (template.notes, template.holes, template.links) == (
+                alone.notes,
+                alone.holes,
+                alone.links,
+            )
+        copy = parsed(reused.render(values, list_unsubscribe_headers(UNSUB)))
+        assert copy["List-Unsubscribe"] == f"<{UNSUB}>"
+        seen.add(reused.render(values, list_unsubscribe_headers(UNSUB)))
+    assert len(seen) == len(messages) - 1  # only the last two messages are the same
+    ann, longer, _, bare, other, as_html, as_text, _, _ = (
+        parsed(build_template(raw, d, bodies=bodies).render(values)) for raw, d in messages
+    )
+    assert ann["To"] == "ann@example.org" and longer["To"].startswith("a-much-longer")
+    assert "https://mail.shop.example/c/TOKEN-3" in text_of(ann, "text/html")
+    assert UNSUB not in text_of(bare, "text/html")
+    assert "All 30% off." in text_of(other, "text/html")
+    assert PIXEL in text_of(as_html, "text/html")
+    assert PIXEL not in text_of(as_text, "text/plain") and UNSUB in text_of(as_text, "text/plain")

@@ -5,6 +5,7 @@ URLs; `Template.render` fills them. The tokenizer, MIME walker, encoders, footer
 header fields the relay adds are private modules of this package.
 """
 
+from ._bodies import BodyCache
 from ._fields import (
     ReceivedClient,
     date_field,
@@ -22,6 +23,7 @@ from .template import Decorations, Template, build_template, list_unsubscribe_he
 __all__ = [
     "PLACEHOLDER",
     "UNTOUCHABLE_TYPES",
+    "BodyCache",
     "Decorations",
     "Hole",
     "HoleKey",

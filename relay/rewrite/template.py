@@ -29,6 +29,7 @@ from ..mime import (
     headers_of,
     parse_headers,
 )
+from ._bodies import BodyCache, BuiltBody
 from ._compile import (
     Decoded,
     base64_part,
@@ -135,9 +136,11 @@ def build_template(
     decorations: Decorations,
     headers: Message | None = None,
     limits: MimeLimits | None = None,
+    bodies: BodyCache | None = None,
 ) -> Template:
     """The template of `raw`: owned and control headers dropped, text parts opened for holes.
-    `headers`: the message's header block, parsed already. `limits`: bounds on the work."""
+    `headers`: the message's header block, parsed already. `limits`: bounds on the work.
+    `bodies`: bodies rewritten before, whose pieces a message with the same body reuses."""
     limits = limits or MimeLimits()
     block = headers_of(raw)
     head_end = len(block)
@@ -158,11 +161,24 @@ def build_template(
     ]
     if not (decorations.unsubscribe or decorations.pixel):
         template.notes.append("body not decorated (transactional, automatic or tracking off)")
+    body_key = None
+    if bodies is not None and readable is None:
+        body_key = bodies.key(raw, head_end, fields, template.nl, decorations, limits)
+    built = bodies.get(body_key) if bodies is not None and body_key is not None else None
+    if built is not None:
+        template.notes += built.notes
+        template.holes, template.links = built.holes, built.links
+        _head(template, raw, head_end, splices)
+        template.body = list(built.pieces)
+        return template
     if headers is None:
         headers = parse_headers(block)
+    notes_before = len(template.notes)
+    body_splices: list[Splice] | None = None
     try:
         tree = walk(raw, headers, limits)
-        splices += _Builder(raw, headers, tree, decorations, template, limits).splices()
+        body_splices = _Builder(raw, headers, tree, decorations, template, limits).splices()
+        splices += body_splices
     except MimeLimitError as exc:
         template.over_limit = str(exc)
         _failed(template, f"over the limits on work: {exc}")
@@ -178,14 +194,26 @@ def build_template(
         _failed(template, f"unexpected {type(exc).__name__}: {exc}")
         splices = [s for s in splices if s.end <= head_end]
     splices.sort(key=lambda s: (s.start, s.end))
-    template.head = _spliced(raw, 0, head_end, [s for s in splices if s.start < head_end])
-    last = template.head[-1] if template.head else b"\n"
-    if isinstance(last, bytes) and not last.endswith(b"\n"):
-        template.head[-1] = last + template.nl
+    _head(template, raw, head_end, [s for s in splices if s.start < head_end])
     template.body = _spliced(raw, head_end, len(raw), [s for s in splices if s.start >= head_end])
     if head_end == len(raw):
         template.body.insert(0, template.nl)  # no blank line after the headers: add one
+    if (
+        bodies is not None
+        and body_key is not None
+        and body_splices is not None
+        and all(s.start >= head_end for s in body_splices)
+    ):
+        notes = tuple(template.notes[notes_before:])
+        bodies.put(body_key, BuiltBody(tuple(template.body), template.holes, template.links, notes))
     return template
+
+
+def _head(template: Template, raw: bytes, head_end: int, splices: list[Splice]) -> None:
+    template.head = _spliced(raw, 0, head_end, splices)
+    last = template.head[-1] if template.head else b"\n"
+    if isinstance(last, bytes) and not last.endswith(b"\n"):
+        template.head[-1] = last + template.nl
 
 
 def _failed(template: Template, reason: str) -> None:
