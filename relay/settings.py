@@ -127,7 +127,7 @@ class TrackingSettings:
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
     downstream: Downstream | None = None
-    workers: int = 4
+    workers: int = 16
     retry_initial_delay: float = 60.0
     retry_max_delay: float = 3600.0
     max_queue_age: float = 5 * 24 * 3600.0  # then a DSN, as Postfix's maximal_queue_lifetime
