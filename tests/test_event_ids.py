@@ -26,6 +26,7 @@ from tests.helpers import (
     wait_for,
 )
 from tracking.events import MIGRATIONS as EVENT_MIGRATIONS
+from tracking.events import Event, EventType
 
 ALICE = "alice@example.org"
 
@@ -90,3 +91,23 @@ async def test_events_recorded_before_the_change_keep_their_queue_id(tmp_path: P
         None,
         "winter",
     )
+
+
+async def test_an_open_written_before_its_delivered_event_gets_the_message_id(
+    tmp_path: Path, store_database: str | None
+) -> None:
+    # The delivered event waits in the spool's journal; a fast reader's open can come first.
+    settings = Settings(storage=StorageSettings(tmp_path / "data", database=store_database))
+    async with Stores(settings) as stores:
+        alice = stores.suppressions.hasher.hash(ALICE)
+        await stores.events.record(Event(EventType.OPEN, alice, "spring", "0123456789AB"))
+        await stores.events.record(
+            Event(
+                EventType.DELIVERED, alice, "spring", "0123456789AB", message_id="<m1@shop.example>"
+            )
+        )
+        exported = [e async for e in stores.events.export()]
+    assert [(e["type"], e["message_id"]) for e in exported] == [
+        ("open", "<m1@shop.example>"),
+        ("delivered", "<m1@shop.example>"),
+    ]

@@ -463,12 +463,21 @@ def _follow_up(db: Connection, after: int) -> None:
 def _insert_rows(db: Connection, events: Iterable[Event]) -> None:
     events = list(events)
     known = {e.queue_id: (e.queue_id, e.message_id, e.at) for e in events if e.message_id}
-    if known:
-        db.executemany(
+    for queue_id, row in known.items():
+        if queue_id is None:
+            continue
+        learnt = db.execute(
             "INSERT INTO event_messages (queue_id, message_id, at) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING",
-            [row for queue_id, row in known.items() if queue_id],
-        )
+            row,
+        ).rowcount
+        if learnt:
+            # An open can be written before its copy's delivered event (that one waits in
+            # the spool's journal): it gets the Message-ID now.
+            db.execute(
+                "UPDATE events SET message_id = ? WHERE queue_id = ? AND message_id IS NULL",
+                [row[1], queue_id],
+            )
     db.executemany(
         "INSERT INTO events (type, at, address_hash, campaign, queue_id, message_id, machine,"
         " detail, repeat_key) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT message_id FROM"
