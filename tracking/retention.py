@@ -7,12 +7,16 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from suppression import InvalidAge, SuppressionStore, format_age, parse_age
+from suppression import InvalidAge, format_age, parse_age
 
-from .events import EventStore, Others
 from .signing import DEFAULT_MAX_AGE as TOKEN_MAX_AGE
+
+if TYPE_CHECKING:
+    from suppression import SuppressionStore
+
+    from .events import EventStore
 
 FOREVER = "forever"  # a retention value: never purged
 _DAY = timedelta(days=1)
@@ -142,6 +146,8 @@ async def purge(
     (tracking.keep_last_open_only): each recipient's opens of a campaign come down to one
     event with the day of the last; those deleted count as purged opens.
     """
+    from .events import Others  # here: reading the config must not load the event log
+
     moment = now or datetime.now(UTC)
     report = PurgeReport(retention, dry_run)
     if keep_last_open_only:
