@@ -1,5 +1,5 @@
-"""What the CLI's commands share: the --config and --actor options, opening the stores,
-and owner-only output files."""
+"""What the CLI's commands share: the --config, --actor and --note options, opening the
+stores, input files and owner-only output files, how a change in an audit log reads."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import functools
 import getpass
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
@@ -135,3 +136,45 @@ output_option = click.option(
     default=None,
     help="Write to this file (created mode 0600) instead of stdout.",
 )
+
+
+MAX_NOTE = 1000
+
+
+def note_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--note TEXT: free text kept with a change in the audit log."""
+    return click.option(
+        "--note", default=None, metavar="TEXT", callback=_checked_note, help=help_text
+    )
+
+
+def _checked_note(_context: click.Context, _param: click.Parameter, note: str | None) -> str | None:
+    if note is not None and (len(note) > MAX_NOTE or not note.isprintable()):
+        raise click.BadParameter(
+            f"at most {MAX_NOTE} printable characters on one line", param_hint="'--note'"
+        )
+    return note or None
+
+
+@contextlib.contextmanager
+def open_input(file: str) -> Iterator[IO[bytes]]:
+    """FILE as bytes, or standard input for `-`."""
+    if file == "-":
+        yield sys.stdin.buffer
+        return
+    with open(file, "rb") as raw:
+        yield raw
+
+
+def audit_line(change: dict[str, Any], words: list[str]) -> str:
+    """One change of an audit log on one line: its time and action, the caller's `words`
+    (scope, reason), then where it came from, who made it and its detail."""
+    line = [change["at"], change["action"], *words]
+    if change["source"]:
+        line.append(f"via {change['source']}")
+    if change["actor"]:
+        line.append(f"by {change['actor']}")
+    detail = {k: v for k, v in (change["detail"] or {}).items() if v is not None}
+    if detail:
+        line.append(json.dumps(detail, ensure_ascii=False, sort_keys=True))
+    return " ".join(line)

@@ -9,12 +9,10 @@ withdrawal reaches mail already sent.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -27,14 +25,16 @@ from .common import (
     PROG,
     actor_of,
     actor_option,
+    audit_line,
     config_option,
     group_config_option,
+    note_option,
+    open_input,
     settings_from,
     with_stores,
 )
 
 T = TypeVar("T")
-MAX_NOTE = 1000
 
 
 @click.group()
@@ -50,11 +50,8 @@ purpose_option = click.option(
     multiple=True,
     help="opens or clicks; repeatable (default: both).",
 )
-note_option = click.option(
-    "--note",
-    default=None,
-    metavar="TEXT",
-    help="Free text kept in the audit log: where the consent was given, a ticket, ...",
+with_note = note_option(
+    "Free text kept in the audit log: where the consent was given, a ticket, ..."
 )
 
 
@@ -63,13 +60,7 @@ def _purposes(purposes: tuple[str, ...]) -> frozenset[Purpose]:
 
 
 def _detail(note: str | None) -> dict[str, str] | None:
-    if note is None:
-        return None
-    if len(note) > MAX_NOTE or not note.isprintable():
-        raise click.BadParameter(
-            f"at most {MAX_NOTE} printable characters on one line", param_hint="'--note'"
-        )
-    return {"note": note}
+    return None if note is None else {"note": note}
 
 
 def _with_consents(
@@ -91,7 +82,7 @@ def _listed(purposes: list[Purpose] | frozenset[Purpose]) -> str:
 @consent.command("add")
 @config_option
 @purpose_option
-@note_option
+@with_note
 @actor_option
 @click.argument("addresses", nargs=-1, required=True)
 def consent_add(
@@ -126,7 +117,7 @@ def consent_add(
 @consent.command("remove")
 @config_option
 @purpose_option
-@note_option
+@with_note
 @actor_option
 @click.argument("addresses", nargs=-1, required=True)
 def consent_remove(
@@ -204,15 +195,7 @@ def consent_show(config_path: Path | None, fmt: str, address: str) -> int:
 
 
 def _change_line(change: dict[str, Any]) -> str:
-    words = [change["at"], change["action"], change["scope"].removeprefix("tracking:")]
-    if change["source"]:
-        words.append(f"via {change['source']}")
-    if change["actor"]:
-        words.append(f"by {change['actor']}")
-    detail = {k: v for k, v in change["detail"].items() if v is not None}
-    if detail:
-        words.append(json.dumps(detail, ensure_ascii=False, sort_keys=True))
-    return " ".join(words)
+    return audit_line(change, [change["scope"].removeprefix("tracking:")])
 
 
 @consent.command("import")
@@ -250,7 +233,7 @@ def consent_import(
     state = State.WITHDRAWN if withdraw else State.GRANTED
 
     async def run(store: ConsentStore) -> ConsentImportReport:
-        with _open_input(file) as raw:
+        with open_input(file) as raw:
             return await import_consent(
                 store,
                 raw,
@@ -270,12 +253,3 @@ def consent_import(
         f" {report.unchanged} already {verb}, {report.bad} bad"
     )
     return 1 if report.bad else 0
-
-
-@contextlib.contextmanager
-def _open_input(file: str) -> Iterator[IO[bytes]]:
-    if file == "-":
-        yield sys.stdin.buffer
-        return
-    with open(file, "rb") as raw:
-        yield raw

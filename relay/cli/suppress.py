@@ -42,8 +42,11 @@ from .common import (
     actor_of,
     actor_option,
     address_argument,
+    audit_line,
     config_option,
     group_config_option,
+    note_option,
+    open_input,
     open_output,
     output_option,
     settings_from,
@@ -65,21 +68,9 @@ scope_option = click.option(
     show_default=True,
     help="'global', 'topic:NAME' or 'sender:DOMAIN'.",
 )
-MAX_NOTE = 1000
-note_option = click.option(
-    "--note",
-    default=None,
-    metavar="TEXT",
-    help="Free text kept with this change in the audit log (why, ticket number, ...).",
+with_note = note_option(
+    "Free text kept with this change in the audit log (why, ticket number, ...)."
 )
-
-
-def _note(note: str | None) -> str | None:
-    if note is not None and (len(note) > MAX_NOTE or not note.isprintable()):
-        raise click.BadParameter(
-            f"at most {MAX_NOTE} printable characters on one line", param_hint="'--note'"
-        )
-    return note or None
 
 
 expires_option = click.option(
@@ -128,7 +119,7 @@ def _describe(entry: Suppression) -> str:
     help="Why: one of the fixed kinds (free text goes in --note).",
 )
 @expires_option
-@note_option
+@with_note
 @actor_option
 @click.argument("addresses", nargs=-1, required=True)
 def suppress_add(
@@ -142,7 +133,7 @@ def suppress_add(
 ) -> None:
     """Suppress ADDRESSES (an existing suppression is only ever made stronger)."""
     expires_at = _expires_at(expires)
-    detail = {"note": note} if _note(note) else None
+    detail = {"note": note} if note else None
 
     async def add(store: SuppressionStore) -> list[Outcome]:
         return [
@@ -177,7 +168,7 @@ def suppress_add(
     help="Lift it even though the recipient made it (an unsubscribe, a complaint) or was"
     " erased; recorded as forced in the audit log.",
 )
-@note_option
+@with_note
 @actor_option
 @address_argument
 def suppress_remove(
@@ -194,7 +185,6 @@ def suppress_remove(
     kept after an erasure, are lifted only with --force (exit 2 otherwise, nothing
     removed). Only the recipient's own undo, on the page they unsubscribed on, needs none.
     """
-    note = _note(note)
     removed = _with_store(
         config_path,
         lambda s: s.remove(
@@ -320,7 +310,7 @@ def suppress_import(
         click.echo(f"{PROG}: {name}:{row.line}: {row.message}", err=True)
 
     async def run(store: SuppressionStore) -> ImportReport:
-        with _open_input(file) as raw, _progress(raw, f"importing {name}") as progress:
+        with open_input(file) as raw, _progress(raw, f"importing {name}") as progress:
             return await import_file(
                 store, raw, name, options, on_bad_row=bad_row, on_progress=progress
             )
@@ -346,15 +336,6 @@ def suppress_import(
         f" {report.bad} bad"
     )
     return 1 if report.bad else 0
-
-
-@contextlib.contextmanager
-def _open_input(file: str) -> Iterator[IO[bytes]]:
-    if file == "-":
-        yield sys.stdin.buffer
-        return
-    with open(file, "rb") as raw:
-        yield raw
 
 
 Progress = Callable[[int, ImportReport], None]
@@ -522,16 +503,4 @@ def suppress_show(config_path: Path | None, fmt: str, address: str) -> int:
 
 
 def _change_line(change: dict[str, Any]) -> str:
-    words = [change["at"], change["action"]]
-    if change["scope"]:
-        words.append(change["scope"])
-    if change["reason"]:
-        words.append(change["reason"])
-    if change["source"]:
-        words.append(f"via {change['source']}")
-    if change["actor"]:
-        words.append(f"by {change['actor']}")
-    detail = change["detail"]
-    if detail:
-        words.append(json.dumps(detail, ensure_ascii=False, sort_keys=True))
-    return " ".join(words)
+    return audit_line(change, [word for word in (change["scope"], change["reason"]) if word])
