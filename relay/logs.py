@@ -7,9 +7,20 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import Session
 
 LogFormat = Literal["text", "json"]
+
+
+def client_name(session: Session) -> str:
+    """An SMTP client as logs name it: `unknown[IP]`, as Postfix does without reverse DNS
+    lookups (smtpd_peername_lookup = no). The HELO name is only the client's claim, so it
+    is logged apart, as `helo=<...>`, never as the client's name."""
+    peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else "?"
+    return f"unknown[{peer}]"
 
 
 def _timestamp(record: logging.LogRecord) -> str:

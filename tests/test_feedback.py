@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import smtplib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -241,7 +242,10 @@ async def test_policy_refusals_never_suppress(
     assert loud and loud[-1].levelname == "ERROR"
 
 
-async def test_forged_bounces_change_nothing(feedback_relay: Relay) -> None:
+async def test_forged_bounces_change_nothing(
+    feedback_relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     copy = await sent_copy(feedback_relay, CAROL)
     port = feedback_port(feedback_relay)
     # A DSN to a tampered return path never gets past RCPT.
@@ -249,6 +253,8 @@ async def test_forged_bounces_change_nothing(feedback_relay: Relay) -> None:
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
         await asyncio.to_thread(send_report, port, dsn(tampered, CAROL), [tampered])
     assert refused.value.recipients[tampered][0] == 550
+    # Logged as Postfix names a client: its address, and its HELO apart (only a claim).
+    assert "reject: RCPT from unknown[127.0.0.1] helo=<" in caplog.text
     # A DSN to postmaster naming her: not through her copy's return path, so not believed.
     await asyncio.to_thread(
         send_report,

@@ -16,6 +16,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tracking.ratelimit import RateLimit, RateLimiter
 
+from ..logs import client_name
 from ..settings import FeedbackSettings
 from .addresses import Destination, FeedbackAddresses
 from .store import FeedbackStore
@@ -30,9 +31,14 @@ FORGED = "550 5.1.1 <{}>: Recipient address rejected: no such address here"
 TOO_MANY = "452 4.5.3 Too many recipients"
 
 
+def _received_from(session: Session) -> str:
+    """`HELO[IP]`, as the report is kept (the front door's spool keeps its client so)."""
+    return f"{session.host_name or 'unknown'}[{_peer(session)}]"
+
+
 def _client(session: Session) -> str:
-    peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else "?"
-    return f"{session.host_name or 'unknown'}[{peer}]"
+    """The client as the relay's logs name it, Postfix's way, with its HELO apart."""
+    return f"{client_name(session)} helo=<{session.host_name or ''}>"
 
 
 def _peer(session: Session) -> str:
@@ -122,7 +128,7 @@ class FeedbackDoor:
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         try:
             report_id = await self._store.accept(
-                sender, list(envelope.rcpt_tos), content, _client(session)
+                sender, list(envelope.rcpt_tos), content, _received_from(session)
             )
         except Exception as exc:
             log.error("NOQUEUE: cannot store report from=<%s>: %s", sender, exc)

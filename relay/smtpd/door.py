@@ -21,6 +21,7 @@ from suppression import (
 from tracking.events import Event, EventStore, EventType
 
 from ..accounts import Account
+from ..logs import client_name
 from ..mime import MimeLimits, address_domain
 from ..settings import IPNetwork, SmtpSettings
 from ..spool import Spilled, Spool
@@ -53,13 +54,6 @@ def _username(session: Session) -> str | None:
     if session.authenticated and isinstance(session.auth_data, str):
         return session.auth_data
     return None
-
-
-def client_name(session: Session) -> str:
-    """The client as logs name it: `unknown[IP]`, as Postfix does without reverse DNS
-    lookups (smtpd_peername_lookup = no). The HELO name is only the client's claim, so it
-    is logged apart, as `helo=<...>`, never as the client's name."""
-    return f"unknown[{session.peer[0] if session.peer else '?'}]"
 
 
 def helo_name(session: Session) -> str:
