@@ -317,37 +317,58 @@ def _readable_file(value: Any, key: str) -> Path:
     return path
 
 
-def _accounts(value: Any, key: str) -> tuple[Account, ...]:
+def _tables(
+    value: Any, key: str, *, known: tuple[str, ...], required: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any]]]:
+    """An array of tables (`[[key]]`), each entry with its place for errors (`key[N]`):
+    every entry a table, of known keys only, with the required ones."""
     if not isinstance(value, list):
-        raise ConfigError(key, f"must be [[accounts]] tables, not {_type_name(value)}")
-    accounts = []
+        raise ConfigError(key, f"must be [[{key}]] tables, not {_type_name(value)}")
+    entries = []
     for index, entry in enumerate(value):
         where = f"{key}[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
         for name in entry:
-            if name not in (
-                "username",
-                "password_hash",
-                "from_domains",
-                "topic",
-                "tracking",
-                "opens",
-                "clicks",
-                "consent_header",
-                "feedback_domain",
-                "category",
-                "postal_address",
-            ):
+            if name not in known:
                 raise ConfigError(f"{where}.{name}", "unknown key")
-        for name in ("username", "password_hash", "from_domains"):
+        for name in required:
             if name not in entry:
                 raise ConfigError(f"{where}.{name}", "is required")
-        password_hash = _string(entry["password_hash"], f"{where}.password_hash")
-        try:
-            check_password_hash(password_hash)
-        except PasswordHashError as exc:
-            raise ConfigError(f"{where}.password_hash", str(exc)) from None
+        entries.append((where, entry))
+    return entries
+
+
+def _password_hash(entry: dict[str, Any], where: str) -> str:
+    password_hash = _string(entry["password_hash"], f"{where}.password_hash")
+    try:
+        check_password_hash(password_hash)
+    except PasswordHashError as exc:
+        raise ConfigError(f"{where}.password_hash", str(exc)) from None
+    return password_hash
+
+
+def _accounts(value: Any, key: str) -> tuple[Account, ...]:
+    accounts = []
+    for where, entry in _tables(
+        value,
+        key,
+        known=(
+            "username",
+            "password_hash",
+            "from_domains",
+            "topic",
+            "tracking",
+            "opens",
+            "clicks",
+            "consent_header",
+            "feedback_domain",
+            "category",
+            "postal_address",
+        ),
+        required=("username", "password_hash", "from_domains"),
+    ):
+        password_hash = _password_hash(entry, where)
         domains = entry["from_domains"]
         if not isinstance(domains, list) or not domains:
             raise ConfigError(f"{where}.from_domains", "must be a non-empty array of domains")
@@ -396,19 +417,13 @@ def _accounts(value: Any, key: str) -> tuple[Account, ...]:
 
 
 def _webhooks(value: Any, key: str) -> tuple[WebhookEndpoint, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"must be [[webhooks]] tables, not {_type_name(value)}")
     endpoints = []
-    for index, entry in enumerate(value):
-        where = f"{key}[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
-        for name in entry:
-            if name not in ("url", "secret", "events", "previous_secret"):
-                raise ConfigError(f"{where}.{name}", "unknown key")
-        for name in ("url", "secret"):
-            if name not in entry:
-                raise ConfigError(f"{where}.{name}", "is required")
+    for where, entry in _tables(
+        value,
+        key,
+        known=("url", "secret", "events", "previous_secret"),
+        required=("url", "secret"),
+    ):
         events = entry.get("events")
         if events is not None and (not isinstance(events, list) or not events):
             raise ConfigError(f"{where}.events", "must be a non-empty array of event types")
@@ -446,28 +461,14 @@ def _webhooks(value: Any, key: str) -> tuple[WebhookEndpoint, ...]:
 
 
 def _admin_users(value: Any, key: str) -> tuple[AdminUser, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"must be [[admin.users]] tables, not {_type_name(value)}")
     users = []
-    for index, entry in enumerate(value):
-        where = f"{key}[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, f"must be a table, not {_type_name(entry)}")
-        for name in entry:
-            if name not in ("username", "password_hash"):
-                raise ConfigError(f"{where}.{name}", "unknown key")
-        for name in ("username", "password_hash"):
-            if name not in entry:
-                raise ConfigError(f"{where}.{name}", "is required")
+    for where, entry in _tables(
+        value, key, known=("username", "password_hash"), required=("username", "password_hash")
+    ):
         username = _string(entry["username"], f"{where}.username")
         if not username or not username.isprintable() or username != username.strip():
             raise ConfigError(f"{where}.username", "must be printable, without outer spaces")
-        password_hash = _string(entry["password_hash"], f"{where}.password_hash")
-        try:
-            check_password_hash(password_hash)
-        except PasswordHashError as exc:
-            raise ConfigError(f"{where}.password_hash", str(exc)) from None
-        users.append(AdminUser(username, password_hash))
+        users.append(AdminUser(username, _password_hash(entry, where)))
     names = [user.username for user in users]
     if len(set(names)) != len(names):
         raise ConfigError(key, "a username appears twice")
