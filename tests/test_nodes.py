@@ -5,6 +5,7 @@ and a node rides out the server going away under load."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -250,5 +251,10 @@ async def test_the_database_stopped_under_load_loses_nothing_acknowledged(
 
     await wait_for(lambda: opened() == set(first), within=30, what="the opens written later")
     log = node.log()
-    assert log.count("PostgreSQL at") <= 6, log  # once per state change and process
+    # Once per state change (away, back) and process, however many delivery processes
+    # "auto" gives this machine.
+    said = collections.Counter(
+        match.group(1) for match in re.finditer(r"\[(\d+)\]: \w+: storage: PostgreSQL at", log)
+    )
+    assert said and max(said.values()) <= 2, log
     assert "Traceback" not in log, log
