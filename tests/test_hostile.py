@@ -92,7 +92,7 @@ class OomKiller(threading.Thread):
         super().__init__(daemon=True)
         self.relay = relay
         self.limit_kib = limit // 1024
-        self.kills = 0
+        self.killed: set[int] = set()
         self._done = threading.Event()
 
     def __enter__(self) -> OomKiller:
@@ -103,6 +103,12 @@ class OomKiller(threading.Thread):
         self._done.set()
         self.join()
 
+    @property
+    def kills(self) -> int:
+        """Processes killed. A big process takes a while to go after its SIGKILL and may
+        be signalled again meanwhile: that is still one death."""
+        return len(self.killed)
+
     def run(self) -> None:
         while not self._done.wait(0.02):
             for pid in self.relay.delivery_pids:
@@ -111,7 +117,7 @@ class OomKiller(threading.Thread):
                     resident = int(status.split("VmRSS:")[1].split()[0])
                     if resident > self.limit_kib:
                         os.kill(pid, signal.SIGKILL)
-                        self.kills += 1
+                        self.killed.add(pid)
                 except (OSError, IndexError, ValueError):
                     continue
 
