@@ -1,61 +1,132 @@
 """The suppression list: normalised, hash-keyed opt-outs in SQLite."""
 
-from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
-from .audit import AuditRecord
-from .consent import (
-    ALL_PURPOSES,
-    NO_WORD,
-    PURPOSES,
-    Consent,
-    ConsentRecord,
-    ConsentStore,
-    Purpose,
-    parse_purposes,
-)
-from .database import (
-    Database,
-    Migration,
-    format_time,
-    fsync_directory,
-    row_dicts,
-    utc_now,
-    zeroing,
-)
-from .engine import Connection, Dialect, Engine, EngineSpec
-from .entries import Entry, Outcome
-from .errors import (
-    ImportFormatError,
-    InvalidAddress,
-    InvalidAge,
-    InvalidReason,
-    InvalidScope,
-    NormalizationChanged,
-    PermanentReason,
-    ProtectedSuppression,
-    StorageUnavailable,
-    SuppressionError,
-)
-from .imports import BadRow, ImportOptions, ImportReport, import_file
-from .reasons import SOFT_REASONS, STOPS_TRANSACTIONAL, parse_reason
-from .retention import format_age, parse_age
-from .scopes import sender_scopes, topic_scope
-from .store import (
-    GLOBAL,
-    MIGRATIONS,
-    Reason,
-    SubjectRecord,
-    Suppression,
-    SuppressionStore,
-    parse_scope,
-)
-from .subject import (
-    DataHolder,
-    ErasureReport,
-    Subject,
-    caseless,
-    erase_subject,
-    export_subject,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .addresses import AddressHasher, NormalizationPolicy, digest_keys, normalize_address
+    from .audit import AuditRecord
+    from .consent import (
+        ALL_PURPOSES,
+        NO_WORD,
+        PURPOSES,
+        Consent,
+        ConsentRecord,
+        ConsentStore,
+        Purpose,
+        parse_purposes,
+    )
+    from .database import (
+        Database,
+        Migration,
+        format_time,
+        fsync_directory,
+        row_dicts,
+        utc_now,
+        zeroing,
+    )
+    from .engine import Connection, Dialect, Engine, EngineSpec
+    from .entries import Entry, Outcome
+    from .errors import (
+        ImportFormatError,
+        InvalidAddress,
+        InvalidAge,
+        InvalidReason,
+        InvalidScope,
+        NormalizationChanged,
+        PermanentReason,
+        ProtectedSuppression,
+        StorageUnavailable,
+        SuppressionError,
+    )
+    from .imports import BadRow, ImportOptions, ImportReport, import_file
+    from .reasons import SOFT_REASONS, STOPS_TRANSACTIONAL, parse_reason
+    from .retention import format_age, parse_age
+    from .scopes import sender_scopes, topic_scope
+    from .store import (
+        GLOBAL,
+        MIGRATIONS,
+        Reason,
+        SubjectRecord,
+        Suppression,
+        SuppressionStore,
+        parse_scope,
+    )
+    from .subject import (
+        DataHolder,
+        ErasureReport,
+        Subject,
+        caseless,
+        erase_subject,
+        export_subject,
+    )
+else:
+    from ._faces import names_on_first_use
+
+    __getattr__ = names_on_first_use(
+        __name__,
+        {
+            "AddressHasher": ".addresses",
+            "NormalizationPolicy": ".addresses",
+            "digest_keys": ".addresses",
+            "normalize_address": ".addresses",
+            "AuditRecord": ".audit",
+            "ALL_PURPOSES": ".consent",
+            "NO_WORD": ".consent",
+            "PURPOSES": ".consent",
+            "Consent": ".consent",
+            "ConsentRecord": ".consent",
+            "ConsentStore": ".consent",
+            "Purpose": ".consent",
+            "parse_purposes": ".consent",
+            "Database": ".database",
+            "Migration": ".database",
+            "format_time": ".database",
+            "fsync_directory": ".database",
+            "row_dicts": ".database",
+            "utc_now": ".database",
+            "zeroing": ".database",
+            "Connection": ".engine",
+            "Dialect": ".engine",
+            "Engine": ".engine",
+            "EngineSpec": ".engine",
+            "Entry": ".entries",
+            "Outcome": ".entries",
+            "ImportFormatError": ".errors",
+            "InvalidAddress": ".errors",
+            "InvalidAge": ".errors",
+            "InvalidReason": ".errors",
+            "InvalidScope": ".errors",
+            "NormalizationChanged": ".errors",
+            "PermanentReason": ".errors",
+            "ProtectedSuppression": ".errors",
+            "StorageUnavailable": ".errors",
+            "SuppressionError": ".errors",
+            "BadRow": ".imports",
+            "ImportOptions": ".imports",
+            "ImportReport": ".imports",
+            "import_file": ".imports",
+            "SOFT_REASONS": ".reasons",
+            "STOPS_TRANSACTIONAL": ".reasons",
+            "parse_reason": ".reasons",
+            "format_age": ".retention",
+            "parse_age": ".retention",
+            "sender_scopes": ".scopes",
+            "topic_scope": ".scopes",
+            "GLOBAL": ".store",
+            "MIGRATIONS": ".store",
+            "Reason": ".store",
+            "SubjectRecord": ".store",
+            "Suppression": ".store",
+            "SuppressionStore": ".store",
+            "parse_scope": ".store",
+            "DataHolder": ".subject",
+            "ErasureReport": ".subject",
+            "Subject": ".subject",
+            "caseless": ".subject",
+            "erase_subject": ".subject",
+            "export_subject": ".subject",
+        },
+    )
 
 __all__ = [
     "ALL_PURPOSES",

@@ -1,7 +1,6 @@
 """Signed per-recipient tokens, the tracking HTTP app and the event log."""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 __all__ = [
     "MIGRATIONS",
@@ -32,36 +31,31 @@ if TYPE_CHECKING:
     from .signing import Namespace, Signer, Verified
     from .tokens import Click, Reading, RecipientRef, TrackingUrls
     from .verdict import Judge, Verdict
+else:
+    from suppression._faces import names_on_first_use
 
-# Each name from the private module that defines it, on first use: a command that needs
-# one submodule (the CLI's config reads tracking.modes) loads neither the event log,
-# the tokens nor aiohttp.
-_HOMES = {
-    "PIXEL_GIF": "app",
-    "create_app": "app",
-    "BadToken": "errors",
-    "TrackingError": "errors",
-    "MIGRATIONS": "events",
-    "Event": "events",
-    "EventStore": "events",
-    "EventType": "events",
-    "RateLimit": "ratelimit",
-    "Namespace": "signing",
-    "Signer": "signing",
-    "Verified": "signing",
-    "Click": "tokens",
-    "Reading": "tokens",
-    "RecipientRef": "tokens",
-    "TrackingUrls": "tokens",
-    "Judge": "verdict",
-    "Verdict": "verdict",
-}
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+    # A command that needs one submodule (the CLI's config reads tracking.modes) loads
+    # neither the event log, the tokens nor aiohttp.
+    __getattr__ = names_on_first_use(
+        __name__,
+        {
+            "PIXEL_GIF": ".app",
+            "create_app": ".app",
+            "BadToken": ".errors",
+            "TrackingError": ".errors",
+            "MIGRATIONS": ".events",
+            "Event": ".events",
+            "EventStore": ".events",
+            "EventType": ".events",
+            "RateLimit": ".ratelimit",
+            "Namespace": ".signing",
+            "Signer": ".signing",
+            "Verified": ".signing",
+            "Click": ".tokens",
+            "Reading": ".tokens",
+            "RecipientRef": ".tokens",
+            "TrackingUrls": ".tokens",
+            "Judge": ".verdict",
+            "Verdict": ".verdict",
+        },
+    )

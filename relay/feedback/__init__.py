@@ -12,9 +12,27 @@ This face stays light: the delivery processes use the tokens and the copy record
 import no SMTP server.
 """
 
-from .outgoing import CopyMarks, FeedbackMarks
-from .store import CopyRecord, FeedbackStore
-from .tokens import CopyTokens, TokenKind, copy_id
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .outgoing import CopyMarks, FeedbackMarks
+    from .store import CopyRecord, FeedbackStore
+    from .tokens import CopyTokens, TokenKind, copy_id
+else:
+    from suppression._faces import names_on_first_use
+
+    __getattr__ = names_on_first_use(
+        __name__,
+        {
+            "CopyMarks": ".outgoing",
+            "FeedbackMarks": ".outgoing",
+            "CopyRecord": ".store",
+            "FeedbackStore": ".store",
+            "CopyTokens": ".tokens",
+            "TokenKind": ".tokens",
+            "copy_id": ".tokens",
+        },
+    )
 
 __all__ = [
     "CopyMarks",
