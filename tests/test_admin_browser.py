@@ -45,14 +45,11 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip)")
 from PIL import Image, ImageChops  # noqa: E402
-from selenium.common.exceptions import (  # noqa: E402
-    NoSuchElementException,
-    StaleElementReferenceException,
-)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
+
+from tests.browser import wait_until_page_shows  # noqa: E402
 
 
 @pytest.fixture
@@ -172,9 +169,7 @@ async def test_the_dashboard_in_a_browser_without_javascript(
         return path
 
     def shows(expected: str) -> None:
-        WebDriverWait(
-            browser, 10, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-        ).until(lambda driver: expected in driver.find_element(By.TAG_NAME, "body").text)
+        wait_until_page_shows(browser, expected)
 
     def submit_login(password: str) -> None:
         browser.find_element(By.NAME, "username").send_keys("ops")

@@ -34,14 +34,11 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         allow_module_level=True,
     )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip)")
-from selenium.common.exceptions import (  # noqa: E402
-    NoSuchElementException,
-    StaleElementReferenceException,
-)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
+
+from tests.browser import wait_until_page_shows  # noqa: E402
 
 
 @pytest.fixture
@@ -107,12 +104,7 @@ async def test_body_link_in_a_real_browser_without_javascript(
         print(f"screenshot: {path}")
 
     def shows(expected: str) -> None:
-        """Wait for the page (a form POST navigates after click() returns) to say `expected`."""
-        WebDriverWait(
-            browser,
-            10,
-            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
-        ).until(lambda driver: expected in driver.find_element(By.TAG_NAME, "body").text)
+        wait_until_page_shows(browser, expected)
 
     # Selenium blocks: it runs in a thread while the event loop serves the pages.
     def javascript_is_off() -> None:

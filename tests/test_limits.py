@@ -126,6 +126,12 @@ async def test_past_a_limit_with_nowhere_for_a_link_the_sender_gets_a_dsn(
     report = parse(dsn.content)
     assert report.get_content_type() == "multipart/report"
     assert b"5.6.0" in dsn.content and b"more than 20 tags and comments" in dsn.content
+
+    # The bounced event reaches the event log through the spool's journal, after the DSN.
+    async def bounced_event() -> bool:
+        return len(await events_of(small_limits, "bounced")) == 1
+
+    await wait_for(bounced_event, what="the bounced event")
     [bounced] = await events_of(small_limits, "bounced")
     assert bounced["detail"]["reply"].startswith("554 5.6.0 message not sent")
     assert await events_of(small_limits, "delivered") == []

@@ -23,14 +23,10 @@ from tracking import RecipientRef, Signer, TrackingUrls, create_app
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
 pytest.importorskip("selenium.webdriver", reason="needs selenium (pip)")
-from selenium.common.exceptions import (
-    NoSuchElementException,
-    StaleElementReferenceException,
-)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.browser import wait_until_page_shows
 from tests.test_browser import browser  # noqa: F401 - the fixture
 
 KEYS = ("preferences-browser-key-0123456789",)
@@ -86,11 +82,7 @@ async def test_stop_tracking_in_a_real_browser_without_javascript(
         print(f"screenshot: {path}")
 
     def shows(expected: str) -> None:
-        WebDriverWait(
-            browser,
-            10,
-            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
-        ).until(lambda driver: expected in driver.find_element(By.TAG_NAME, "body").text)
+        wait_until_page_shows(browser, expected)
 
     def press(label: str) -> None:
         [button] = [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == label]

@@ -453,6 +453,10 @@ async def test_withdrawal_after_delivery_changes_what_an_old_copy_records(
     assert hook["type"] == "tracking.withdrawn"
     assert hook["data"]["recipient"] == ANN and hook["data"]["campaign"] == "spring"
     assert hook["data"]["detail"]["purposes"] == ["clicks", "opens"]
+    # The dispatcher marks the webhook delivered once the receiver has answered: after that
+    # nothing else is on its way into the store.
+    waiting = "SELECT count(*) FROM webhook_outbox WHERE state != 'delivered'"
+    await wait_for(lambda: scalar(relayed.db, waiting) == 0, what="the webhook marked delivered")
 
     before = rows(relayed.db)
     await relayed.fetch(ann.pixel, "192.0.2.99")
