@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import tracemalloc
 from email.message import EmailMessage, Message
 
 import pytest
@@ -486,3 +487,30 @@ def test_messages_sharing_a_body_each_render_as_if_rewritten_alone() -> None:
     assert "All 30% off." in text_of(other, "text/html")
     assert PIXEL in text_of(as_html, "text/html")
     assert PIXEL not in text_of(as_text, "text/plain") and UNSUB in text_of(as_text, "text/plain")
+
+
+def test_a_kept_base64_body_stays_near_its_size_whatever_the_token_lengths() -> None:
+    """A base64 body is re-encoded around each copy's URLs; what is kept for reuse must not
+    grow with every URL length a campaign's copies bring (the body cache keeps it)."""
+    paragraphs = "".join(f"<p>Paragraph {i} of the spring news.</p>\n" for i in range(4000))
+    html = f'<html><body><a href="https://shop.example/sale">Sale</a>{paragraphs}</body></html>'
+    raw = simple("text/html", html, cte="base64")
+    template = build_template(raw, Decorations(clicks=True), bodies=BodyCache())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for length in range(40, 120):  # every phase a line of base64 can start at, and more
+            token = "T" * length
+            copy = template.render(
+                {**VALUES, LinkHole(0): f"https://mail.shop.example/c/{token}"},
+                list_unsubscribe_headers(UNSUB),
+            )
+            assert text_of(parsed(copy), "text/html").startswith(
+                f'<html><body><a href="https://mail.shop.example/c/{token}">Sale</a>'
+            )
+        kept = sum(
+            stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename")
+        )
+    finally:
+        tracemalloc.stop()
+    assert kept < 8 * len(raw), f"{kept:,} bytes kept for a {len(raw):,}-byte message"

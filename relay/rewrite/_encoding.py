@@ -168,9 +168,15 @@ def base64_lines(data: bytes, line_chars: int, nl: bytes) -> bytes:
     return nl.join(encoded[i : i + line_chars] for i in range(0, len(encoded), line_chars)) + nl
 
 
+# Phases of one run kept encoded. A campaign's tokens have one length, or a few, so its
+# copies start a run at one phase or a few; keeping every phase (up to 57) would keep a
+# base64 body dozens of times over, for as long as the body cache keeps the template.
+KEPT_PHASES = 4
+
+
 @dataclass(slots=True)
 class CachedRun:
-    """A long constant run of bytes, encoded once for each phase it can start at."""
+    """A long constant run of bytes, encoded once for each of the first phases it starts at."""
 
     data: bytes
     by_phase: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
@@ -184,5 +190,6 @@ class CachedRun:
             rest = self.data[skip:]
             full = len(rest) - len(rest) % line_bytes
             found = (base64_lines(rest[:full], line_chars, nl), rest[full:])
-            self.by_phase[skip] = found
+            if len(self.by_phase) < KEPT_PHASES:
+                self.by_phase[skip] = found
         return found
