@@ -120,6 +120,13 @@ async def one_click(relay: Relay, downstream: CaptureServer, campaign: str = "sp
     message = newsletter([ALICE], headers={"X-Optout-Campaign": campaign})
     await asubmit(relay.addresses.smtp[1], message, "news@shop.example", [ALICE])
     await wait_for(lambda: bool(downstream.handler.for_recipient(ALICE)), what="Alice's copy")
+
+    # As a person would, some time after the copy's delivery is logged: the event (and its
+    # webhook) then carries the Message-ID.
+    async def delivery_logged() -> bool:
+        return any([e async for e in relay.stores.events.export() if e["type"] == "delivered"])
+
+    await wait_for(delivery_logged, what="the delivered event")
     copy = parse(downstream.handler.for_recipient(ALICE)[-1].content)
     match = re.fullmatch(r"<(https://\S+?)>", copy["List-Unsubscribe"])
     assert match
