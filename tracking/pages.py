@@ -1,4 +1,5 @@
-"""HTML pages: the templates (the operator's first, ours behind them) and how they are sent."""
+"""HTML pages: the templates (the operator's first, ours behind them) and how they are sent;
+what the recipient's pages share (their token, the page for a client over its limit)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
+from .errors import BadToken
 from .state import TRACKING
+from .tokens import Reading
 
 log = logging.getLogger("optout.http")
 
@@ -58,6 +61,28 @@ def page(
         content_type="text/html",
         charset="utf-8",
         headers={"Cache-Control": NO_STORE, **(headers or {})},
+    )
+
+
+def recipient_token(request: web.Request, route: str) -> Reading | None:
+    """The recipient's signed token in the URL, or None (counted as a bad token of `route`)."""
+    tracking = request.app[TRACKING]
+    try:
+        return tracking.urls.check_unsubscribe(request.match_info["token"])
+    except BadToken:
+        tracking.metrics.bad_tokens.labels(route).inc()
+        return None
+
+
+def too_many(request: web.Request, wait: float, route: str) -> web.Response:
+    """429 for a client past its limit on `route`'s forms, saying when to try again."""
+    tracking = request.app[TRACKING]
+    tracking.metrics.rate_limited.labels(route).inc()
+    return page(
+        request,
+        "too-many.html",
+        status=429,
+        headers={"Retry-After": tracking.limiter.retry_after(wait)},
     )
 
 

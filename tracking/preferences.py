@@ -24,10 +24,9 @@ from suppression import ALL_PURPOSES
 from suppression.consent import State, consent_of, record_consent
 from suppression.engine import Connection
 
-from .errors import BadToken
 from .events import Event, EventType, insert_events
 from .network import limiter_key, truncated
-from .pages import guarded, page
+from .pages import guarded, page, recipient_token, too_many
 from .state import TRACKING, client_of
 from .tokens import Reading
 
@@ -38,19 +37,10 @@ SOURCE_PREFERENCES = "preferences"  # the preference page's form
 SOURCE_PAGE = "page"  # the unsubscribe confirmation or done page's form
 
 
-def _read(request: web.Request) -> Reading | None:
-    tracking = request.app[TRACKING]
-    try:
-        return tracking.urls.check_unsubscribe(request.match_info["token"])
-    except BadToken:
-        tracking.metrics.bad_tokens.labels("preferences").inc()
-        return None
-
-
 @guarded("preferences-page")
 async def preferences_page(request: web.Request) -> web.Response:
     """GET and HEAD: the recipient's tracking state and one button. Reads, never writes."""
-    reading = _read(request)
+    reading = recipient_token(request, "preferences")
     if reading is None:
         return page(request, "invalid.html", status=404, kind="preferences")
     tracking = request.app[TRACKING]
@@ -65,16 +55,10 @@ async def preferences_post(request: web.Request) -> web.Response:
     """POST: the preference page's button (rate limited per client, as the page's other
     forms are)."""
     tracking = request.app[TRACKING]
-    reading = _read(request)
+    reading = recipient_token(request, "preferences")
     wait = tracking.limiter.take(limiter_key(client_of(request, tracking)))
     if wait:
-        tracking.metrics.rate_limited.labels("preferences").inc()
-        return page(
-            request,
-            "too-many.html",
-            status=429,
-            headers={"Retry-After": tracking.limiter.retry_after(wait)},
-        )
+        return too_many(request, wait, "preferences")
     if reading is None:
         return page(request, "invalid.html", status=404, kind="preferences")
     try:

@@ -18,10 +18,9 @@ from multidict import MultiDict, MultiDictProxy
 
 from suppression import GLOBAL, Reason
 
-from .errors import BadToken
 from .events import Event, EventType
 from .network import limiter_key, truncated
-from .pages import guarded, page
+from .pages import guarded, page, recipient_token, too_many
 from .preferences import SOURCE_PAGE, STOP_TRACKING, stop_tracking
 from .state import TRACKING, client_of
 from .tokens import Reading
@@ -48,19 +47,10 @@ def topic_of(scope: str) -> str | None:
     return scope.partition(":")[2] if scope.startswith("topic:") else None
 
 
-def _read(request: web.Request) -> Reading | None:
-    tracking = request.app[TRACKING]
-    try:
-        return tracking.urls.check_unsubscribe(request.match_info["token"])
-    except BadToken:
-        tracking.metrics.bad_tokens.labels("unsubscribe").inc()
-        return None
-
-
 @guarded("unsubscribe-page")
 async def confirmation_page(request: web.Request) -> web.Response:
     """GET and HEAD: a page with one button. Reads nothing from, writes nothing to, the store."""
-    reading = _read(request)
+    reading = recipient_token(request, "unsubscribe")
     if reading is None:
         return page(request, "invalid.html", status=404, kind="unsubscribe")
     scope = reading.ref.scope
@@ -78,7 +68,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
     still not hammer the database.
     """
     tracking = request.app[TRACKING]
-    reading = _read(request)
+    reading = recipient_token(request, "unsubscribe")
     try:
         async with asyncio.timeout(tracking.options.body_timeout):
             form = await _form(request) if reading is not None else None
@@ -93,13 +83,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
         key = limiter_key(client_of(request, tracking))
     wait = tracking.limiter.take(key)
     if wait:
-        tracking.metrics.rate_limited.labels("unsubscribe").inc()
-        return page(
-            request,
-            "too-many.html",
-            status=429,
-            headers={"Retry-After": tracking.limiter.retry_after(wait)},
-        )
+        return too_many(request, wait, "unsubscribe")
     if reading is None or form is None:
         return page(request, "invalid.html", status=404, kind="unsubscribe")
     if one_click:
