@@ -96,22 +96,7 @@ def consent_add(
 
     This also lifts an earlier withdrawal: record it only on the recipient's new word.
     """
-    wanted = _purposes(purposes)
-    detail = _detail(note)
-
-    async def add(store: ConsentStore) -> list[list[Purpose]]:
-        return [
-            await store.grant(a, wanted, source="cli", actor=actor_of(actor), detail=detail)
-            for a in addresses
-        ]
-
-    for address, changed in zip(
-        addresses, _with_consents(config_path, add, create=True), strict=True
-    ):
-        if changed:
-            click.echo(f"consent recorded: {address} ({_listed(changed)})")
-        else:
-            click.echo(f"already consented: {address} ({_listed(wanted)})")
+    _record(config_path, State.GRANTED, purposes, note, actor, addresses)
 
 
 @consent.command("remove")
@@ -132,21 +117,41 @@ def consent_remove(
     From now on their opens (clicks) are counted in aggregate only, those of mail already
     sent included. Recorded even without an earlier consent: it is the proof of the word.
     """
+    _record(config_path, State.WITHDRAWN, purposes, note, actor, addresses)
+
+
+# What `add` and `remove` say of each address: (changed now, as it was already).
+_SAID = {
+    State.GRANTED: ("consent recorded", "already consented"),
+    State.WITHDRAWN: ("withdrawal recorded", "already withdrawn"),
+}
+
+
+def _record(
+    config_path: Path | None,
+    state: State,
+    purposes: tuple[str, ...],
+    note: str | None,
+    actor: str | None,
+    addresses: tuple[str, ...],
+) -> None:
     wanted = _purposes(purposes)
     detail = _detail(note)
 
-    async def remove(store: ConsentStore) -> list[list[Purpose]]:
+    async def record(store: ConsentStore) -> list[list[Purpose]]:
+        change = store.grant if state is State.GRANTED else store.withdraw
         return [
-            await store.withdraw(a, wanted, source="cli", actor=actor_of(actor), detail=detail)
+            await change(a, wanted, source="cli", actor=actor_of(actor), detail=detail)
             for a in addresses
         ]
 
-    outcomes = _with_consents(config_path, remove, create=True)
+    changed_now, as_it_was = _SAID[state]
+    outcomes = _with_consents(config_path, record, create=True)
     for address, changed in zip(addresses, outcomes, strict=True):
         if changed:
-            click.echo(f"withdrawal recorded: {address} ({_listed(changed)})")
+            click.echo(f"{changed_now}: {address} ({_listed(changed)})")
         else:
-            click.echo(f"already withdrawn: {address} ({_listed(wanted)})")
+            click.echo(f"{as_it_was}: {address} ({_listed(wanted)})")
 
 
 @consent.command("show")
