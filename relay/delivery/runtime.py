@@ -93,7 +93,9 @@ class DeliveryRuntime:
                     settings.storage.dir / SPOOL_FILE, reserve=settings.storage.reserve
                 )
                 self._exit.push_async_callback(spool.close)
-            hostname = settings.smtp.hostname or socket.getfqdn()
+            hostname = settings.smtp.hostname
+            if hostname is None:
+                hostname = await asyncio.to_thread(socket.getfqdn)  # may ask DNS
             self.transport = build_transport(settings, hostname)
             accounts = settings.account_map() if self._accounts is None else self._accounts
             self.worker = DeliveryWorker(
