@@ -19,7 +19,11 @@ def dkim() -> None:
 @dkim.command("keygen")
 @config_option
 @click.option(
-    "--algorithm", type=click.Choice(["rsa", "ed25519"]), default="rsa", show_default=True
+    "--algorithm",
+    type=click.Choice(["rsa", "ed25519"]),
+    default="rsa",
+    show_default=True,
+    help="rsa (verified everywhere) or ed25519 (RFC 8463; not every receiver verifies it yet).",
 )
 @click.option(
     "--bits", type=click.IntRange(2048, 8192), default=2048, show_default=True, help="RSA key size."

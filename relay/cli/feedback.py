@@ -43,7 +43,13 @@ def feedback() -> None:
     default=None,
     help="Only reports in this state: new (waiting), done (acted on), kept (for you to read).",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="At most this many reports, newest first.",
+)
 @click.option(
     "--format",
     "output_format",

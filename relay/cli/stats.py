@@ -113,7 +113,12 @@ def _since(age: str | None) -> datetime | None:
     help="One line per campaign, or per sending (From) domain.",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "csv"]),
+    default="text",
+    show_default=True,
+    help="A table to read, a JSON list of objects, or CSV with one column per figure.",
 )
 def stats(
     config_path: Path | None, campaign: str | None, age: str | None, group_by: GroupBy, fmt: str
