@@ -124,6 +124,15 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def poll_until(condition: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    """wait_for for code outside the event loop: poll `condition`; fail after `within` s."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], within: float = 20) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

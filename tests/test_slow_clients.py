@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,7 +26,14 @@ import pytest
 
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import Stores
-from tests.helpers import ROOT, StartRelay, free_ports, relay_settings, wait_until_listening
+from tests.helpers import (
+    ROOT,
+    StartRelay,
+    free_ports,
+    poll_until,
+    relay_settings,
+    wait_until_listening,
+)
 from tracking import RecipientRef, Signer, TrackingUrls, create_app
 
 HEADERS = b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\nUser-Agent: slow\r\nX-Pad: "
@@ -291,7 +299,7 @@ def test_failed_accepts_are_logged_when_they_start_and_stop(tmp_path: Path) -> N
             in_use = len(os.listdir("/proc/self/fd"))
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 10, hard))
-            await asyncio.sleep(float(sys.argv[1]))
+            await loop.run_in_executor(None, sys.stdin.readline)  # until the test is done
             http.close()
             smtp.close()
 
@@ -299,13 +307,29 @@ def test_failed_accepts_are_logged_when_they_start_and_stop(tmp_path: Path) -> N
         """
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", script, "9"],  # seconds: failing, then accepting again
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert process.stdout is not None
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    listeners = ("http: ", "smtp listener 127.0.0.1:")
+
+    def said(failing: bool) -> bool:
+        return all(
+            any(
+                line.startswith(listener) and ("cannot accept connections" in line) == failing
+                for line in list(lines)
+            )
+            for listener in listeners
+        )
+
     smtp_port, http_port = map(int, process.stdout.readline().split())
     clients = []
     with contextlib.suppress(OSError):
@@ -316,13 +340,20 @@ def test_failed_accepts_are_logged_when_they_start_and_stop(tmp_path: Path) -> N
                 with contextlib.suppress(BlockingIOError):
                     sock.connect(("127.0.0.1", port))
                 clients.append(sock)
-    time.sleep(2.5)  # failing, retried every second
+    poll_until(lambda: said(failing=True), "both listeners saying accepting fails")
+    time.sleep(1.5)  # failing a while, retried all along: still one line each
     for sock in clients:
         sock.close()  # the held connections end: accepting works again
-    _, stderr = process.communicate(timeout=30)
-    lines = stderr.splitlines()
+    poll_until(lambda: said(failing=False), "both listeners saying accepting works again")
+    process.stdin.close()
+    process.wait(timeout=30)
+    reader.join(timeout=30)
+    process.stdout.close()
+    process.stderr.close()
+    lines = [line.rstrip("\n") for line in lines]
+    stderr = "\n".join(lines)
     assert "Traceback" not in stderr, stderr
-    for listener in ("http: ", "smtp listener 127.0.0.1:"):
+    for listener in listeners:
         # Each change of state once: failing, accepting again (and maybe again, as the
         # queued connections are taken), never a line per attempt.
         states = [
