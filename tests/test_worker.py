@@ -60,21 +60,8 @@ async def run_worker(stores: Stores) -> AsyncIterator[RunWorker]:
     running: list[tuple[DeliveryWorker, asyncio.Task[None]]] = []
 
     async def run(downstream: CaptureServer) -> DeliveryWorker:
-        worker = DeliveryWorker(
-            spool=stores.spool,
-            transport=SmtpTransport(
-                Downstream("127.0.0.1", downstream.port),
-                pool_size=2,
-                timeout=10,
-                local_hostname="relay.test",
-            ),
-            pipeline=Pipeline(),
-            suppressions=stores.suppressions,
-            events=stores.events,
-            urls=TrackingUrls(PUBLIC_URL, Signer(SIGNING_KEYS)),
-            retry=RetryPolicy(initial_delay=60, max_delay=3600, max_age=86400),
-            concurrency=2,
-            hostname="relay.test",
+        worker = worker_for(
+            stores, downstream, RetryPolicy(initial_delay=60, max_delay=3600, max_age=86400)
         )
         running.append((worker, asyncio.create_task(worker.run())))
         return worker
@@ -147,7 +134,8 @@ async def test_a_4xx_keeps_the_copy_spooled_for_a_later_attempt(
     assert downstream.handler.messages == []
 
 
-def quick_worker(stores: Stores, downstream: CaptureServer) -> DeliveryWorker:
+def worker_for(stores: Stores, downstream: CaptureServer, retry: RetryPolicy) -> DeliveryWorker:
+    """A worker over the test's spool and stores, sending to `downstream`."""
     return DeliveryWorker(
         spool=stores.spool,
         transport=SmtpTransport(
@@ -160,9 +148,16 @@ def quick_worker(stores: Stores, downstream: CaptureServer) -> DeliveryWorker:
         suppressions=stores.suppressions,
         events=stores.events,
         urls=TrackingUrls(PUBLIC_URL, Signer(SIGNING_KEYS)),
-        retry=RetryPolicy(initial_delay=0.01, max_delay=0.02, max_age=86400),
+        retry=retry,
         concurrency=2,
         hostname="relay.test",
+    )
+
+
+def quick_worker(stores: Stores, downstream: CaptureServer) -> DeliveryWorker:
+    """A worker whose retries come at once."""
+    return worker_for(
+        stores, downstream, RetryPolicy(initial_delay=0.01, max_delay=0.02, max_age=86400)
     )
 
 
