@@ -33,7 +33,7 @@ from tracking.modes import Mode, Modes, Purpose, click_mode
 from tracking.tokens import AggregateRef
 
 from .accounts import Account
-from .dkim import DkimError, DkimSigner, signing_domains
+from .dkim import DkimError, DkimSigner, SigningMemo, signing_domains
 from .feedback.outgoing import CopyMarks
 from .from_header import from_domains
 from .mime import (
@@ -464,6 +464,8 @@ class PreparedMessage:
     _aggregate: tuple[TrackingUrls, str, tuple[str, ...]] | None = field(
         default=None, repr=False, compare=False
     )
+    # What the copies have in common, for the DKIM signer to read once.
+    _signing_memo: SigningMemo = field(default_factory=SigningMemo, repr=False, compare=False)
 
     def modes_for(self, consent: Consent = NO_WORD) -> Modes:
         """How one recipient's copy is measured, from their word on tracking (per purpose:
@@ -500,7 +502,7 @@ class PreparedMessage:
         if signer is None:
             return copy
         try:
-            return signer.sign(copy, smtp_form=smtp_form) + copy
+            return signer.sign(copy, smtp_form=smtp_form, memo=self._signing_memo) + copy
         except DkimError as exc:
             # Headers DKIM cannot sign (e.g. a line without a colon): better unsigned than
             # stuck; the log says why.

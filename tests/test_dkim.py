@@ -31,6 +31,7 @@ from relay.dkim import (
     DkimMessageError,
     DkimSigner,
     DkimTxtRecord,
+    SigningMemo,
     generate_key,
     load_private_key,
     load_signer,
@@ -530,6 +531,113 @@ def test_random_whitespace_matches_dkimpy_and_verifies(
     ours = signer.sign(message, timestamp=int(tags(theirs)["t"]))
     assert tags(ours) == tags(theirs)
     assert dkimpy_verifies(dkimpy, keys, wire(ours + message))
+
+
+# --------------------------------------------------------------------------- copies of one message
+
+SHARED_HTML = CRLF.join(
+    b'<tr><td style=3D"padding:\t8px  12px;">Item %d: a  long line of the campaign  </td></tr>' % i
+    for i in range(60)
+)
+
+
+def fan_out_copy(
+    recipient: bytes,
+    *,
+    extra_header: bytes = b"",
+    html: bytes = SHARED_HTML,
+    blank_end: bool = False,
+) -> bytes:
+    """One recipient's copy of a campaign, as the relay makes them: the sender's fields, then
+    the recipient's List-Unsubscribe; the recipient's URLs in both parts, between long runs
+    of lines every copy has (with the whitespace relaxed canonicalisation changes)."""
+    token = base64.urlsafe_b64encode(recipient * 3)
+    headers = [
+        *BASE_HEADERS[:6],
+        b'Content-Type: multipart/alternative;\r\n\tboundary="b1"',
+        *([extra_header] if extra_header else []),
+        b"List-Id: Spring <spring.shop.example>",
+        b"List-Unsubscribe: <https://mail.shop.example/u/%s>" % token,
+        BASE_HEADERS[8],
+    ]
+    body = CRLF.join(
+        [
+            b"--b1",
+            b"Content-Type: text/plain; charset=utf-8",
+            b"",
+            b"Hello,  \t",
+            b"Our spring sale starts today.\t\t" * 8,
+            b"Unsubscribe: https://mail.shop.example/u/%s" % token,
+            b"--b1",
+            b"Content-Type: text/html; charset=utf-8",
+            b"Content-Transfer-Encoding: quoted-printable",
+            b"",
+            html,
+            b'<a href=3D"https://mail.shop.example/u/%s">Unsubscribe</a>   ' % token,
+            b"  " + SHARED_HTML[:400],
+            b'<img src=3D"https://mail.shop.example/o/%s.gif">' % token,
+            b"--b1--",
+            b"",
+        ]
+    )
+    # Some copies end in blank lines (which the canonical body drops), some do not.
+    return build(headers, body + (b"\r\n \r\n\r\n" if blank_end else b""))
+
+
+def test_copies_signed_with_one_memo_verify_and_match_signing_each_alone(
+    signer: DkimSigner, keys: Keys, dkimpy: Any
+) -> None:
+    memo = SigningMemo()
+    copies = [fan_out_copy(b"reader%d@example.org" % i, blank_end=i % 3 == 2) for i in range(10)]
+    # Copies that share less than the first two did: their own field among the shared
+    # ones, a changed line inside a shared run, a header field folded across the cut.
+    copies.append(fan_out_copy(b"odd@example.org", extra_header=b"X-Extra: 1"))
+    copies.append(
+        fan_out_copy(b"odd2@example.org", html=SHARED_HTML.replace(b"Item 30", b"Item 3"))
+    )
+    copies.append(
+        fan_out_copy(b"folded@example.org").replace(
+            b"\r\nList-Unsubscribe:", b"\r\n\tfolded\r\nList-Unsubscribe:"
+        )
+    )
+    # A shared run of lines found in the middle of a line (its spaces join the line's).
+    copies.append(
+        fan_out_copy(b"joined@example.org").replace(
+            b"Unsubscribe</a>   \r\n  ", b"Unsubscribe</a>     "
+        )
+    )
+    for copy in copies:
+        with_memo = signer.sign(copy, timestamp=1_700_000_000, smtp_form=True, memo=memo)
+        alone = signer.sign(copy, timestamp=1_700_000_000)
+        assert with_memo == alone
+        assert dkimpy_verifies(dkimpy, keys, with_memo + copy)
+    # and the memo is no licence to sign a copy's bytes other than its own
+    forged = copies[5].replace(b"Item 7:", b"Item 8:")
+    assert not dkimpy_verifies(dkimpy, keys, signer.sign(copies[5], memo=memo) + forged)
+
+
+PERSONAL = b"<personal>"
+LINE = st.lists(st.sampled_from([b" ", b"\t", b"  ", b"x", b"word", b".", b"="]), max_size=6).map(
+    b"".join
+)
+FILLED = st.one_of(LINE, LINE.map(lambda line: b"shared line " * 30 + line), st.just(PERSONAL))
+VALUES = st.sampled_from([b"a", b"bb", b"", b"  ", b" \t", b"\r\n", b"c \r\n\r\n", b"\r\n\r\n"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(FILLED, max_size=24),
+    values=st.lists(VALUES, min_size=4, max_size=4),
+    ending=st.sampled_from([CRLF, b""]),
+)
+def test_memo_signatures_are_those_of_each_copy_alone(
+    lines: list[bytes], values: list[bytes], ending: bytes, signer: DkimSigner
+) -> None:
+    memo = SigningMemo()
+    for value in values:
+        headers = [*PLAIN[:2], b"X-Value: " + value.strip(b"\r\n"), *PLAIN[2:]]
+        copy = build(headers, CRLF.join(lines).replace(PERSONAL, value) + ending)
+        assert signer.sign(copy, timestamp=1, memo=memo) == signer.sign(copy, timestamp=1)
 
 
 # --------------------------------------------------------------------------- OpenDKIM

@@ -25,6 +25,7 @@ from .signer import (
     SIGNED_IF_PRESENT,
     DkimSigner,
     PrivateKey,
+    SigningMemo,
     signing_domains,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "DkimTxtRecord",
     "KeyAlgorithm",
     "PrivateKey",
+    "SigningMemo",
     "dns_record",
     "generate_key",
     "key_file_name",

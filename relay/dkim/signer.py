@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.hazmat.primitives import hashes
@@ -133,18 +135,30 @@ class DkimSigner:
         return f"DkimSigner(domain={self.domain!r}, selectors={self.selectors!r})"
 
     def sign(
-        self, message: bytes, *, timestamp: int | None = None, smtp_form: bool = False
+        self,
+        message: bytes,
+        *,
+        timestamp: int | None = None,
+        smtp_form: bool = False,
+        memo: SigningMemo | None = None,
     ) -> bytes:
         """The DKIM-Signature field(s) to put in front of `message`, CRLF-terminated, the first
         key's signature first. `message` is signed as SMTP carries it: any CR, LF or CRLF line
         break as CRLF, ending in CRLF. `timestamp` (seconds since the epoch) defaults to now.
-        `smtp_form`: `message` is in that form already (relay.mime.smtp_lines)."""
+        `smtp_form`: `message` is in that form already (relay.mime.smtp_lines).
+        `memo`: one per message whose copies differ only here and there (personalised
+        copies): what they share is read and hashed once (`SigningMemo`)."""
         when = int(time.time()) if timestamp is None else int(timestamp)
         if when < 0:
             raise DkimError("the DKIM timestamp cannot be before 1970")
         if not smtp_form:
             message = crlf_line_breaks(message)
-        fields, body_start = _header_fields(message)
+        known: Mapping[int, bytes] = {}
+        if memo is None:
+            fields, body_start = _header_fields(message)
+            body_digest = _body_hash(message, body_start)
+        else:
+            fields, body_digest, known = memo.read(message)
         if b"from" not in fields:
             raise DkimMessageError("the message has no From header field, which DKIM must sign")
         names: list[bytes] = []
@@ -157,10 +171,10 @@ class DkimSigner:
                 continue
             names += [name] * (len(values) + 1)
             for pieces in reversed(values):  # the last instance is signed first (5.4.2)
-                value = _WSP.sub(b" ", b"".join(pieces)).strip(b" ")
-                canonical.append(b"%s:%s\r\n" % (name, value))
+                line = known.get(id(pieces))
+                canonical.append(_canonical_field(name, pieces) if line is None else line)
         signed_fields = b"".join(canonical)
-        body_hash = base64.b64encode(_body_hash(message, body_start))
+        body_hash = base64.b64encode(body_digest)
         domain = self.domain.encode()
         out = []
         for selector, algorithm, key in self._keys:
@@ -211,13 +225,17 @@ def _header_names(names: Iterable[str]) -> list[str]:
     return out
 
 
-def _header_fields(message: bytes) -> tuple[dict[bytes, list[list[bytes]]], int]:
+Fields = dict[bytes, list[list[bytes]]]
+
+
+def _header_fields(message: bytes, pos: int = 0, number: int = 0) -> tuple[Fields, int]:
     """Header fields of a CRLF-only message by lower-case name, each field as the pieces of its
     value (the text after the colon, then each continuation line, CRLFs removed: unfolded), in
-    message order; and the offset where the body starts (past the empty line), or len(message)."""
-    fields: dict[bytes, list[list[bytes]]] = {}
+    message order; and the offset where the body starts (past the empty line), or len(message).
+    From `pos` on, the start of line `number` + 1, when a field starts there."""
+    fields: Fields = {}
     current: list[bytes] | None = None
-    pos, size, number = 0, len(message), 0
+    size = len(message)
     while pos < size:
         end = message.find(_CRLF, pos)
         if end < 0:
@@ -245,25 +263,217 @@ def _header_fields(message: bytes) -> tuple[dict[bytes, list[list[bytes]]], int]
     return fields, size
 
 
+def _canonical_field(name: bytes, pieces: list[bytes]) -> bytes:
+    """A field in relaxed header canonicalisation (RFC 6376 section 3.4.2), CRLF-terminated."""
+    return b"%s:%s\r\n" % (name, _WSP.sub(b" ", b"".join(pieces)).strip(b" "))
+
+
 def _body_hash(message: bytes, start: int) -> bytes:
     """SHA-256 of the relaxed canonical body (RFC 6376 section 3.4.4) of a CRLF-only message."""
-    body = message[start:]
-    if not body:
-        return hashlib.sha256(b"").digest()
-    if not body.endswith(_CRLF):
-        body += _CRLF  # as SMTP sends it
+    return hashlib.sha256(_canonical_body(message[start:])).digest()
+
+
+def _relaxed_lines(body: bytes) -> bytes:
+    """Complete CRLF-terminated lines with the relaxed body canonicalisation of each: WSP runs
+    as one SP, none at a line's end. Line by line, so lines may be done in parts."""
     if b"\t" in body:
         body = body.replace(b"\t", b" ")
     if b"  " in body:
         body = _SPACES.sub(b" ", body)  # every run of WSP is now one SP
     if b" \r\n" in body:
         body = body.replace(b" \r\n", _CRLF)  # so this drops all trailing WSP
+    return body
+
+
+def _canonical_body(body: bytes) -> bytes | memoryview:
+    """The relaxed canonical form of a CRLF-only body: `_relaxed_lines`, with the empty lines
+    at its end dropped (only empty lines: the empty body)."""
+    if not body:
+        return b""
+    if not body.endswith(_CRLF):
+        body += _CRLF  # as SMTP sends it
+    return _without_empty_end(_relaxed_lines(body))
+
+
+def _without_empty_end(body: bytes) -> bytes | memoryview:
+    """Relaxed CRLF-terminated lines less the empty lines at their end."""
     end = len(body)
     while body.endswith(_CRLF, 0, end):
         end -= 2
     if end == 0:
-        return hashlib.sha256(b"").digest()  # only empty lines: the empty body
-    return hashlib.sha256(memoryview(body)[: end + 2]).digest()
+        return b""  # only empty lines: the empty body
+    return memoryview(body)[: end + 2]
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """How many bytes `a` and `b` have in common from their start (compared a half at a
+    time: a few memcmp calls instead of a Python loop over every byte)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:  # a[:low] == b[:low], a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedHead:
+    prefix: bytes  # whole header lines, ending with a field's last line
+    lines: int
+    fields: Fields  # of the prefix
+    canonical: dict[int, bytes]  # their canonical form, by the id of their pieces
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedLines:
+    lines: bytes  # whole lines of the body, the same in every copy
+    anchor: bytes  # their start, to find them by
+    canonical: bytes  # their relaxed form
+
+
+class SigningMemo:
+    """What the copies of one message have in common, read once for all of them.
+
+    Personalised copies differ only in a few header fields and in the body lines that carry
+    a recipient's URLs. The second copy signed is compared with the first; from then on the
+    header lines before the first difference are parsed once, and the runs of body lines
+    the two shared are canonicalised once: each copy canonicalises only its own lines in
+    between. A shared part is used only where a copy has exactly those bytes (checked every
+    time, at line starts), so the result is always that of reading the whole copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: tuple[bytes, int] | None = None
+        self._learnt = False
+        self._head: _SharedHead | None = None
+        self._body: tuple[_SharedLines, ...] = ()
+
+    def read(self, message: bytes) -> tuple[Fields, bytes, Mapping[int, bytes]]:
+        """The header fields of a CRLF-only `message`, its body's digest, and the canonical
+        form of the fields read once (by the id of their pieces)."""
+        head, body = self._head, self._body
+        fields: Fields | None = None
+        known: Mapping[int, bytes] = {}
+        if head is not None and message.startswith(head.prefix):
+            cut = len(head.prefix)
+            if message[cut : cut + 1] not in (b" ", b"\t"):  # no field goes on over the cut
+                rest, body_start = _header_fields(message, cut, head.lines)
+                fields = dict(head.fields)
+                for name, values in rest.items():
+                    fields[name] = fields.get(name, []) + values
+                known = head.canonical
+        if fields is None:
+            fields, body_start = _header_fields(message)
+        canonical = _canonical_with(body, message, body_start) if body else None
+        if canonical is None:
+            digest = _body_hash(message, body_start)
+        else:
+            digest = hashlib.sha256(canonical).digest()
+        if not self._learnt:
+            self._learn(message, body_start)
+        return fields, digest, known
+
+    def _learn(self, message: bytes, body_start: int) -> None:
+        with self._lock:
+            if self._learnt:
+                return
+            if self._first is None:
+                self._first = (message, body_start)
+                return
+            first, first_body = self._first
+            self._first = None
+            self._learnt = True
+        self._head = _shared_head(first, first_body, message, body_start)
+        self._body = _shared_lines(first[first_body:], message[body_start:])
+
+
+#: Runs of shared body lines shorter than this are canonicalised with each copy's own.
+MIN_SHARED = 256
+ANCHOR = 64
+
+
+def _canonical_with(
+    shared: tuple[_SharedLines, ...], message: bytes, body_start: int
+) -> bytes | memoryview | None:
+    """The canonical body of `message`, the `shared` runs of lines taken as canonicalised
+    already; None when the message lacks one of them (in order, each at a line start)."""
+    pos, parts = body_start, []
+    for run in shared:
+        at = message.find(run.anchor, pos)
+        if at < 0 or not message.startswith(run.lines, at):
+            return None
+        if at > pos:
+            if not message.startswith(_CRLF, at - 2):
+                return None
+            parts.append(_relaxed_lines(message[pos:at]))
+        parts.append(run.canonical)
+        pos = at + len(run.lines)
+    tail = message[pos:]
+    if tail and not tail.endswith(_CRLF):
+        tail += _CRLF  # as SMTP sends it
+    parts.append(_relaxed_lines(tail))
+    return _without_empty_end(b"".join(parts))
+
+
+def _shared_lines(first: bytes, body: bytes) -> tuple[_SharedLines, ...]:
+    """The runs of whole lines two bodies share, where a line's place in both is the same
+    (personalised copies: the same lines but for their recipient's URLs)."""
+    mine, theirs = first.splitlines(keepends=True), body.splitlines(keepends=True)
+    if len(mine) != len(theirs):
+        return ()
+    runs: list[_SharedLines] = []
+    run: list[bytes] = []
+    for line, other in [*zip(mine, theirs, strict=True), (b"", b"-")]:
+        if line == other and line.endswith(_CRLF):
+            run.append(line)
+            continue
+        lines = b"".join(run)
+        if len(lines) >= MIN_SHARED:
+            runs.append(_SharedLines(lines, lines[:ANCHOR], _relaxed_lines(lines)))
+        run = []
+    return tuple(runs)
+
+
+def _shared_head(
+    first: bytes, first_body: int, message: bytes, body_start: int
+) -> _SharedHead | None:
+    """The header lines two copies share: up to the start of the field in which they
+    first differ (the empty line that ends the header block is no field of it)."""
+    if not (_ends_header(first, first_body) and _ends_header(message, body_start)):
+        return None
+    same = _common_prefix(first[: first_body - 2], message[: body_start - 2])
+    cut = _line_start(message, same)  # of the line where they differ
+    while cut > 0 and message[cut : cut + 1] in (b" ", b"\t"):
+        cut = _line_start(message, cut - 2)  # a continuation: back to its field
+    if cut <= 0:
+        return None
+    prefix = message[:cut]
+    fields, _ = _header_fields(prefix)
+    canonical = {
+        id(pieces): _canonical_field(name, pieces)
+        for name, values in fields.items()
+        for pieces in values
+    }
+    return _SharedHead(prefix, prefix.count(_CRLF), fields, canonical)
+
+
+def _line_start(data: bytes, pos: int) -> int:
+    """Where the line that `data[pos]` belongs to starts (a CRLF belongs to its line)."""
+    end = data.rfind(_CRLF, 0, pos)
+    return 0 if end < 0 else end + 2
+
+
+def _ends_header(message: bytes, body_start: int) -> bool:
+    """The header block ends with an empty line at `body_start`."""
+    return (
+        body_start >= 2
+        and message.startswith(_CRLF, body_start - 2)
+        and (body_start == 2 or message.startswith(_CRLF, body_start - 4))
+    )
 
 
 def _fold(tags: list[bytes], signature: bytes) -> bytes:
