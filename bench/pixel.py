@@ -1,33 +1,37 @@
 """The open pixel under load: the real tracking app (token check, verdict, an open event for
 every request, written to SQLite in batches) against a bare aiohttp handler that returns the
-same GIF, side by side on this machine with `wrk` (Debian package `wrk`). As `serve` runs it,
-the app checks, judges and writes the opens in its event process (create_app(event_process=
-True)); `--in-process` does that on the app's own event loop instead.
+same GIF, side by side on this machine with `wrk` (Debian package `wrk`).
 
-Each server runs in its own process on a free loopback port (the app behind the HTTP
-listener `serve` uses, tracking.listener, with its connection caps and header deadlines);
-wrk fetches 5,000 distinct recipients' pixel URLs in turn, and the two servers take turns
-for several rounds so that other load on the machine hits both alike. Afterwards the app is
-stopped cleanly and the open rows in its SQLite file are counted against the requests wrk
-saw answered.
+The app runs as `serve` runs it (relay.app.Relay, so with its SMTP side idle): behind its
+HTTP listener (tracking.listener: connection caps, header deadlines), on `http.processes`
+processes (`--processes`, default as "auto" on this machine: one per core), which hand their
+opens to one event process that checks, judges and writes them; `--in-process` does that on
+the main HTTP process's event loop instead (http.event_process = false). The bare handler is
+one aiohttp process.
+
+Each server runs in its own process on a free loopback port; wrk fetches 5,000 distinct
+recipients' pixel URLs in turn, and the two servers take turns for several rounds so that
+other load on the machine hits both alike. Afterwards the app is stopped cleanly and the open
+rows in its SQLite file are counted against the requests wrk saw answered.
 
 Run from the repository root:
 
     python bench/pixel.py                          # 3 rounds of 10 s each, 64 connections
+    python bench/pixel.py --processes 1            # the app on one HTTP process
     python bench/pixel.py --seconds 5 --rounds 2 --durable
     python bench/pixel.py --seconds 5 --rounds 2 --in-process
 
-`--durable` answers each pixel only after its open is committed (create_app(durable_events=
-True)); by default opens are committed within one batch round after the answer.
+`--durable` answers each pixel only after its open is committed (tracking.durable_events);
+by default opens are committed within one batch round after the answer.
 `--replay` fetches one recipient's pixel URL over and over (a replay flood): every fetch is
 counted, on one row per repeat window. `--aggregate` fetches the pixels of copies measured in
 aggregate (tracking.opens = "aggregate": one URL per message, here 50 messages), each fetch
 from another client address (X-Forwarded-For, believed from loopback), so that every fetch is
 a new reader and is counted: the counts in aggregate_counts, no event rows.
 
-Every request comes from one client (127.0.0.1), so the app runs without its per-client limit
-on recorded opens (create_app(fetch_limit=None)): each fetch is resolved and counted, as
-fetches from many clients would be.
+Every request comes from one client (127.0.0.1), so the app runs with its per-client limit on
+recorded opens raised out of reach (tracking.fetch_rate_*): each fetch is resolved and
+counted, as fetches from many clients would be.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web
 
+from relay.cores import auto_http_processes
 from tracking import PIXEL_GIF, RecipientRef, Signer, TrackingUrls
 from tracking.tokens import AggregateRef
 
@@ -69,51 +74,64 @@ async def bare_gif(request: web.Request) -> web.Response:
     )
 
 
-async def serve(kind: str, data: Path | None, durable: bool, event_process: bool) -> None:
+async def serve(
+    kind: str, data: Path | None, durable: bool, event_process: bool, processes: int
+) -> None:
     if kind == "bare":
         app = web.Application()
         app.router.add_get("/o/{token}.gif", bare_gif)
-        stores = None
-    else:
-        from relay.settings import Settings, SigningSettings, StorageSettings
-        from relay.stores import Stores
-        from tracking import create_app
-
-        assert data is not None
-        settings = Settings(storage=StorageSettings(data), signing=SigningSettings(KEYS))
-        stores = await Stores(settings).__aenter__()
-        app = create_app(
-            stores.suppressions,
-            stores.events,
-            TrackingUrls(PUBLIC, Signer(KEYS)),
-            durable_events=durable,
-            event_process=event_process,
-            fetch_limit=None,
-            clock=lambda: 4e9,  # opened long after delivery: the verdict runs in full
-        )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    listener = None
-    if kind == "bare":
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = runner.addresses[0][1]
-    else:  # behind the listener serve puts in front of it: caps and header deadlines
-        from tracking.listener import ConnectionCaps, HttpListener
+        print(runner.addresses[0][1], flush=True)
+        await stopped()
+        await runner.cleanup()
+        return
+    # The app as serve runs it: its listener, its event process, its HTTP processes.
+    from relay.app import Relay
+    from relay.settings import (
+        DeliverySettings,
+        HttpSettings,
+        Listen,
+        Settings,
+        SigningSettings,
+        SmtpSettings,
+        StorageSettings,
+        TrackingSettings,
+    )
 
-        assert runner.server is not None
-        listener = HttpListener(runner.server, ConnectionCaps(4096, 1024))
-        await listener.start("127.0.0.1", 0)
-        port = listener.addresses[0][1]
-    print(port, flush=True)
+    assert data is not None
+    settings = Settings(
+        storage=StorageSettings(data),
+        signing=SigningSettings(KEYS),
+        smtp=SmtpSettings(listen=Listen("127.0.0.1", 0), hostname="relay.bench"),
+        http=HttpSettings(
+            listen=Listen("127.0.0.1", 0),
+            public_url=PUBLIC,
+            event_process=event_process,
+            processes=processes,
+        ),
+        tracking=TrackingSettings(
+            durable_events=durable,
+            # Every request comes from one client (see the module's doc).
+            fetch_rate_per_minute=1e12,
+            fetch_rate_burst=10**9,
+            # Opened long after delivery: the verdict runs in full.
+            machine_seconds=1e-6,
+        ),
+        delivery=DeliverySettings(processes=1),
+    )
+    relay = await Relay.start(settings)
+    print(relay.addresses.http[1], flush=True)
+    await stopped()
+    await relay.stop()  # the app writes the opens it still holds
+
+
+async def stopped() -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    if listener is not None:
-        listener.close()
-    await runner.cleanup()  # the app writes the opens it still holds
-    if stores is not None:
-        await stores.__aexit__(None, None, None)
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -158,9 +176,10 @@ def lua_script(directory: Path, recipients: int = RECIPIENTS, aggregate: bool = 
 
 
 def start(
-    kind: str, data: Path, durable: bool, in_process: bool
+    kind: str, data: Path, durable: bool, in_process: bool, processes: int = 1
 ) -> tuple[subprocess.Popen[str], int]:
     command = [sys.executable, __file__, "--serve", kind, "--data", str(data)]
+    command += ["--processes", str(processes)]
     if durable:
         command.append("--durable")
     if in_process:
@@ -225,11 +244,17 @@ def main() -> None:
     parser.add_argument(
         "--in-process", action="store_true", help="opens written on the app's event loop"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=auto_http_processes(),
+        help='the app\'s HTTP processes (http.processes; default: as "auto" on this machine)',
+    )
     parser.add_argument("--serve", choices=["bare", "app"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.data, args.durable, not args.in_process))
+        asyncio.run(serve(args.serve, args.data, args.durable, not args.in_process, args.processes))
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-pixel-") as tmp:
@@ -237,7 +262,7 @@ def main() -> None:
         script = lua_script(directory, 1 if args.replay else RECIPIENTS, args.aggregate)
         data = directory / "data"
         bare, bare_port = start("bare", directory, False, False)
-        app, app_port = start("app", data, args.durable, args.in_process)
+        app, app_port = start("app", data, args.durable, args.in_process, args.processes)
         rates: dict[str, list[float]] = {"bare": [], "app": []}
         answered = 0
         try:
@@ -270,6 +295,7 @@ def main() -> None:
     app_rate = statistics.median(rates["app"])
     mode = "durable (answered after commit)" if args.durable else "batched (committed after)"
     mode += ", on the app's loop" if args.in_process else ", by the event process"
+    mode += f"; {args.processes} HTTP process{'es' if args.processes > 1 else ''}"
     print(f"\nbare aiohttp handler: {bare_rate:10.0f} requests/s (median of {args.rounds})")
     print(f"tracking app pixel:   {app_rate:10.0f} requests/s, opens {mode}")
     print(f"ratio app/bare:       {app_rate / bare_rate:10.2f}  (target >= 0.80)")

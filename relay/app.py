@@ -15,12 +15,14 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
-from tracking.app import HEALTH_CHECKS, HealthCheck
-from tracking.listener import ConnectionCaps, HttpListener
+from tracking.app import HEALTH_CHECKS, HealthCheck, health_report
+from tracking.hub import Hub, Line
+from tracking.listener import ClientCounts, ConnectionCaps, HttpListener, LocalAdmission
 from tracking.retention import purge
 from tracking.state import TRACKING
 from tracking.webhooks.dispatch import Dispatcher
@@ -63,6 +65,9 @@ from .stores import (
     tracking_urls,
 )
 
+if TYPE_CHECKING:
+    from .http_workers import HttpWorkers
+
 log = logging.getLogger("optout.serve")
 
 RECOUNT_EVERY = 1.0
@@ -85,7 +90,10 @@ def tracking_app(
     urls: TrackingUrls,
     log_format: LogFormat = "text",
     health_details: Callable[[], Sequence[str]] | None = None,
+    hub: Line | None = None,
 ) -> web.Application:
+    """The tracking app as `serve` runs it; `hub`: in a worker HTTP process
+    (relay.http_workers), its line to the main one."""
     tracking = settings.tracking
     return create_app(
         stores.suppressions,
@@ -115,6 +123,7 @@ def tracking_app(
         health_details=health_details,
         tracking_withdrawal=settings.individual_tracking(),
         keep_last_open_only=tracking.keep_last_open_only,
+        hub=hub,
     )
 
 
@@ -129,6 +138,7 @@ class Relay:
         self._exit = AsyncExitStack()
         self._stopped = False
         self._delivery: DeliveryProcess | None = None
+        self.http_workers: HttpWorkers | None = None
         self.accounts = settings.account_map()
 
     @classmethod
@@ -302,15 +312,37 @@ class Relay:
             exempt=http.trusted_proxies,
             header_timeout=http.header_timeout,
         )
-        listener = HttpListener(runner.server, caps)
+        counts = ClientCounts(caps.per_client)
+        listener = HttpListener(runner.server, caps, admission=LocalAdmission(counts))
         try:
-            await listener.start(http.listen.host, http.listen.port)
+            addresses = await listener.start(
+                http.listen.host, http.listen.port, reuse_port=http.processes > 1
+            )
         except OSError as exc:
             raise ConfigError(
                 "http.listen", f"cannot listen on {http.listen}: {exc.strerror}"
             ) from None
         self._exit.callback(listener.close)  # before the runner's cleanup: no new ones
-        app[TRACKING].metrics.watch_listener(listener.stats)
+        tracking = app[TRACKING]
+        tracking.metrics.watch_listener(listener.stats)
+        if http.processes > 1:
+            # Imported here: with one HTTP process, serve loads none of it.
+            from .http_workers import HttpWorkers, WorkerSpec
+
+            hub = Hub(
+                tracking.recorder,
+                tracking.limiter,
+                counts,
+                tracking.metrics,
+                functools.partial(health_report, app),
+            )
+            workers = HttpWorkers(
+                WorkerSpec(self.settings, self.log_format, addresses, caps), http.processes, hub
+            )
+            # Stopped before the listener and the app: they hand their events to its recorder.
+            self._exit.push_async_callback(workers.stop)
+            await workers.started()
+            self.http_workers = workers
         return listener
 
     async def _start_webhooks(self, stores: Stores) -> Dispatcher | None:

@@ -26,7 +26,7 @@ from tracking.webhooks import (
 )
 
 from .accounts import CATEGORIES, Account, PasswordHashError, check_password_hash
-from .cores import auto_delivery_processes
+from .cores import auto_delivery_processes, auto_http_processes
 from .errors import ConfigError
 from .names import domain_name, selector_name
 from .settings import (
@@ -530,6 +530,7 @@ _SCHEMA: dict[str, tuple[type[Any], dict[str, Parser]]] = {
             "trusted_proxies": _network_strings,
             "metrics_from": _network_strings,
             "event_process": _boolean,
+            "processes": _processes,
             "max_connections": _positive_int,
             "max_connections_per_client": _positive_int,
             "header_timeout": _positive_number,
@@ -662,6 +663,8 @@ def parse_settings(document: Mapping[str, Any]) -> Settings:
             # (separate_process = false) there is only that one.
             separate = values.get("separate_process", True)
             values["processes"] = auto_delivery_processes() if separate else 1
+        if name == "http" and values.get("processes") == AUTO:
+            values["processes"] = auto_http_processes()
         sections[name] = cls(**values)
     settings = Settings(**sections)
     if "admin" in document and not settings.admin.users:

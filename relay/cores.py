@@ -33,3 +33,10 @@ def auto_delivery_processes() -> int:
     lock instead of working. On two cores (bench/throughput.py, alternating rounds) one
     delivery process did 10% more than two, at 2.6 ms of CPU per message against 2.9."""
     return max(1, min(usable_cores() // 2, MAX_AUTO_PROCESSES))
+
+
+def auto_http_processes() -> int:
+    """`http.processes = "auto"`: one per core, at most four. A burst of pixel fetches is
+    aiohttp's request handling nearly all; the event process writes them at a lower
+    priority, so answering comes first when the cores are busy."""
+    return max(1, min(usable_cores(), 4))

@@ -98,6 +98,8 @@ def test_the_example_file_parses_and_documents_every_key() -> None:
         ),
         ({"delivery": {"processes": "two"}}, "delivery.processes"),
         ({"delivery": {"processes": 0}}, "delivery.processes"),
+        ({"http": {"processes": 0}}, "http.processes"),
+        ({"http": {"processes": "many"}}, "http.processes"),
         ({"delivery": {"processes": 2, "separate_process": False}}, "delivery.processes"),
         ({"signing": {"secret_keys": ["short"]}}, "signing.secret_keys"),
         ({"signing": {"secret_keys": []}}, "signing.secret_keys"),
@@ -144,6 +146,12 @@ def test_delivery_processes_auto_is_one_per_two_usable_cores(tmp_path: Path) -> 
     assert usable_cores(quota) == min(cores, 2)
     quota.write_text("max 100000\n")
     assert usable_cores(quota) == cores
+
+
+def test_http_processes_auto_is_one_per_usable_core_at_most_four() -> None:
+    auto = parse_settings({"http": {"processes": "auto"}}).http.processes
+    assert auto == max(1, min(usable_cores(), 4))
+    assert parse_settings({"http": {"processes": 3}}).http.processes == 3
 
 
 def test_accounts_and_dkim_keys_read_domain_names_by_one_rule(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from .beacons import DEFAULT_FETCH_LIMIT, DEFAULT_REPEAT_WINDOW, BeaconSpec, res
 from .clicks import click
 from .event_process import EventProcess, EventProcessSpec
 from .events import EventStore
+from .hub import HubRecorder, Line
 from .metrics import Metrics
 from .network import LOOPBACK, networks
 from .opens import PIXEL_GIF, PixelAnswer, pixel_handler
@@ -44,6 +45,7 @@ __all__ = [
     "SECURITY_HEADERS",
     "HealthCheck",
     "create_app",
+    "health_report",
 ]
 
 # What else /healthz asks (the stores, the spool): each returns its problems, [] if none.
@@ -56,6 +58,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST"})
 _CSP = istr("Content-Security-Policy")
 HealthDetails = Callable[[], Sequence[str]]
 HEALTH_DETAILS: web.AppKey[HealthDetails] = web.AppKey("optout.health_details")
+HUB_LINE = web.AppKey("optout.hub_line", Line)
 
 
 def create_app(
@@ -85,6 +88,7 @@ def create_app(
     health_details: HealthDetails | None = None,
     tracking_withdrawal: bool = False,
     keep_last_open_only: bool = False,
+    hub: Line | None = None,
 ) -> web.Application:
     """The app. Every keyword has a safe default:
 
@@ -117,6 +121,9 @@ def create_app(
       preference page, /p/TOKEN, always does).
     - `keep_last_open_only`: a recipient's opens of a campaign are one event holding only
       the day of the last one.
+    - `hub`: this app runs in a worker HTTP process, and its line to the main one takes its
+      events, its POSTs' rate limit, /healthz and /metrics (tracking.hub); `event_process`
+      and `pending_events` are then the main process's business.
     """
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     metrics = Metrics()
@@ -134,7 +141,9 @@ def create_app(
     )
     beacons = spec.build()
     recorder: Recorder
-    if event_process:
+    if hub is not None:
+        recorder = HubRecorder(hub, metrics)
+    elif event_process:
         recorder = EventProcess(
             EventProcessSpec(
                 events.spec, spec, setup_logging=event_process_logging, pending=pending_events
@@ -167,10 +176,13 @@ def create_app(
         ),
         metrics=metrics,
         beacons=beacons,
-        limiter=RateLimiter(rate_limit),
+        limiter=(limiter := RateLimiter(rate_limit)),
         recorder=recorder,
+        take=hub.take if hub is not None else _taking(limiter),
     )
     app[HEALTH_DETAILS] = health_details or _no_details
+    if hub is not None:
+        app[HUB_LINE] = hub
     app.on_startup.append(_start_recorder)
     app.on_cleanup.append(_stop_recorder)
     app.on_response_prepare.append(functools.partial(_on_response, metrics))
@@ -217,21 +229,33 @@ def _no_details() -> Sequence[str]:
     return ()
 
 
+def _taking(limiter: RateLimiter) -> Callable[[str], Awaitable[float]]:
+    async def take(key: str) -> float:
+        return limiter.take(key)
+
+    return take
+
+
 async def healthz(request: web.Request) -> web.Response:
-    details = "".join(f"{line}\n" for line in request.app[HEALTH_DETAILS]())
+    hub = request.app.get(HUB_LINE)
+    status, text = await (hub.health() if hub is not None else health_report(request.app))
+    return web.Response(status=status, text=text)
+
+
+async def health_report(app: web.Application) -> tuple[int, str]:
+    """What /healthz answers for the relay: its status and text."""
+    details = "".join(f"{line}\n" for line in app[HEALTH_DETAILS]())
     try:
         # A real read: a shared store's server that went away shows here at once.
-        await request.app[TRACKING].suppressions.database.read(
-            lambda db: db.execute("SELECT 1").fetchone()
-        )
+        await app[TRACKING].suppressions.database.read(lambda db: db.execute("SELECT 1").fetchone())
     except StorageUnavailable as exc:
-        return web.Response(status=503, text=f"store unreachable: {exc}\n{details}")
-    problems = [] if request.app[TRACKING].recorder.healthy else ["event writes failing"]
-    for check in request.app.get(HEALTH_CHECKS, ()):
+        return 503, f"store unreachable: {exc}\n{details}"
+    problems = [] if app[TRACKING].recorder.healthy else ["event writes failing"]
+    for check in app.get(HEALTH_CHECKS, ()):
         problems += await check()
     if problems:
-        return web.Response(status=503, text="".join(f"{p}\n" for p in problems) + details)
-    return web.Response(text=f"ok\n{details}")
+        return 503, "".join(f"{p}\n" for p in problems) + details
+    return 200, f"ok\n{details}"
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -241,4 +265,6 @@ async def metrics_page(request: web.Request) -> web.Response:
     if client_of(request, tracking) not in tracking.options.metrics_from:
         raise web.HTTPNotFound()
     metrics = tracking.metrics
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+    hub = request.app.get(HUB_LINE)
+    body = await hub.render() if hub is not None else metrics.render()
+    return web.Response(body=body, headers={"Content-Type": metrics.content_type})

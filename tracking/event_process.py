@@ -30,7 +30,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,18 @@ from .aggregate import AggregateHit
 from .beacons import Beacons, BeaconSpec, resolve_fetch
 from .errors import EventProcessError, EventWriteError
 from .events import MIGRATIONS, Event, EventStore
+from .frames import LENGTH, Frames, frame
 from .metrics import Metrics
 from .pending import BufferedFetches, PendingEvents
-from .recorder import MAX_BATCH, MAX_PENDING, Gathering, Pending, Resolver, resolve_items
+from .recorder import (
+    MAX_BATCH,
+    MAX_PENDING,
+    Gathering,
+    Pending,
+    Resolver,
+    add_batch,
+    resolve_items,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -62,7 +70,6 @@ NICENESS = 10
 RESTART_DELAY = 0.5
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-_LENGTH = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,19 +144,14 @@ _WireCounts = tuple[
 _Ack = tuple[tuple[int, ...], _WireCounts, str | None]
 
 
-# --- frames: a 4-byte length, then a pickle --------------------------------------------------
-
-
-def _frame(message: object) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
+# --- frames (tracking.frames) --------------------------------------------------------------
 
 
 async def _read_message(reader: asyncio.StreamReader) -> Any:
     """The next message, or None once the other side has closed its end (or died)."""
     try:
-        head = await reader.readexactly(_LENGTH.size)
-        data = await reader.readexactly(_LENGTH.unpack(head)[0])
+        head = await reader.readexactly(LENGTH.size)
+        data = await reader.readexactly(LENGTH.unpack(head)[0])
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     # Only our own parent or child holds the other end of this socket pair.
@@ -179,22 +181,14 @@ class _Channel(asyncio.Protocol):
         self.first: asyncio.Future[Any] = loop.create_future()  # the child's `_Ready`
         self.closed: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.WriteTransport | None = None
-        self._buffer = bytearray()
+        self._frames = Frames()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= _LENGTH.size:
-            end = _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
-            if len(buffer) < end:
-                return
-            # Only our own child holds the other end of this socket pair.
-            message = pickle.loads(buffer[_LENGTH.size : end])  # noqa: S301
-            del buffer[:end]
+        for message in self._frames.feed(data):
             if not self.first.done():
                 self.first.set_result(message)
             else:
@@ -267,6 +261,9 @@ class EventProcess:
     async def add_and_wait(self, item: Pending) -> None:
         if self.add(item):
             await asyncio.shield(self._gathering.committed())
+
+    def add_batch(self, items: Sequence[Pending]) -> asyncio.Future[None]:
+        return add_batch(self, self._gathering, items)
 
     async def flush(self) -> None:
         waiting = [sent.done for sent in self._sent.values()]
@@ -406,14 +403,14 @@ class EventProcess:
         items, done = self._gathering.take(MAX_BATCH)
         batch_id, self._next_id = self._next_id, self._next_id + 1
         try:
-            frame = _frame((batch_id, items))
+            data = frame((batch_id, items))
         except Exception as exc:  # an item that cannot be pickled: a bug, not the child's
             log.exception("cannot send %d open/click events", len(items))
             self._metrics.error("event-send")
             self._metrics.events_dropped.inc(len(items))
             _settle(done, EventWriteError(f"cannot send: {exc}"))
             return None
-        sent = _Sent(frame, len(items), done)
+        sent = _Sent(data, len(items), done)
         self._sent[batch_id] = sent
         self._sent_items += sent.size
         return sent
@@ -506,7 +503,7 @@ async def _serve(spec: EventProcessSpec, sock: socket.socket) -> None:
         database = await spec.database.open(MIGRATIONS)
     except Exception as exc:
         where = spec.database.path or "the store database"
-        writer.write(_frame(_Ready(f"cannot open {where}: {exc}")))
+        writer.write(frame(_Ready(f"cannot open {where}: {exc}")))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
@@ -521,7 +518,7 @@ async def _serve(spec: EventProcessSpec, sock: socket.socket) -> None:
             buffered = BufferedFetches(EventStore(database), pending)
             drain = asyncio.create_task(buffered.drain(beacons.repeat_window))
             store = buffered
-        writer.write(_frame(_Ready()))
+        writer.write(frame(_Ready()))
         inbox = _Inbox(reader)
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, inbox.stop)
         await _write_rounds(inbox, store, writer, beacons)
@@ -590,7 +587,7 @@ async def _write_rounds(
         else:
             counts.written = len(events)
         ack: _Ack = (tuple(batch_id for batch_id, _ in batches), counts.wire(), error)
-        writer.write(_frame(ack))
+        writer.write(frame(ack))
         try:
             await writer.drain()
         except ConnectionError:

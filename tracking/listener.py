@@ -28,8 +28,9 @@ import resource
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from .network import Ranges, limiter_key, networks, parse_ip
 
@@ -44,6 +45,8 @@ _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\nContent-Length: 0\r\n"
     b"Connection: close\r\n\r\n"
 )
+# What getaddrinfo gives: family, type, protocol, name, and an address of the family's form.
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 _TOO_SLOW = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
@@ -70,6 +73,67 @@ class ListenerStats:
     refused: Counter[str] = field(default_factory=Counter)  # by reason
     header_timeouts: int = 0
     accept_failures: int = 0
+
+
+class ClientCounts:
+    """Connections open per client address, held by whichever process opened them: one
+    instance in the main HTTP process counts for every HTTP process of the relay
+    (tracking.hub), and a process that dies takes its holdings with it (`forget`)."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._open: Counter[str] = Counter()
+        self._held: dict[int, Counter[str]] = {}
+
+    def admit(self, key: str, holder: int = 0) -> bool:
+        """Count one more connection of `key`'s client, unless it has its share open."""
+        if self._open[key] >= self.per_client:
+            return False
+        self._open[key] += 1
+        self._held.setdefault(holder, Counter())[key] += 1
+        return True
+
+    def release(self, key: str, holder: int = 0) -> None:
+        held = self._held.get(holder)
+        if held is None or held[key] <= 0:
+            return  # not ours to release (a holder forgotten meanwhile)
+        held[key] -= 1
+        if not held[key]:
+            del held[key]
+        self._drop(key, 1)
+
+    def forget(self, holder: int) -> None:
+        """Release everything `holder` had open (its process is gone)."""
+        for key, count in self._held.pop(holder, Counter()).items():
+            self._drop(key, count)
+
+    def _drop(self, key: str, count: int) -> None:
+        self._open[key] -= count
+        if self._open[key] <= 0:
+            del self._open[key]
+
+
+class Admission(Protocol):
+    """Where a listener asks whether a client may open one more connection."""
+
+    async def admit(self, key: str) -> bool: ...
+
+    def release(self, key: str) -> None: ...
+
+
+class LocalAdmission:
+    """Admission by `ClientCounts` in this process."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, counts: ClientCounts) -> None:
+        self.counts = counts
+
+    async def admit(self, key: str) -> bool:
+        return self.counts.admit(key)
+
+    def release(self, key: str) -> None:
+        self.counts.release(key)
 
 
 class AcceptFailures:
@@ -129,13 +193,16 @@ class HttpListener:
         caps: ConnectionCaps,
         *,
         name: str = "http",
+        admission: Admission | None = None,
     ) -> None:
+        """`admission`: who counts connections per client (default: this listener alone,
+        against `caps.per_client`)."""
         self._factory = protocol_factory
         self.caps = caps
         self.name = name
         self.stats = ListenerStats()
         self._exempt: Ranges = networks(caps.exempt)
-        self._per_client: Counter[str] = Counter()
+        self.admission = admission or LocalAdmission(ClientCounts(caps.per_client))
         self._sockets: list[socket.socket] = []
         self._reading = False
         self._closed = False
@@ -149,15 +216,36 @@ class HttpListener:
     def addresses(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for sock in self._sockets]
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on every address `host` resolves to (OSError if it cannot)."""
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> list[tuple[str, int]]:
+        """Listen on every address `host` resolves to (OSError if it cannot); the addresses
+        bound. `reuse_port`: other processes may listen on them too (SO_REUSEPORT), and the
+        kernel spreads new connections over all of them."""
         self._loop = loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        self._bind(dict.fromkeys(infos), reuse_port)
+        return self.addresses
+
+    async def start_on(self, addresses: list[tuple[str, int]]) -> None:
+        """Listen beside another process on the addresses its `start(reuse_port=True)`
+        bound."""
+        self._loop = loop = asyncio.get_running_loop()
+        infos = []
+        for host, port in addresses:
+            infos += await loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+            )
+        self._bind(dict.fromkeys(infos), reuse_port=True)
+
+    def _bind(self, infos: Iterable[_AddressInfo], reuse_port: bool) -> None:
         try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
+            for family, kind, proto, _, address in infos:
                 sock = socket.socket(family, kind, proto)
                 self._sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
@@ -239,15 +327,6 @@ class HttpListener:
     def _admit(self, conn: socket.socket, peer: object) -> None:
         address = parse_ip(peer[0]) if isinstance(peer, tuple) else None
         key = None if address in self._exempt else limiter_key(address)
-        if key is not None and self._per_client[key] >= self.caps.per_client:
-            self.stats.refused["per-client"] += 1
-            with contextlib.suppress(OSError):
-                conn.setblocking(False)
-                conn.send(_BUSY)
-            conn.close()
-            return
-        if key is not None:
-            self._per_client[key] += 1
         self.stats.open += 1
         assert self._loop is not None
         task = self._loop.create_task(self._connect(conn, key))
@@ -256,6 +335,20 @@ class HttpListener:
 
     async def _connect(self, conn: socket.socket, key: str | None) -> None:
         assert self._loop is not None
+        try:
+            admitted = key is None or await self.admission.admit(key)
+        except BaseException:
+            conn.close()
+            self.released(None)
+            raise
+        if not admitted:
+            self.stats.refused["per-client"] += 1
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(_BUSY)
+            conn.close()
+            self.released(None)
+            return
         guards: list[_Guarded] = []
 
         def guarded() -> _Guarded:
@@ -278,9 +371,7 @@ class HttpListener:
         """A connection closed (its guard tells)."""
         self.stats.open -= 1
         if key is not None:
-            self._per_client[key] -= 1
-            if self._per_client[key] <= 0:
-                del self._per_client[key]
+            self.admission.release(key)
         if self._full_since is not None and self.stats.open < self.caps.total:
             log.info(
                 "%s: accepting connections again after %.0f s at the limit",

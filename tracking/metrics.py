@@ -86,6 +86,38 @@ class _ListenerCollector(Collector):
         return []
 
 
+# One process's counts for another to add to its own (tracking.hub): by family name, family
+# type, sample name and labels.
+SampleKey = tuple[str, str, str, tuple[tuple[str, str], ...]]
+Snapshot = dict[SampleKey, float]
+
+
+class _Summed(Collector):
+    """A registry's families with other processes' counts added, sample by sample."""
+
+    def __init__(self, registry: CollectorRegistry, others: list[Snapshot]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def collect(self) -> Iterable[Metric]:
+        extra: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for snapshot in self.others:
+            for (family_name, _, sample_name, labels), value in snapshot.items():
+                by_sample = extra.setdefault(family_name, {})
+                key = (sample_name, labels)
+                by_sample[key] = by_sample.get(key, 0.0) + value
+        for family in self.registry.collect():
+            summed = Metric(family.name, family.documentation, family.type, family.unit)
+            added = extra.pop(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                value = sample.value + added.pop(key, 0.0)
+                summed.add_sample(sample.name, sample.labels, value, sample.timestamp)
+            for (name, labels), value in added.items():
+                summed.add_sample(name, dict(labels), value)
+            yield summed
+
+
 def _label(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -156,6 +188,8 @@ class Metrics:
         )
         # labels() costs a lookup under a lock; the hot paths keep their children here.
         self._children: dict[tuple[object, ...], Counter] = {}
+        self._others: dict[int, Snapshot] = {}
+        self._retired: Snapshot = {}
 
     def request(self, route: str, method: str, status: int) -> None:
         """`route` is the route's name (a fixed set), never a path: paths hold tokens."""
@@ -199,4 +233,32 @@ class Metrics:
         self.registry.register(_ListenerCollector(stats))
 
     def render(self) -> bytes:
-        return _generate_latest(self.registry)
+        """The text /metrics answers: this process's counts, and the other HTTP processes'
+        (`include`) added."""
+        if not (self._others or self._retired):
+            return _generate_latest(self.registry)
+        summed = CollectorRegistry(auto_describe=False)
+        summed.register(_Summed(self.registry, [*self._others.values(), self._retired]))
+        return _generate_latest(summed)
+
+    def snapshot(self) -> Snapshot:
+        """This process's counts, for the main HTTP process to add to its own."""
+        return {
+            (family.name, family.type, sample.name, tuple(sorted(sample.labels.items()))): (
+                sample.value
+            )
+            for family in self.registry.collect()
+            for sample in family.samples
+            if not sample.name.endswith("_created")  # a time, not a count
+        }
+
+    def include(self, process: int, snapshot: Snapshot) -> None:
+        """Another HTTP process's latest counts (replacing its last)."""
+        self._others[process] = snapshot
+
+    def retire(self, process: int) -> None:
+        """That process is gone: its counters stay in the sums (a Prometheus counter never
+        goes down), its gauges leave them."""
+        for key, value in self._others.pop(process, {}).items():
+            if key[1] == "counter":
+                self._retired[key] = self._retired.get(key, 0.0) + value

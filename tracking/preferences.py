@@ -56,7 +56,7 @@ async def preferences_post(request: web.Request) -> web.Response:
     forms are)."""
     tracking = request.app[TRACKING]
     reading = recipient_token(request, "preferences")
-    wait = tracking.limiter.take(limiter_key(client_of(request, tracking)))
+    wait = await tracking.take(limiter_key(client_of(request, tracking)))
     if wait:
         return too_many(request, wait, "preferences")
     if reading is None:

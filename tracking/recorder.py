@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from .aggregate import AggregateHit, Counting
 from .beacons import DEFAULT_REPEAT_WINDOW
+from .errors import EventWriteError
 from .events import Event, EventStore
 from .metrics import Metrics, Tally
 
@@ -60,6 +61,11 @@ class Recorder(Protocol):
         """Queue an event and return once it is committed (raises if it was not)."""
         ...
 
+    def add_batch(self, items: Sequence[Pending]) -> asyncio.Future[None]:
+        """Queue events (another HTTP process's: tracking.hub); the future settles once
+        they are committed, or fails if they were not (or were dropped)."""
+        ...
+
     async def flush(self) -> None:
         """Return once everything queued before the call is committed (or has failed)."""
         ...
@@ -71,6 +77,24 @@ class Recorder(Protocol):
 
 def _no_resolver(item: Pending) -> Event | AggregateHit | None:
     raise TypeError(f"cannot record {type(item).__name__}")
+
+
+def add_batch(
+    recorder: Recorder, gathering: Gathering, items: Sequence[Pending]
+) -> asyncio.Future[None]:
+    """`Recorder.add_batch` for a recorder that gathers into `gathering`."""
+    added = 0
+    for item in items:
+        added += recorder.add(item)
+    if added:
+        return gathering.committed()
+    done = asyncio.get_running_loop().create_future()
+    if items:
+        done.set_exception(EventWriteError(f"{len(items)} open/click events dropped"))
+        done.exception()  # marked retrieved: the caller may be gone
+    else:
+        done.set_result(None)
+    return done
 
 
 class Gathering:
@@ -169,6 +193,9 @@ class EventRecorder:
         """Queue an event and return once it is committed (raises if the write failed)."""
         if self.add(event):
             await asyncio.shield(self._gathering.committed())
+
+    def add_batch(self, items: Sequence[Pending]) -> asyncio.Future[None]:
+        return add_batch(self, self._gathering, items)
 
     async def flush(self) -> None:
         """Return once everything queued before the call is committed (or has failed)."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -56,6 +56,9 @@ class Tracking:
     beacons: Beacons
     limiter: RateLimiter
     recorder: Recorder
+    # The per-client limit on state-changing POSTs: `limiter` here, or the main HTTP
+    # process's in a worker (tracking.hub). Seconds to wait; 0: go ahead.
+    take: Callable[[str], Awaitable[float]]
     pages: dict[tuple[object, ...], str] = field(default_factory=dict)  # rendered, by context
 
 

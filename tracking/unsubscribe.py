@@ -81,7 +81,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
         key = f"recipient:{reading.ref.address_hash}:{reading.ref.scope}"
     else:
         key = limiter_key(client_of(request, tracking))
-    wait = tracking.limiter.take(key)
+    wait = await tracking.take(key)
     if wait:
         return too_many(request, wait, "unsubscribe")
     if reading is None or form is None:
