@@ -26,6 +26,7 @@ class PipeliningOnly:
     that waits for each reply before the next command waits forever."""
 
     rcpt_reply: bytes = b"250 2.1.5 Ok"
+    stall_after_mail: bool = False  # answer MAIL, then nothing more
     lines: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
     sessions: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -46,6 +47,10 @@ class PipeliningOnly:
                 if not (rcpt.startswith(b"RCPT") and data == b"DATA\r\n"):
                     writer.write(b"503 5.5.1 pipeline MAIL, RCPT and DATA\r\n")
                     continue
+                if self.stall_after_mail:
+                    writer.write(b"250 2.1.0 Ok\r\n")
+                    await reader.read()  # until the client gives up and closes
+                    break
                 refused = not self.rcpt_reply.startswith(b"2")
                 writer.write(b"250 2.1.0 Ok\r\n" + self.rcpt_reply + b"\r\n")
                 if refused:
@@ -107,6 +112,27 @@ async def test_a_pipelining_server_gets_the_transaction_in_one_go(
         assert server.lines[-3].startswith(b"MAIL FROM:<> SIZE=")
     finally:
         await connection.quit()
+
+
+async def test_a_server_that_stops_answering_mid_pipeline_defers_the_copy(
+    strict: tuple[PipeliningOnly, int],
+) -> None:
+    """Each of the pipelined replies is waited for within the timeout, the second too."""
+    server, port = strict
+    server.stall_after_mail = True
+    transport = SmtpTransport(
+        Downstream("127.0.0.1", port), pool_size=1, timeout=0.5, local_hostname="relay.test"
+    )
+    try:
+        async with asyncio.timeout(60):  # a client without a timer there would wait forever
+            outcome = await transport.send(
+                Outgoing("Q1", "news@shop.example", "ann@example.org", MESSAGE)
+            )
+    finally:
+        await transport.close()
+    assert outcome.status is Status.DEFERRED
+    assert "TimeoutError" in outcome.reply
+    assert server.messages == []
 
 
 async def test_a_refused_recipient_is_reported_and_the_connection_goes_on(
