@@ -42,7 +42,6 @@ from .mime import (
     address_domain,
     headers_of,
     parse_headers,
-    smtp_lines,
 )
 from .rewrite import (
     UNTOUCHABLE_TYPES,
@@ -497,7 +496,7 @@ class PreparedMessage:
         key = address_hash if address_hash is not None else hasher.hash(recipient)
         copy = self._render(key, urls, eight_bit_ok, marks, modes or self.modes_for())
         if smtp_form:
-            copy = smtp_lines(copy)
+            copy = self._signing_memo.smtp_lines(copy)
         signer = self.meta.signer
         if signer is None:
             return copy

@@ -38,6 +38,7 @@ from relay.dkim import (
     parse_private_key,
     signing_domains,
 )
+from relay.mime import smtp_lines
 from tests.opendkim import OpenDkim
 
 DOMAIN = "shop.example"
@@ -606,11 +607,16 @@ def test_copies_signed_with_one_memo_verify_and_match_signing_each_alone(
             b"Unsubscribe</a>   \r\n  ", b"Unsubscribe</a>     "
         )
     )
+    # Bare line breaks among a recipient's bytes, after the last shared run and before one.
+    copies.append(fan_out_copy(b"lf@example.org").replace(b'.gif">', b'.gif">\n'))
+    copies.append(fan_out_copy(b"cr@example.org").replace(b"</a>   \r\n", b"</a>\r\r\n"))
     for copy in copies:
-        with_memo = signer.sign(copy, timestamp=1_700_000_000, smtp_form=True, memo=memo)
+        sent = memo.smtp_lines(copy)
+        assert sent == smtp_lines(copy)
+        with_memo = signer.sign(sent, timestamp=1_700_000_000, smtp_form=True, memo=memo)
         alone = signer.sign(copy, timestamp=1_700_000_000)
         assert with_memo == alone
-        assert dkimpy_verifies(dkimpy, keys, with_memo + copy)
+        assert dkimpy_verifies(dkimpy, keys, with_memo + sent)
     # and the memo is no licence to sign a copy's bytes other than its own
     forged = copies[5].replace(b"Item 7:", b"Item 8:")
     assert not dkimpy_verifies(dkimpy, keys, signer.sign(copies[5], memo=memo) + forged)
@@ -621,7 +627,9 @@ LINE = st.lists(st.sampled_from([b" ", b"\t", b"  ", b"x", b"word", b".", b"="])
     b"".join
 )
 FILLED = st.one_of(LINE, LINE.map(lambda line: b"shared line " * 30 + line), st.just(PERSONAL))
-VALUES = st.sampled_from([b"a", b"bb", b"", b"  ", b" \t", b"\r\n", b"c \r\n\r\n", b"\r\n\r\n"])
+VALUES = st.sampled_from(
+    [b"a", b"bb", b"", b"  ", b" \t", b"\r\n", b"c \r\n\r\n", b"\r\n\r\n", b"\n", b"\r", b"d\r"]
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -634,10 +642,16 @@ def test_memo_signatures_are_those_of_each_copy_alone(
     lines: list[bytes], values: list[bytes], ending: bytes, signer: DkimSigner
 ) -> None:
     memo = SigningMemo()
-    for value in values:
+    # The memo learns from the first two copies; the others have all sorts of values.
+    for value in [b"a", b"bb", *values]:
         headers = [*PLAIN[:2], b"X-Value: " + value.strip(b"\r\n"), *PLAIN[2:]]
         copy = build(headers, CRLF.join(lines).replace(PERSONAL, value) + ending)
-        assert signer.sign(copy, timestamp=1, memo=memo) == signer.sign(copy, timestamp=1)
+        # The copy put in SMTP form looking only at what the copies before did not share
+        # (bare CRs and LFs among the recipient's bytes included), then signed so.
+        lines_sent = memo.smtp_lines(copy)
+        assert lines_sent == smtp_lines(copy)
+        signed = signer.sign(lines_sent, timestamp=1, smtp_form=True, memo=memo)
+        assert signed == signer.sign(copy, timestamp=1)
 
 
 # --------------------------------------------------------------------------- OpenDKIM

@@ -24,7 +24,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from ..mime import crlf_line_breaks
+from ..mime import crlf_line_breaks, smtp_lines
 from ..names import domain_name, selector_name
 from .errors import DkimError, DkimKeyError, DkimMessageError
 
@@ -377,6 +377,24 @@ class SigningMemo:
             self._learn(message, body_start)
         return fields, digest, known
 
+    def smtp_lines(self, copy: bytes) -> bytes:
+        """`relay.mime.smtp_lines(copy)`: the copy as SMTP carries it, and signed. The parts
+        shared with the copies signed before are in that form already; only the rest of
+        `copy` is looked at when it has them (a copy of one message rendered again)."""
+        head, runs = self._head, self._body
+        if head is None or not runs or not copy.startswith(head.prefix):
+            return smtp_lines(copy)
+        pos = len(head.prefix)
+        for run in runs:
+            at = copy.find(run.anchor, pos)
+            if at < 0 or not copy.startswith(run.lines, at) or not _crlf_only(copy[pos:at]):
+                return smtp_lines(copy)
+            pos = at + len(run.lines)
+        tail = copy[pos:]
+        if not _crlf_only(tail):
+            return smtp_lines(copy)
+        return copy if not tail or tail.endswith(_CRLF) else copy + _CRLF
+
     def _learn(self, message: bytes, body_start: int) -> None:
         with self._lock:
             if self._learnt:
@@ -394,6 +412,12 @@ class SigningMemo:
 #: Runs of shared body lines shorter than this are canonicalised with each copy's own.
 MIN_SHARED = 256
 ANCHOR = 64
+
+
+def _crlf_only(data: bytes) -> bool:
+    """No line break in `data` but CRLF (and no CR or LF of one cut off at either end)."""
+    crlf = data.count(_CRLF)
+    return data.count(b"\n") == crlf and data.count(b"\r") == crlf
 
 
 def _canonical_with(
