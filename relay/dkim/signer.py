@@ -13,6 +13,7 @@ receiver. Header values lose only SP and HTAB at their ends (RFC 6376 section 3.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import threading
@@ -504,9 +505,25 @@ def _fold(tags: list[bytes], signature: bytes) -> bytes:
     """`DKIM-Signature: tag; tag; ...; b=...` folded at the spaces between words into lines of at
     most MAX_LINE characters where a word allows it; `b=` starts its own line and its base64 is cut
     across lines (FWS is allowed there and the verifier drops the whole value)."""
-    lines: list[bytes] = []
-    line = b"DKIM-Signature:"
-    for word in [*b"; ".join(tags).split(b" "), b";"]:
+    done, line = _folded_head(tuple(tags[:-1]))
+    lines, line = _fold_words([*tags[-1].split(b" "), b";"], [*done], line)
+    lines.append(line)
+    text = b"b=" + signature
+    first = MAX_LINE - 1
+    lines += [b" " + text[i : i + first] for i in range(0, len(text), first)]
+    return _CRLF.join(lines) + _CRLF
+
+
+@functools.lru_cache(maxsize=64)
+def _folded_head(tags: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], bytes]:
+    """The tags before `bh=` folded, the same for every copy signed in the same second."""
+    lines, line = _fold_words((b"; ".join(tags) + b";").split(b" "), [], b"DKIM-Signature:")
+    return tuple(lines), line
+
+
+def _fold_words(words: list[bytes], lines: list[bytes], line: bytes) -> tuple[list[bytes], bytes]:
+    """`words` added to `line`, each full line moved to `lines`."""
+    for word in words:
         if word == b";":
             line += word
         elif len(line) + 1 + len(word) <= MAX_LINE:
@@ -514,8 +531,4 @@ def _fold(tags: list[bytes], signature: bytes) -> bytes:
         else:
             lines.append(line)
             line = b" " + word
-    lines.append(line)
-    text = b"b=" + signature
-    first = MAX_LINE - 1
-    lines += [b" " + text[i : i + first] for i in range(0, len(text), first)]
-    return _CRLF.join(lines) + _CRLF
+    return lines, line
