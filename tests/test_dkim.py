@@ -622,6 +622,20 @@ def test_copies_signed_with_one_memo_verify_and_match_signing_each_alone(
     assert not dkimpy_verifies(dkimpy, keys, signer.sign(copies[5], memo=memo) + forged)
 
 
+def test_copies_learnt_from_two_of_different_line_counts_sign_as_each_alone(
+    signer: DkimSigner, keys: Keys, dkimpy: Any
+) -> None:
+    """The second copy's recipient bytes take a line more in each place they go: the shared
+    runs are found line for line by difflib instead."""
+    memo = SigningMemo()
+    for i in range(6):
+        extra = b"\r\nsecond line" if i == 1 else b""
+        copy = fan_out_copy(b"r%d@example.org%s" % (i, extra), blank_end=i == 4)
+        signed = signer.sign(copy, timestamp=1_700_000_000, memo=memo)
+        assert signed == signer.sign(copy, timestamp=1_700_000_000)
+        assert dkimpy_verifies(dkimpy, keys, signed + copy)
+
+
 PERSONAL = b"<personal>"
 LINE = st.lists(st.sampled_from([b" ", b"\t", b"  ", b"x", b"word", b".", b"="]), max_size=6).map(
     b"".join

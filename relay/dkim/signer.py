@@ -13,6 +13,7 @@ receiver. Header values lose only SP and HTAB at their ends (RFC 6376 section 3.
 from __future__ import annotations
 
 import base64
+import difflib
 import functools
 import hashlib
 import re
@@ -445,21 +446,30 @@ def _canonical_with(
 
 
 def _shared_lines(first: bytes, body: bytes) -> tuple[_SharedLines, ...]:
-    """The runs of whole lines two bodies share, where a line's place in both is the same
-    (personalised copies: the same lines but for their recipient's URLs)."""
+    """The runs of whole lines two bodies share. Personalised copies have the same lines
+    but for their recipient's URLs, line for line; where a recipient's bytes make more or
+    fewer lines (a quoted-printable line wrapped elsewhere), difflib finds the runs."""
     mine, theirs = first.splitlines(keepends=True), body.splitlines(keepends=True)
-    if len(mine) != len(theirs):
-        return ()
+    # For each of our lines, the number of the block of lines shared that it is in, or -1.
+    if len(mine) == len(theirs):
+        block_of = [0 if a == b else -1 for a, b in zip(mine, theirs, strict=True)]
+    else:
+        block_of = [-1] * len(theirs)
+        matcher = difflib.SequenceMatcher(None, mine, theirs, autojunk=False)
+        for number, match in enumerate(matcher.get_matching_blocks()):
+            block_of[match.b : match.b + match.size] = [number] * match.size
     runs: list[_SharedLines] = []
     run: list[bytes] = []
-    for line, other in [*zip(mine, theirs, strict=True), (b"", b"-")]:
-        if line == other and line.endswith(_CRLF):
+    previous = -1
+    for line, block in [*zip(theirs, block_of, strict=True), (b"", -1)]:
+        if block >= 0 and block == previous and line.endswith(_CRLF):
             run.append(line)
             continue
         lines = b"".join(run)
         if len(lines) >= MIN_SHARED:
             runs.append(_SharedLines(lines, lines[:ANCHOR], _relaxed_lines(lines)))
-        run = []
+        run = [line] if block >= 0 and line.endswith(_CRLF) else []
+        previous = block
     return tuple(runs)
 
 
