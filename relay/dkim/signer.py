@@ -13,7 +13,6 @@ receiver. Header values lose only SP and HTAB at their ends (RFC 6376 section 3.
 from __future__ import annotations
 
 import base64
-import difflib
 import functools
 import hashlib
 import re
@@ -401,6 +400,10 @@ class SigningMemo:
         with self._lock:
             if self._learnt:
                 return
+            if len(message) > LEARN_UP_TO:
+                # Not kept nor compared: a copy this big is read whole, as without a memo.
+                self._first, self._learnt = None, True
+                return
             if self._first is None:
                 self._first = (message, body_start)
                 return
@@ -414,6 +417,8 @@ class SigningMemo:
 #: Runs of shared body lines shorter than this are canonicalised with each copy's own.
 MIN_SHARED = 256
 ANCHOR = 64
+#: Copies bigger than this teach a memo nothing (the first would be kept until the second).
+LEARN_UP_TO = 2 * 1024 * 1024
 
 
 def _crlf_only(data: bytes) -> bool:
@@ -446,21 +451,14 @@ def _canonical_with(
 
 
 def _shared_lines(first: bytes, body: bytes) -> tuple[_SharedLines, ...]:
-    """The runs of whole lines two bodies share. Personalised copies have the same lines
-    but for their recipient's URLs, line for line; where a recipient's bytes make more or
-    fewer lines (a quoted-printable line wrapped elsewhere), difflib finds the runs."""
-    mine, theirs = first.splitlines(keepends=True), body.splitlines(keepends=True)
-    # For each of our lines, the number of the block of lines shared that it is in, or -1.
-    if len(mine) == len(theirs):
-        block_of = [0 if a == b else -1 for a, b in zip(mine, theirs, strict=True)]
-    else:
-        block_of = [-1] * len(theirs)
-        matcher = difflib.SequenceMatcher(None, mine, theirs, autojunk=False)
-        for number, match in enumerate(matcher.get_matching_blocks()):
-            block_of[match.b : match.b + match.size] = [number] * match.size
+    """The runs of whole lines two bodies share (personalised copies: the same lines but
+    around their recipient's URLs, which may take a line more or less in one than in the
+    other, a quoted-printable line wrapped elsewhere)."""
+    theirs = body.splitlines(keepends=True)
     runs: list[_SharedLines] = []
     run: list[bytes] = []
     previous = -1
+    block_of = _aligned(first.splitlines(keepends=True), theirs)
     for line, block in [*zip(theirs, block_of, strict=True), (b"", -1)]:
         if block >= 0 and block == previous and line.endswith(_CRLF):
             run.append(line)
@@ -471,6 +469,44 @@ def _shared_lines(first: bytes, body: bytes) -> tuple[_SharedLines, ...]:
         run = [line] if block >= 0 and line.endswith(_CRLF) else []
         previous = block
     return tuple(runs)
+
+
+#: How far apart (in lines) two copies may get their lines back in step after a difference,
+#: and after how many differences they are not compared any further.
+RESYNC_WINDOW = 8
+RESYNC_LIMIT = 256
+
+
+def _aligned(mine: list[bytes], theirs: list[bytes]) -> list[int]:
+    """For each of `theirs`, the number of the block of lines it shares with `mine` (lines
+    that follow one another in both), or -1: line for line, and after each difference the
+    nearest pair of equal lines within RESYNC_WINDOW lines of it (a linear-time diff for
+    copies that differ here and there; any pairing will do, as a copy's use of a run is
+    checked byte for byte)."""
+    block_of = [-1] * len(theirs)
+    i = j = block = 0
+    while i < len(mine) and j < len(theirs):
+        if mine[i] == theirs[j]:
+            block_of[j] = block
+            i, j = i + 1, j + 1
+            continue
+        block += 1
+        if block > RESYNC_LIMIT:
+            break
+        step = _resync(mine, theirs, i, j)
+        if step is None:
+            break
+        i, j = i + step[0], j + step[1]
+    return block_of
+
+
+def _resync(mine: list[bytes], theirs: list[bytes], i: int, j: int) -> tuple[int, int] | None:
+    for total in range(1, 2 * RESYNC_WINDOW + 1):
+        for skip in range(max(0, total - RESYNC_WINDOW), min(total, RESYNC_WINDOW) + 1):
+            a, b = i + skip, j + total - skip
+            if a < len(mine) and b < len(theirs) and mine[a] == theirs[b]:
+                return skip, total - skip
+    return None
 
 
 def _shared_head(
