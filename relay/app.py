@@ -66,6 +66,8 @@ from .stores import (
 )
 
 if TYPE_CHECKING:
+    from tracking.recorder import Recorder
+
     from .http_workers import HttpWorkers
 
 log = logging.getLogger("optout.serve")
@@ -139,6 +141,7 @@ class Relay:
         self._stopped = False
         self._delivery: DeliveryProcess | None = None
         self.http_workers: HttpWorkers | None = None
+        self._recorder: Recorder | None = None  # the tracking app's
         self.accounts = settings.account_map()
 
     @classmethod
@@ -263,6 +266,9 @@ class Relay:
             server = servers.get(key)
             return None if server is None else _host_port(server.sockets[0].getsockname())
 
+        if self.http_workers is not None:
+            await self.http_workers.started()
+            log.info("http: %d processes answer on the listen address", settings.http.processes)
         smtp_address = bound("smtp.listen")
         assert smtp_address is not None
         self.addresses = Addresses(
@@ -325,6 +331,7 @@ class Relay:
         self._exit.callback(listener.close)  # before the runner's cleanup: no new ones
         tracking = app[TRACKING]
         tracking.metrics.watch_listener(listener.stats)
+        self._recorder = tracking.recorder
         if http.processes > 1:
             # Imported here: with one HTTP process, serve loads none of it.
             from .http_workers import HttpWorkers, WorkerSpec
@@ -341,8 +348,7 @@ class Relay:
             )
             # Stopped before the listener and the app: they hand their events to its recorder.
             self._exit.push_async_callback(workers.stop)
-            await workers.started()
-            self.http_workers = workers
+            self.http_workers = workers  # listening before the relay says it is (`_start`)
         return listener
 
     async def _start_webhooks(self, stores: Stores) -> Dispatcher | None:
@@ -543,6 +549,8 @@ class Relay:
             # A stop sent to every process at once (systemd, Ctrl-C) ends the children
             # while the front door and the HTTP app are still closing: no restarts now.
             self._delivery.expect_stop()
+        if self._recorder is not None:
+            self._recorder.expect_stop()
         await self._exit.aclose()
         log.info("stopped")
 
@@ -584,8 +592,22 @@ async def serve(settings: Settings, log_format: LogFormat = "text") -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    started: list[Relay] = []
+    reload_asked = False
+
+    def reload() -> None:
+        nonlocal reload_asked
+        if started:
+            started[0].reload_certificates()
+        else:  # the files may have changed after they were read: read them again once up
+            reload_asked = True
+
+    # Before the start, which takes a while: a SIGHUP meanwhile must not kill the relay.
+    loop.add_signal_handler(signal.SIGHUP, reload)
     relay = await Relay.start(settings, log_format)
-    loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
+    started.append(relay)
+    if reload_asked:
+        relay.reload_certificates()
     try:
         await stop.wait()
         log.info("shutting down")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("optout.serve")
 
 RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
 STOP_TIMEOUT = 30.0
 
 
@@ -56,6 +57,7 @@ class HttpWorkers:
         self._hub = hub
         self._context = multiprocessing.get_context("spawn")
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._running: dict[int, tuple[BaseProcess, HubEnd]] = {}
         loop = asyncio.get_running_loop()
         self._first_starts = [loop.create_future() for _ in range(1, count)]
@@ -81,12 +83,14 @@ class HttpWorkers:
         """Let each worker stop: it closes its listener, hands over the events it holds,
         and leaves (killed after STOP_TIMEOUT)."""
         self._stopping = True
+        self._stopped.set()
         for process, _ in self._running.values():
             if process.is_alive():
                 process.terminate()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _supervise(self, worker: int) -> None:
+        delay = RESTART_DELAY
         while not self._stopping:
             try:
                 process, end = await self._spawn(worker)
@@ -95,7 +99,8 @@ class HttpWorkers:
                 first = self._first_starts[worker - 1]
                 if not first.done():
                     first.set_result(None)
-                await asyncio.sleep(RESTART_DELAY)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RESTART_DELAY)
                 continue
             self._running[worker] = (process, end)
             first = self._first_starts[worker - 1]
@@ -107,10 +112,16 @@ class HttpWorkers:
             exitcode = await _reaped(process, end, lambda: self._stopping)
             del self._running[worker]
             self._hub.gone(worker)
+            # A stop signalled to the whole process group (systemd) reaches the worker
+            # first: wait before calling its exit a failure.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), RESTART_DELAY)
             if self._stopping:
                 return
+            # One that never listened (its store unreachable, say) is retried ever later.
+            delay = RESTART_DELAY if end.listening.result() else min(delay * 2, MAX_RESTART_DELAY)
             log.error("HTTP worker %d exited with %s; restarting it", worker, exitcode)
-            await asyncio.sleep(RESTART_DELAY)
+            await asyncio.sleep(delay - RESTART_DELAY)
 
     async def _spawn(self, worker: int) -> tuple[BaseProcess, HubEnd]:
         ours, theirs = socket.socketpair()
@@ -150,8 +161,10 @@ async def _reaped(process: BaseProcess, end: HubEnd, stopping: Callable[[], bool
 
 
 def _worker_main(spec: WorkerSpec, sock: socket.socket, worker: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process decides when this one stops.
+    # Ctrl-C reaches the whole process group: the main process decides when this one stops;
+    # SIGHUP is the main process's (it reloads certificates), never a reason to leave.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(spec.log_format)
     try:
         asyncio.run(_serve(spec, sock))

@@ -15,7 +15,7 @@ from tracking.retention import Retention
 from tracking.webhooks import WebhookDelivery, WebhookEndpoint
 
 from .accounts import Account
-from .cores import auto_delivery_processes
+from .cores import auto_delivery_processes, auto_http_processes
 
 if TYPE_CHECKING:
     from .mime import MimeLimits
@@ -88,8 +88,9 @@ class HttpSettings:
     trusted_proxies: tuple[str, ...] = LOOPBACK_NETWORKS  # whose X-Forwarded-For is believed
     metrics_from: tuple[str, ...] = LOOPBACK_NETWORKS  # who may read /metrics
     event_process: bool = True  # opens and clicks checked and written by a child process
-    # Processes answering HTTP on the listen address (SO_REUSEPORT); "auto" in the file.
-    processes: int = 1
+    # Processes answering HTTP on the listen address (SO_REUSEPORT); "auto" in the file:
+    # one per usable core, at most 4.
+    processes: int = field(default_factory=auto_http_processes)
     # None: what the open-files limit leaves after SMTP (relay.descriptors), at most 4096.
     max_connections: int | None = None
     max_connections_per_client: int = 64  # trusted proxies count towards the total only

@@ -64,7 +64,11 @@ def relay_settings(data_dir: Path, downstream_port: int | None) -> Settings:
         # A small disk reserve: tests make many data dirs, and some small filesystems.
         storage=StorageSettings(dir=data_dir, reserve=1024 * 1024),
         smtp=SmtpSettings(listen=Listen("127.0.0.1", 0), hostname="relay.test"),
-        http=HttpSettings(listen=Listen("127.0.0.1", 0), public_url="https://mail.shop.example"),
+        # One HTTP process, for the same reason as one delivery process below; several are
+        # tested in test_http_workers.py.
+        http=HttpSettings(
+            listen=Listen("127.0.0.1", 0), public_url="https://mail.shop.example", processes=1
+        ),
         delivery=DeliverySettings(
             downstream=None
             if downstream_port is None

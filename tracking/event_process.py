@@ -228,6 +228,7 @@ class EventProcess:
         self._writes_ok = True
         self._closing = False  # no new events taken
         self._stopping = False  # the child is told to leave and not restarted
+        self._stop_expected = False  # the relay is stopping (`expect_stop`)
         self._task: asyncio.Task[None] | None = None
         metrics.watch_buffer(lambda: len(self._gathering) + self._sent_items)
 
@@ -272,6 +273,11 @@ class EventProcess:
         for future in waiting:
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
+
+    def expect_stop(self) -> None:
+        """The relay is stopping: a stop sent to every process at once (systemd, Ctrl-C)
+        may end the child before `close`, and that is no failure."""
+        self._stop_expected = True
 
     async def close(self) -> None:
         """Have everything queued written, then let the child go (killed if it will not)."""
@@ -347,11 +353,17 @@ class EventProcess:
                 await asyncio.sleep(RESTART_DELAY)
                 if self._stopping:
                     return
-                log.error(
-                    "the event process exited with %s; restarting it (%d events waiting)",
-                    exitcode,
-                    len(self._gathering) + self._sent_items,
-                )
+                waiting = len(self._gathering) + self._sent_items
+                if self._stop_expected:
+                    # The relay is stopping (its HTTP workers still hand over what they
+                    # hold): a new child only writes what comes, and is no failure.
+                    log.info("the event process left during the stop; starting it again")
+                else:
+                    log.error(
+                        "the event process exited with %s; restarting it (%d events waiting)",
+                        exitcode,
+                        waiting,
+                    )
             else:
                 await asyncio.sleep(RESTART_DELAY)
             if self._stopping:

@@ -176,6 +176,9 @@ class HubRecorder:
         self._closing = True
         await self.flush()
 
+    def expect_stop(self) -> None:
+        pass  # the hub's recorder writes; this one only hands over
+
     def _send(self) -> None:
         self._send_due = False
         while self._gathering.items:

@@ -203,6 +203,7 @@ class HttpListener:
         self.stats = ListenerStats()
         self._exempt: Ranges = networks(caps.exempt)
         self.admission = admission or LocalAdmission(ClientCounts(caps.per_client))
+        self._mine: Counter[str] = Counter()  # this listener's, open or being admitted
         self._sockets: list[socket.socket] = []
         self._reading = False
         self._closed = False
@@ -327,6 +328,12 @@ class HttpListener:
     def _admit(self, conn: socket.socket, peer: object) -> None:
         address = parse_ip(peer[0]) if isinstance(peer, tuple) else None
         key = None if address in self._exempt else limiter_key(address)
+        if key is not None:
+            if self._mine[key] >= self.caps.per_client:
+                # Its share is open (or being admitted) here alone: no need to ask.
+                self._refuse(conn)
+                return
+            self._mine[key] += 1
         self.stats.open += 1
         assert self._loop is not None
         task = self._loop.create_task(self._connect(conn, key))
@@ -339,15 +346,11 @@ class HttpListener:
             admitted = key is None or await self.admission.admit(key)
         except BaseException:
             conn.close()
-            self.released(None)
+            self._gone(key)
             raise
         if not admitted:
-            self.stats.refused["per-client"] += 1
-            with contextlib.suppress(OSError):
-                conn.setblocking(False)
-                conn.send(_BUSY)
-            conn.close()
-            self.released(None)
+            self._refuse(conn)
+            self._gone(key)
             return
         guards: list[_Guarded] = []
 
@@ -367,11 +370,27 @@ class HttpListener:
                 raise  # cancelled: the listener is closing
             log.debug("a connection failed as it was set up", exc_info=exc)
 
+    def _refuse(self, conn: socket.socket) -> None:
+        """A client over its share: a plain 503, and the connection closed at once."""
+        self.stats.refused["per-client"] += 1
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(_BUSY)
+        conn.close()
+
     def released(self, key: str | None) -> None:
-        """A connection closed (its guard tells)."""
-        self.stats.open -= 1
+        """An admitted connection closed (its guard tells)."""
         if key is not None:
             self.admission.release(key)
+        self._gone(key)
+
+    def _gone(self, key: str | None) -> None:
+        """A connection this listener counted is closed."""
+        if key is not None:
+            self._mine[key] -= 1
+            if self._mine[key] <= 0:
+                del self._mine[key]
+        self.stats.open -= 1
         if self._full_since is not None and self.stats.open < self.caps.total:
             log.info(
                 "%s: accepting connections again after %.0f s at the limit",

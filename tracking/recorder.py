@@ -74,6 +74,11 @@ class Recorder(Protocol):
         """Write what is queued, then stop (events offered after this are dropped)."""
         ...
 
+    def expect_stop(self) -> None:
+        """The relay is stopping; `close` follows once its other HTTP processes handed over
+        what they hold."""
+        ...
+
 
 def _no_resolver(item: Pending) -> Event | AggregateHit | None:
     raise TypeError(f"cannot record {type(item).__name__}")
@@ -205,6 +210,9 @@ class EventRecorder:
         for future in waiting:
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
+
+    def expect_stop(self) -> None:
+        pass  # nothing runs apart that could end first
 
     async def close(self) -> None:
         """Write what is queued, then stop (events offered after this are dropped)."""
