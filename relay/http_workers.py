@@ -103,6 +103,8 @@ class HttpWorkers:
                 delay = min(delay * 2, MAX_RESTART_DELAY)
                 continue
             self._running[worker] = (process, end)
+            if self._stopping:  # spawned as `stop` told the others to leave
+                process.terminate()
             first = self._first_starts[worker - 1]
             if not first.done():
                 listening = await end.listening
