@@ -101,7 +101,9 @@ class RecentHits:
     def repeats(self, digest: bytes, at: float) -> bool:
         """Whether a fetch with `digest` at `at` repeats one remembered in its window."""
         began = self._seen.get(digest) if digest else None
-        return began is not None and 0.0 <= at - began < self._window
+        # Either side: fetches answered by several HTTP processes arrive a little out of
+        # order, and the one counted may be a moment later than its repeat.
+        return began is not None and abs(at - began) < self._window
 
     def remember(self, marks: Iterable[tuple[bytes, float]]) -> None:
         """Fetches counted (once their counts are committed), each the first of its window
@@ -173,7 +175,7 @@ class Counting:
         for hit in hits:
             began = in_batch.get(hit.repeat) if hit.repeat else None
             if self.recent.repeats(hit.repeat, hit.at) or (
-                began is not None and 0.0 <= hit.at - began < self.window.total_seconds()
+                began is not None and abs(hit.at - began) < self.window.total_seconds()
             ):
                 continue
             if hit.repeat:

@@ -500,9 +500,14 @@ def _insert_rows(db: Connection, events: Iterable[Event]) -> None:
     )
 
 
-# The event a fetch at time T repeats: the latest of its key begun in (T - window, T].
+# The event a fetch at time T repeats: the latest of its key begun in (T - window, T];
+# else the first begun in (T, T + window), met first: fetches answered by several HTTP
+# processes (tracking.hub) reach the writer in an order a little off their own.
 _FIND_REPEATED = (
     "SELECT id, at FROM events WHERE repeat_key = ? AND at > ? AND at <= ? ORDER BY at DESC LIMIT 1"
+)
+_FIND_REPEATED_LATER = (
+    "SELECT id, at FROM events WHERE repeat_key = ? AND at > ? AND at < ? ORDER BY at LIMIT 1"
 )
 _COUNT_REPEATS = (
     "UPDATE events SET count = count + ?, last_at = {greatest}(coalesce(last_at, at), ?)"
@@ -540,9 +545,12 @@ def _insert_or_count(db: Connection, events: Sequence[Event], window: timedelta)
             continue
         moment = datetime.fromisoformat(event.at)
         row = met.get(key)
-        if row is None or not timedelta(0) <= moment - row[1] < window:
+        if row is None or not -window < moment - row[1] < window:
             since = format_time(moment - window)
             found = db.execute(_FIND_REPEATED, [key, since, event.at]).fetchone()
+            if found is None:
+                until = format_time(moment + window)
+                found = db.execute(_FIND_REPEATED_LATER, [key, event.at, until]).fetchone()
             if found is None:
                 _insert_rows(db, [event])
                 met[key] = (_last_id(db), moment)  # writes are serialised: the row just added
