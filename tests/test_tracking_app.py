@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import STORE_FILE, Stores
+from tests.helpers import wait_for
 from tracking import PIXEL_GIF, RateLimit, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 
@@ -677,3 +678,39 @@ async def test_failing_event_writes_never_break_the_pixel_and_healthz_says_so(
     await client.app[TRACKING].recorder.flush()
     assert (await client.get("/healthz")).status == 200
     assert len(await events(stores)) == 1
+
+
+async def test_past_the_high_water_mark_the_pixel_waits_for_the_writer_and_loses_nothing(
+    make_client: Client, stores: Stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests faster than their events can be written (more HTTP processes than the
+    writer keeps up with): past the mark a pixel is answered once its open is written."""
+    import asyncio
+
+    import tracking.opens
+    import tracking.recorder
+
+    monkeypatch.setattr(tracking.opens, "HIGH_WATER", 3)
+    monkeypatch.setattr(tracking.recorder, "HIGH_WATER", 3)
+    monkeypatch.setattr(tracking.recorder, "PACE_WAIT", 60.0)
+    client = await make_client(clock=AN_HOUR_LATER)
+    recorder = client.app[TRACKING].recorder
+    urls = TrackingUrls("https://mail.shop.example", Signer(KEYS))
+    pixels = [path(urls.pixel_url(ref(stores, queue_id=f"Q{n}"))) for n in range(10)]
+    blocker = sqlite3.connect(tmp_path / STORE_FILE, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer waits (its busy timeout is 5 s)
+    try:
+        fetches = [
+            asyncio.create_task(client.get(url, headers={"User-Agent": HUMAN_AGENT}))
+            for url in pixels
+        ]
+        await wait_for(lambda: recorder.waiting == 10, what="ten opens waiting")
+        await wait_for(lambda: sum(f.done() for f in fetches) >= 3, what="three answers")
+        assert sum(f.done() for f in fetches) == 3  # the rest wait for the writer
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    answers = await asyncio.gather(*fetches)
+    assert [answer.status for answer in answers] == [200] * 10
+    await recorder.flush()
+    assert len([e for e in await events(stores) if e["type"] == "open"]) == 10

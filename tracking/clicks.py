@@ -18,6 +18,7 @@ from .beacons import Fetch, aggregate_hit, beacon_event, client_of_fetch, judge
 from .errors import BadToken
 from .events import EventType
 from .pages import NO_STORE, guarded, page
+from .recorder import add_paced
 from .state import TRACKING
 from .tokens import AggregateReading, is_redirectable
 
@@ -65,7 +66,7 @@ async def click(request: web.Request) -> web.Response:
         if tracking.options.durable_events:
             await tracking.recorder.add_and_wait(event)
         else:
-            tracking.recorder.add(event)
+            await add_paced(tracking.recorder, event)
     except Exception:  # the reader still gets where the link goes
         tracking.metrics.errors.labels("click").inc()
         log.exception("click not recorded")

@@ -230,12 +230,16 @@ class EventProcess:
         self._stopping = False  # the child is told to leave and not restarted
         self._stop_expected = False  # the relay is stopping (`expect_stop`)
         self._task: asyncio.Task[None] | None = None
-        metrics.watch_buffer(lambda: len(self._gathering) + self._sent_items)
+        metrics.watch_buffer(lambda: self.waiting)
 
     @property
     def healthy(self) -> bool:
         """False while the child is down or its last write failed."""
         return self._child is not None and self._writes_ok
+
+    @property
+    def waiting(self) -> int:
+        return len(self._gathering) + self._sent_items
 
     @property
     def pid(self) -> int | None:

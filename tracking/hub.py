@@ -143,7 +143,11 @@ class HubRecorder:
         self._send_due = False
         self._closing = False
         self.healthy = True
-        metrics.watch_buffer(lambda: len(self._gathering) + self._sent_items)
+        metrics.watch_buffer(lambda: self.waiting)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._gathering) + self._sent_items
 
     async def start(self) -> None:
         pass

@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from .beacons import raw_fetch
+from .recorder import HIGH_WATER, add_paced
 from .state import SECURITY_HEADERS, Tracking
 
 log = logging.getLogger("optout.http")
@@ -55,8 +56,10 @@ def pixel_handler(tracking: Tracking) -> Callable[[web.Request], Awaitable[Pixel
             fetch = raw_fetch(request, request.match_info["token"], clock())
             if durable:
                 await recorder.add_and_wait(fetch)
-            else:
+            elif recorder.waiting < HIGH_WATER:
                 add(fetch)
+            else:
+                await add_paced(recorder, fetch)
         except Exception:
             metrics.error("pixel")
             log.exception("open not recorded")

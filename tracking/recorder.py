@@ -35,6 +35,12 @@ log = logging.getLogger("optout.http")
 MAX_BATCH = 5000
 RESOLVE_CHUNK = 500  # items resolved between two turns of the event loop (~10 ms)
 MAX_PENDING = 100_000  # held while the database is slow; beyond that, counted and lost
+# Waiting events past which a request is answered only once its event is written (for at
+# most PACE_WAIT seconds): when requests come faster than they can be written (more HTTP
+# processes than the writer keeps up with), the writer sets the pace and nothing answered
+# is lost; a database that does not answer at all still cannot hold the pixel for long.
+HIGH_WATER = 20_000
+PACE_WAIT = 1.0
 
 # What a request hands over: an event (or an aggregate hit), or the raw facts `resolve`
 # turns into one (or None).
@@ -49,6 +55,11 @@ class Recorder(Protocol):
     @property
     def healthy(self) -> bool:
         """False while events cannot be written (shown by /healthz)."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """Events handed over and not yet written."""
         ...
 
     async def start(self) -> None: ...
@@ -82,6 +93,17 @@ class Recorder(Protocol):
 
 def _no_resolver(item: Pending) -> Event | AggregateHit | None:
     raise TypeError(f"cannot record {type(item).__name__}")
+
+
+async def add_paced(recorder: Recorder, item: Pending) -> None:
+    """Hand over an event; past HIGH_WATER waiting, return once it is written (or after
+    PACE_WAIT seconds; it stays queued either way)."""
+    if recorder.waiting < HIGH_WATER:
+        recorder.add(item)
+        return
+    # A write that fails is counted and logged by the recorder, once for its batch.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(recorder.add_and_wait(item), PACE_WAIT)
 
 
 def add_batch(
@@ -176,11 +198,16 @@ class EventRecorder:
         self._counting = counting or Counting(repeat_window)
         self._gathering = Gathering()
         self._inflight: asyncio.Future[None] | None = None
+        self._writing = 0  # events in the batch being written
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = True  # False while the last write failed (shown by /healthz)
-        metrics.watch_buffer(lambda: len(self._gathering))
+        metrics.watch_buffer(lambda: self.waiting)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._gathering) + self._writing
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracking-event-writer")
@@ -234,6 +261,7 @@ class EventRecorder:
     async def _write_one_batch(self) -> None:
         batch, done = self._gathering.take(MAX_BATCH)
         self._inflight = done
+        self._writing = len(batch)
         try:
             events = await self._resolved(batch)
             if events:
@@ -253,6 +281,7 @@ class EventRecorder:
             if not done.done():
                 done.set_result(None)
         finally:
+            self._writing = 0
             if self._inflight is done:
                 self._inflight = None
 
