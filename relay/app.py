@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from tracking import RateLimit, TrackingUrls, create_app
+from tracking.aggregate import digest_key
 from tracking.app import HEALTH_CHECKS, HealthCheck, health_report
 from tracking.hub import Hub, Line
 from tracking.listener import ClientCounts, ConnectionCaps, HttpListener, LocalAdmission
@@ -344,7 +345,9 @@ class Relay:
                 functools.partial(health_report, app),
             )
             workers = HttpWorkers(
-                WorkerSpec(self.settings, self.log_format, addresses, caps), http.processes, hub
+                WorkerSpec(self.settings, self.log_format, addresses, caps, digest_key()),
+                http.processes,
+                hub,
             )
             # Stopped before the listener and the app: they hand their events to its recorder.
             self._exit.push_async_callback(workers.stop)
@@ -549,6 +552,8 @@ class Relay:
             # A stop sent to every process at once (systemd, Ctrl-C) ends the children
             # while the front door and the HTTP app are still closing: no restarts now.
             self._delivery.expect_stop()
+        if self.http_workers is not None:
+            self.http_workers.expect_stop()
         if self._recorder is not None:
             self._recorder.expect_stop()
         await self._exit.aclose()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tracking.aggregate import use_digest_key
 from tracking.hub import COUNTS, LISTENING, Hub, HubEnd, Line, report_counts
 from tracking.listener import ConnectionCaps, HttpListener
 from tracking.state import TRACKING
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("optout.serve")
 
 RESTART_DELAY = 1.0
+START_TIMEOUT = 60.0
 MAX_RESTART_DELAY = 60.0
 STOP_TIMEOUT = 30.0
 
@@ -47,6 +49,7 @@ class WorkerSpec:
     log_format: LogFormat
     addresses: list[tuple[str, int]]
     caps: ConnectionCaps
+    digest_key: bytes  # tracking.aggregate's, the main process's own (memory only)
 
 
 class HttpWorkers:
@@ -76,17 +79,36 @@ class HttpWorkers:
         ]
 
     async def started(self) -> None:
-        """Return once every worker listens, or its first start failed (which is logged)."""
-        await asyncio.gather(*(asyncio.shield(f) for f in self._first_starts))
+        """Return once every worker listens, or its first start failed (which is logged),
+        or START_TIMEOUT passed (a store that does not answer, say): the relay goes on."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(asyncio.shield(f) for f in self._first_starts)), START_TIMEOUT
+            )
+        except TimeoutError:
+            log.error(
+                "HTTP workers not listening after %.0f s; going on without them", START_TIMEOUT
+            )
+
+    def expect_stop(self) -> None:
+        """The relay is stopping: a worker that leaves now (a stop sent to every process)
+        is not restarted."""
+        self._stopping = True
+        self._stopped.set()
 
     async def stop(self) -> None:
         """Let each worker stop: it closes its listener, hands over the events it holds,
         and leaves (killed after STOP_TIMEOUT)."""
-        self._stopping = True
-        self._stopped.set()
+        self.expect_stop()
         for process, _ in self._running.values():
             if process.is_alive():
                 process.terminate()
+        _, late = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        if late:  # stuck (its loop blocked, say): it would hold the stop for ever
+            for process, _ in self._running.values():
+                if process.is_alive():
+                    log.error("HTTP worker pid %s did not stop; killing it", process.pid)
+                    process.kill()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _supervise(self, worker: int) -> None:
@@ -168,10 +190,12 @@ def _worker_main(spec: WorkerSpec, sock: socket.socket, worker: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(spec.log_format)
+    use_digest_key(spec.digest_key)
     try:
         asyncio.run(_serve(spec, sock))
     except Exception as exc:
         log.error("HTTP worker %d stopped: %s", worker, exc)
+        log.debug("HTTP worker %d stopped", worker, exc_info=exc)
         raise SystemExit(1) from None
 
 

@@ -9,14 +9,21 @@ import os
 import re
 import signal
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from relay.app import Relay
-from relay.settings import Settings
+from relay.errors import ConfigError
+from relay.settings import Listen, Settings
 from relay.stores import STORE_FILE, tracking_urls
 from tests.helpers import StartRelay, relay_settings, wait_for
 from tracking import RecipientRef
+from tracking.tokens import AggregateRef
+
+HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.0"
 
 
 def two_processes(tmp_path: Path, **http: object) -> Settings:
@@ -240,3 +247,45 @@ async def test_the_post_rate_limit_holds_across_the_processes(
         connection.close()
     assert statuses == [404] * 4 + [429] * 8  # four tries of a forged link, then no more
     assert len(pids) == 2
+
+
+async def test_a_second_relay_on_the_same_http_port_is_refused(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """SO_REUSEPORT lets the relay's own processes share the port, never another relay."""
+    first = await start_relay(two_processes(tmp_path / "first"))
+    taken = Listen(*first.addresses.http)
+    second = two_processes(tmp_path / "second")
+    second = replace(second, http=replace(second.http, listen=taken))
+    with pytest.raises(ConfigError) as refused:
+        await start_relay(second)
+    assert refused.value.key == "http.listen"
+    assert f"cannot listen on {taken}" in str(refused.value)
+
+
+async def test_an_aggregate_click_reader_counts_once_whichever_process_answers(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    settings = two_processes(tmp_path)
+    settings = replace(settings, tracking=replace(settings.tracking, clicks="aggregate"))
+    relay = await start_relay(settings)
+    urls = tracking_urls(relay.settings, relay.stores.signer())
+    link = urls.aggregate_click_url(
+        AggregateRef("spring", "shop.example"), "https://shop.example/sale", int(time.time())
+    )
+    path = link.removeprefix("https://mail.shop.example")
+    pids = set()
+    for _ in range(16):  # each on a new connection: the kernel spreads them
+        connection = await Connection.open(relay)
+        connection.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: {HUMAN}\r\n"
+            "X-Forwarded-For: 192.0.2.7\r\n\r\n".encode()
+        )
+        assert (await connection.reader.readline()).split()[1] == b"302"
+        pids.add(await connection.server_pid(http_pids(relay)))
+        connection.close()
+    assert len(pids) == 2
+    await relay.stop()
+    with sqlite3.connect(tmp_path / "data" / STORE_FILE) as db:
+        counts = db.execute("SELECT metric, n FROM aggregate_counts").fetchall()
+    assert counts == [("click_machine", 1)]  # clicked at once: a machine's, by the verdict

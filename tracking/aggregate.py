@@ -40,7 +40,9 @@ UNKNOWN_DOMAIN = ""
 # Digests of recent aggregate fetches held at most (12 octets each and a dict entry): a
 # flood of distinct clients past this forgets the oldest, so some repeats count twice.
 RECENT_LIMIT = 100_000
-_PROCESS_KEY = secrets.token_bytes(32)  # never leaves this process's memory
+# The key of repeat digests: never written anywhere. A relay's HTTP worker processes take
+# the main one's (`use_digest_key`), so that a reader's repeat is one whichever takes it.
+_DIGEST_KEY = {"key": secrets.token_bytes(32)}
 
 _CREATE = """CREATE TABLE aggregate_counts (
     campaign TEXT NOT NULL,      -- '' for mail without a campaign
@@ -84,10 +86,20 @@ class AggregateHit:
 
 
 def repeat_digest(*parts: object) -> bytes:
-    """What makes two aggregate fetches one: a digest under this process's own key, so
-    that it cannot be matched against anything outside its memory."""
+    """What makes two aggregate fetches one: a digest under a key held in memory only, so
+    that it cannot be matched against anything outside the relay's processes."""
     text = "\x1f".join("" if part is None else str(part) for part in parts)
-    return hashlib.blake2b(text.encode(), key=_PROCESS_KEY, digest_size=12).digest()
+    return hashlib.blake2b(text.encode(), key=_DIGEST_KEY["key"], digest_size=12).digest()
+
+
+def digest_key() -> bytes:
+    """This process's key of repeat digests, for the HTTP workers it spawns."""
+    return _DIGEST_KEY["key"]
+
+
+def use_digest_key(key: bytes) -> None:
+    """In an HTTP worker: the main process's key (`digest_key`)."""
+    _DIGEST_KEY["key"] = key
 
 
 class RecentHits:

@@ -3,7 +3,8 @@ port as the main HTTP process (SO_REUSEPORT: the kernel spreads connections over
 lean on it, the hub, for everything that must be one across them:
 
 - open and click events go to the hub's recorder, so that one event process checks, counts
-  and writes them all (per-client fetch limits, repeat windows and aggregate counts whole);
+  and writes them all (repeat windows and aggregate counts whole; the per-client limit on
+  recorded opens too, while a click's is checked where it is answered, in each process);
 - a new connection is admitted against the per-client caps the hub keeps for every process;
 - a state-changing POST takes from the hub's per-client token bucket;
 - /healthz and /metrics are answered by the hub, /metrics with every process's counts
@@ -143,7 +144,8 @@ class HubRecorder:
         self._send_due = False
         self._closing = False
         self.healthy = True
-        metrics.watch_buffer(lambda: self.waiting)
+        # What is sent waits at the hub too, and is shown there: only what is not yet sent.
+        metrics.watch_buffer(lambda: len(self._gathering))
 
     @property
     def waiting(self) -> int:

@@ -174,6 +174,18 @@ class AcceptFailures:
         self._since, self._attempts = None, 0
 
 
+def _claimed(info: _AddressInfo) -> Any:
+    """`info`'s address once a plain bind shows it free (OSError if it is not), with the
+    port the system chose for port 0."""
+    family, kind, proto, _, address = info
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+        return (address[0], probe.getsockname()[1], *address[2:])
+
+
 def descriptor_hint() -> str:
     """What the process has open against its limit, for an out-of-descriptors message."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -225,6 +237,10 @@ class HttpListener:
         kernel spreads new connections over all of them."""
         self._loop = loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if reuse_port:
+            # SO_REUSEPORT would let a second relay of the same user listen here too and
+            # take a share of the requests in silence: first the port must be free.
+            infos = [(*info[:4], _claimed(info)) for info in infos]
         self._bind(dict.fromkeys(infos), reuse_port)
         return self.addresses
 
@@ -344,10 +360,13 @@ class HttpListener:
         assert self._loop is not None
         try:
             admitted = key is None or await self.admission.admit(key)
-        except BaseException:
+        except BaseException as exc:
             conn.close()
             self._gone(key)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the listener is closing
+            log.debug("cannot admit a connection", exc_info=exc)  # the main process is gone
+            return
         if not admitted:
             self._refuse(conn)
             self._gone(key)
