@@ -5,6 +5,7 @@ one: every answered open is recorded, per-client caps and rate limits hold acros
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -289,3 +290,24 @@ async def test_an_aggregate_click_reader_counts_once_whichever_process_answers(
     with sqlite3.connect(tmp_path / "data" / STORE_FILE) as db:
         counts = db.execute("SELECT metric, n FROM aggregate_counts").fetchall()
     assert counts == [("click_machine", 1)]  # clicked at once: a machine's, by the verdict
+
+
+async def test_a_worker_that_will_not_stop_is_killed_and_the_stop_goes_on(
+    tmp_path: Path, start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.http_workers
+
+    monkeypatch.setattr(relay.http_workers, "STOP_TIMEOUT", 2.0)
+    running = await start_relay(two_processes(tmp_path))
+    [worker] = http_pids(running)[1:]
+    os.kill(worker, signal.SIGSTOP)  # its loop never runs again: it cannot leave by itself
+    try:
+        await asyncio.wait_for(running.stop(), 30)  # before: held for ever
+        assert _reaped(worker)  # killed, and its exit collected, by the relay
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _reaped(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
