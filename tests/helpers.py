@@ -111,6 +111,17 @@ def untrusted(tmp_path: Path, downstream_port: int, accounts: tuple[Account, ...
     return replace(settings, accounts=accounts)
 
 
+class Clock:
+    """A tracking app's clock (create_app(clock=...)): an hour after the copies were made,
+    so that opens are a person's; tests move it."""
+
+    def __init__(self) -> None:
+        self.now = time.time() + 3600
+
+    def __call__(self) -> float:
+        return self.now
+
+
 # --------------------------------------------------------------------------- ports, processes
 
 

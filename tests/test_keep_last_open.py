@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import Stores
 from suppression import Purpose
-from tests.helpers import cli
+from tests.helpers import Clock, cli
 from tracking import Event, EventType, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.retention import Retention, purge
 from tracking.state import TRACKING
@@ -27,14 +27,6 @@ PUBLIC = "https://mail.shop.example"
 IDA = "ida@example.org"
 HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.0"
 DAY = 86400.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time() + 3600  # an hour after the copy was made: a person's open
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

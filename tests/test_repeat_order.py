@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import Stores
+from tests.helpers import Clock
 from tracking import RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 from tracking.tokens import AggregateRef
@@ -22,14 +23,6 @@ from tracking.tokens import AggregateRef
 KEYS = ("repeat-order-test-key-0123456789",)
 PUBLIC = "https://mail.shop.example"
 HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.0"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time() + 3600  # an hour after the copy was made: a person's open
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -45,6 +38,15 @@ async def query(stores: Stores, sql: str) -> list[tuple[Any, ...]]:
     )
 
 
+async def app(
+    aiohttp_client: Any, stores: Stores
+) -> tuple[TestClient[Any, Any], Clock, TrackingUrls]:
+    clock = Clock()
+    urls = TrackingUrls(PUBLIC, Signer(KEYS))
+    client = await aiohttp_client(create_app(stores.suppressions, stores.events, urls, clock=clock))
+    return client, clock, urls
+
+
 async def fetched_at(
     client: TestClient[Any, Any], clock: Clock, url: str, moment: float, reader: str
 ) -> None:
@@ -58,9 +60,7 @@ async def fetched_at(
 async def test_an_earlier_fetch_written_after_a_later_one_is_counted_on_its_event(
     aiohttp_client: Any, stores: Stores
 ) -> None:
-    clock = Clock()
-    urls = TrackingUrls(PUBLIC, Signer(KEYS))
-    client = await aiohttp_client(create_app(stores.suppressions, stores.events, urls, clock=clock))
+    client, clock, urls = await app(aiohttp_client, stores)
     ref = RecipientRef(stores.suppressions.hasher.hash("ida@example.org"), "global", "spring", "Q1")
     pixel = urls.pixel_url(ref).removeprefix(PUBLIC)
     first = clock.now
@@ -77,9 +77,7 @@ async def test_an_earlier_fetch_written_after_a_later_one_is_counted_on_its_even
 async def test_an_aggregate_reader_counted_later_is_not_counted_again_for_an_earlier_fetch(
     aiohttp_client: Any, stores: Stores
 ) -> None:
-    clock = Clock()
-    urls = TrackingUrls(PUBLIC, Signer(KEYS))
-    client = await aiohttp_client(create_app(stores.suppressions, stores.events, urls, clock=clock))
+    client, clock, urls = await app(aiohttp_client, stores)
     pixel = urls.aggregate_pixel_url(AggregateRef("spring", "shop.example"), int(time.time()))
     pixel = pixel.removeprefix(PUBLIC)
     first = clock.now

@@ -5,7 +5,6 @@ past which fetches are answered but not recorded. Real HTTP, real SQLite."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from relay.settings import Settings, SigningSettings, StorageSettings
 from relay.stores import Stores
+from tests.helpers import Clock
 from tracking import PIXEL_GIF, RateLimit, RecipientRef, Signer, TrackingUrls, create_app
 from tracking.state import TRACKING
 
@@ -27,16 +27,6 @@ SCANNER = "Mozilla/5.0 (compatible; Barracuda Sentinel)"
 AN_HOUR = 3600.0
 
 Client = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-class Clock:
-    """The app's clock, an hour after the copies were made (so opens are human), movable."""
-
-    def __init__(self) -> None:
-        self.now = time.time() + AN_HOUR
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

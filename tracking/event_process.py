@@ -46,8 +46,7 @@ from .metrics import Metrics
 from .pending import BufferedFetches, PendingEvents
 from .recorder import (
     MAX_BATCH,
-    MAX_PENDING,
-    Gathering,
+    Forwarding,
     Pending,
     Resolver,
     add_batch,
@@ -211,22 +210,18 @@ class _Child:
     transport: asyncio.WriteTransport
 
 
-class EventProcess:
+class EventProcess(Forwarding):
     """Records open and click events through a child process (see the module's doc)."""
 
     def __init__(self, spec: EventProcessSpec, metrics: Metrics) -> None:
+        super().__init__(metrics, SEND_WINDOW)
         self._spec = spec
-        self._metrics = metrics
         self._context = multiprocessing.get_context("spawn")
-        self._gathering = Gathering()
         self._sent: dict[int, _Sent] = {}  # by batch id, oldest first
-        self._sent_items = 0
         self._next_id = 0
-        self._send_due = False  # `_send` is scheduled for this turn of the loop
         self._eof_sent = False
         self._child: _Child | None = None  # while one is running and ready
         self._writes_ok = True
-        self._closing = False  # no new events taken
         self._stopping = False  # the child is told to leave and not restarted
         self._stop_expected = False  # the relay is stopping (`expect_stop`)
         self._task: asyncio.Task[None] | None = None
@@ -238,10 +233,6 @@ class EventProcess:
         return self._child is not None and self._writes_ok
 
     @property
-    def waiting(self) -> int:
-        return len(self._gathering) + self._sent_items
-
-    @property
     def pid(self) -> int | None:
         return self._child.process.pid if self._child is not None else None
 
@@ -249,23 +240,6 @@ class EventProcess:
         """Spawn the child and wait until its database is open (EventProcessError if not)."""
         self._child = await self._spawn()
         self._task = asyncio.create_task(self._supervise(), name="tracking-event-process")
-
-    def add(self, item: Pending) -> bool:
-        # Once per pixel request: plain attribute and list work only, no further calls.
-        gathered = self._gathering.items
-        if self._closing or len(gathered) + self._sent_items >= MAX_PENDING:
-            self._metrics.events_dropped.inc()
-            return False
-        gathered.append(item)
-        if not self._send_due and len(self._sent) < SEND_WINDOW:
-            # Whatever the requests of this turn of the loop add goes as one batch.
-            self._send_due = True
-            asyncio.get_running_loop().call_soon(self._send)
-        return True
-
-    async def add_and_wait(self, item: Pending) -> None:
-        if self.add(item):
-            await asyncio.shield(self._gathering.committed())
 
     def add_batch(self, items: Sequence[Pending]) -> asyncio.Future[None]:
         return add_batch(self, self._gathering, items)

@@ -31,7 +31,7 @@ from .frames import Frames, frame
 from .listener import ClientCounts
 from .metrics import Metrics
 from .ratelimit import RateLimiter
-from .recorder import MAX_BATCH, MAX_PENDING, Gathering, Pending, Recorder
+from .recorder import MAX_BATCH, MAX_PENDING, Forwarding, Pending, Recorder
 
 log = logging.getLogger("optout.http")
 
@@ -105,10 +105,6 @@ class Line(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(frame((kind, None, *args)))
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
     # What the worker's app and listener use (each a thin shell over `ask` or `tell`).
 
     async def admit(self, key: str) -> bool:
@@ -131,43 +127,21 @@ class Line(asyncio.Protocol):
         return answer
 
 
-class HubRecorder:
+class HubRecorder(Forwarding):
     """A worker's `Recorder`: what its requests hand over goes to the hub as one batch per
-    turn of the event loop, and is committed when the hub says so."""
+    turn of the event loop (no window: the hub batches for its writer), and is committed
+    when the hub says so."""
 
     def __init__(self, line: Line, metrics: Metrics) -> None:
+        super().__init__(metrics, window=MAX_PENDING)
         self._line = line
-        self._metrics = metrics
-        self._gathering = Gathering()
         self._sent: set[asyncio.Future[Any]] = set()
-        self._sent_items = 0
-        self._send_due = False
-        self._closing = False
         self.healthy = True
         # What is sent waits at the hub too, and is shown there: only what is not yet sent.
         metrics.watch_buffer(lambda: len(self._gathering))
 
-    @property
-    def waiting(self) -> int:
-        return len(self._gathering) + self._sent_items
-
     async def start(self) -> None:
         pass
-
-    def add(self, item: Pending) -> bool:
-        gathered = self._gathering.items
-        if self._closing or len(gathered) + self._sent_items >= MAX_PENDING:
-            self._metrics.events_dropped.inc()
-            return False
-        gathered.append(item)
-        if not self._send_due:
-            self._send_due = True
-            asyncio.get_running_loop().call_soon(self._send)
-        return True
-
-    async def add_and_wait(self, item: Pending) -> None:
-        if self.add(item):
-            await asyncio.shield(self._gathering.committed())
 
     def add_batch(self, items: Sequence[Pending]) -> asyncio.Future[None]:
         raise TypeError("a worker's recorder takes no other process's events")
@@ -272,10 +246,6 @@ class HubEnd(asyncio.Protocol):
             self.listening.set_result(False)
         if not self.closed.done():
             self.closed.set_result(None)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         hub, worker = self._hub, self._worker

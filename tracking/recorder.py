@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -122,6 +122,45 @@ def add_batch(
     else:
         done.set_result(None)
     return done
+
+
+class Forwarding:
+    """What a recorder that sends its events on in batches (to the event process, or to
+    the main HTTP process) does per request: gather, and schedule one send per turn of the
+    event loop while fewer than `_window` batches wait for their answer."""
+
+    def __init__(self, metrics: Metrics, window: int) -> None:
+        self._metrics = metrics
+        self._window = window
+        self._gathering = Gathering()
+        self._sent: Sized = ()  # the batches sent and not yet answered (each subclass's own)
+        self._sent_items = 0
+        self._send_due = False  # `_send` is scheduled for this turn of the loop
+        self._closing = False  # no new events taken
+
+    @property
+    def waiting(self) -> int:
+        return len(self._gathering) + self._sent_items
+
+    def add(self, item: Pending) -> bool:
+        # Once per pixel request: plain attribute and list work only, no further calls.
+        gathered = self._gathering.items
+        if self._closing or len(gathered) + self._sent_items >= MAX_PENDING:
+            self._metrics.events_dropped.inc()
+            return False
+        gathered.append(item)
+        if not self._send_due and len(self._sent) < self._window:
+            # Whatever the requests of this turn of the loop add goes as one batch.
+            self._send_due = True
+            asyncio.get_running_loop().call_soon(self._send)
+        return True
+
+    async def add_and_wait(self, item: Pending) -> None:
+        if self.add(item):
+            await asyncio.shield(self._gathering.committed())
+
+    def _send(self) -> None:
+        raise NotImplementedError
 
 
 class Gathering:
