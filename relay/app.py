@@ -230,6 +230,11 @@ class Relay:
         purger = asyncio.create_task(self._purge_hourly(stores), name="retention-purge")
         self._exit.callback(purger.cancel)
 
+        if self.http_workers is not None:
+            # Mail is taken once every process is up: a first burst of it should not find
+            # the HTTP workers still loading, the two fighting for the cores.
+            await self.http_workers.started()
+            log.info("http: %d processes answer on the listen address", settings.http.processes)
         door = functools.partial(
             FrontDoor,
             spool=spool,
@@ -267,9 +272,6 @@ class Relay:
             server = servers.get(key)
             return None if server is None else _host_port(server.sockets[0].getsockname())
 
-        if self.http_workers is not None:
-            await self.http_workers.started()
-            log.info("http: %d processes answer on the listen address", settings.http.processes)
         smtp_address = bound("smtp.listen")
         assert smtp_address is not None
         self.addresses = Addresses(

@@ -133,3 +133,28 @@ def test_a_rewrite_failure_is_a_json_log_line_with_its_queue_id(
     assert "no delimiter" in failure["message"]
     queued = next(line for line in lines if line["message"].endswith("(queued)"))
     assert failure["queue_id"] == queued["queue_id"]
+
+
+def test_mail_is_taken_once_every_http_process_is_up(tmp_path: Path) -> None:
+    """A first burst of mail must not find the HTTP workers still loading: the SMTP port
+    opens only after they answer."""
+    smtp_port, http_port = free_ports(2)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\nprocesses = 2\n'
+    )
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            cwd=tmp_path,
+            stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        wait_until_listening(smtp_port, process)
+        assert "http: 2 processes answer on the listen address" in log.read_text()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
