@@ -136,11 +136,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def tree(pid: int) -> list[int]:
-    """`pid` and its descendants."""
+    """`pid` and its descendants (a child started from a thread is listed under that
+    thread's task, as the delivery process's DKIM signing helper is)."""
     found = [pid]
     with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            found += tree(int(child))
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += tree(int(child))
     return found
 
 
@@ -155,10 +157,9 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def tree_peak_rss_mb(pid: int) -> list[float]:
-    """Peak RSS of the relay, then of each of its child processes (delivery, and Python's
-    resource tracker); their sum is an upper bound of the whole relay's peak."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [peak_rss_mb(pid), *(peak_rss_mb(int(child)) for child in children)]
+    """Peak RSS of the relay, then of each of its descendants (delivery, HTTP workers,
+    helpers, Python's resource tracker); their sum is an upper bound of the whole relay's."""
+    return [peak_rss_mb(process) for process in tree(pid)]
 
 
 def describe_rss(peaks: list[float]) -> str:
@@ -167,11 +168,10 @@ def describe_rss(peaks: list[float]) -> str:
 
 
 def tree_pss_mb(pid: int) -> float:
-    """The proportional set size of the relay and its children added up: each shared page
-    (the interpreter, libraries) counted once across them, unlike a sum of RSS."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    """The proportional set size of the relay and its descendants added up: each shared
+    page (the interpreter, libraries) counted once across them, unlike a sum of RSS."""
     total = 0.0
-    for process in (pid, *map(int, children)):
+    for process in tree(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

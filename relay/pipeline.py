@@ -33,7 +33,7 @@ from tracking.modes import Mode, Modes, Purpose, click_mode
 from tracking.tokens import AggregateRef
 
 from .accounts import Account
-from .dkim import DkimError, DkimSigner, SigningMemo, signing_domains
+from .dkim import DkimError, DkimSigner, SigningMemo, UnsignedFields, signing_domains
 from .feedback.outgoing import CopyMarks
 from .from_header import from_domains
 from .mime import (
@@ -443,6 +443,24 @@ DEFAULT_STEPS: tuple[Step, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class UnsignedCopy:
+    """A recipient's copy and its DKIM-Signature fields still to sign (None: unsigned)."""
+
+    content: bytes
+    fields: UnsignedFields | None
+
+    @property
+    def signed(self) -> bool:
+        return self.fields is not None
+
+    def finish(self) -> bytes:
+        """The copy as sent: its signature fields, signed, in front of it."""
+        if self.fields is None:
+            return self.content
+        return self.fields.finish() + self.content
+
+
 @dataclass(slots=True)
 class PreparedMessage:
     """A message after the pipeline: its metadata and its template, ready for recipients."""
@@ -493,13 +511,47 @@ class PreparedMessage:
         breaks, a final CRLF; relay.mime.smtp_lines), made once for the signer and the
         client alike.
         """
+        copy = self.personalise_unsigned(
+            recipient,
+            urls,
+            hasher,
+            eight_bit_ok=eight_bit_ok,
+            address_hash=address_hash,
+            marks=marks,
+            modes=modes,
+            smtp_form=smtp_form,
+        )
+        return copy.finish()
+
+    def personalise_unsigned(
+        self,
+        recipient: str,
+        urls: TrackingUrls,
+        hasher: AddressHasher,
+        *,
+        eight_bit_ok: bool = True,
+        address_hash: str | None = None,
+        marks: CopyMarks | None = None,
+        modes: Modes | None = None,
+        smtp_form: bool = False,
+    ) -> UnsignedCopy:
+        """`personalise` but for the private-key operations of its signature, which
+        `UnsignedCopy.finish` does (in a thread of its own, if the caller likes)."""
         key = address_hash if address_hash is not None else hasher.hash(recipient)
         copy = self._render(key, urls, eight_bit_ok, marks, modes or self.modes_for())
         if smtp_form:
             copy = self._signing_memo.smtp_lines(copy)
         signer = self.meta.signer
         if signer is None:
-            return copy
+            return UnsignedCopy(copy, None)
+        try:
+            fields = signer.prepare(copy, smtp_form=smtp_form, memo=self._signing_memo)
+        except DkimError as exc:
+            # Headers DKIM cannot sign (e.g. a line without a colon): better unsigned than
+            # stuck; the log says why.
+            log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
+            return UnsignedCopy(copy, None)
+        return UnsignedCopy(copy, fields)
         try:
             return signer.sign(copy, smtp_form=smtp_form, memo=self._signing_memo) + copy
         except DkimError as exc:

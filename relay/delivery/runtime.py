@@ -10,11 +10,13 @@ import socket
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from tracking.signing import Signer
 from tracking.tokens import TrackingUrls
 
 from ..accounts import Account
+from ..cores import usable_cores
 from ..dkim import DkimSigner
 from ..feedback import CopyTokens, FeedbackMarks
 from ..pipeline import Pipeline
@@ -26,6 +28,9 @@ from ..stores import OUTBOX_DIR, SPOOL_FILE, Stores, load_dkim_signers, tracking
 from .guard import WorkGuard, memory_ceiling
 from .transport import OutboxTransport, SmtpTransport, Transport, outbox_name
 from .worker import DeliveryWorker, RetryPolicy
+
+if TYPE_CHECKING:
+    from ..dkim.helper import SigningHelper
 
 
 def destination(settings: Settings) -> str:
@@ -81,6 +86,20 @@ class DeliveryRuntime:
         self._urls = urls
         self._exit = AsyncExitStack()
 
+    async def _signing_helper(self, signers: Mapping[str, DkimSigner]) -> SigningHelper | None:
+        """With RSA keys and a core to spare, a process of its own makes the signatures."""
+        if usable_cores() < 2:
+            return None
+        # Imported here: without a DKIM key, delivery loads no signing code.
+        from ..dkim.helper import SigningHelper
+
+        helper = SigningHelper(key for signer in signers.values() for key in signer.private_keys)
+        if not helper.useful:
+            return None
+        await helper.start()
+        self._exit.push_async_callback(helper.close)
+        return helper
+
     async def __aenter__(self) -> DeliveryRuntime:
         settings = self.settings
         try:
@@ -98,13 +117,13 @@ class DeliveryRuntime:
                 hostname = await asyncio.to_thread(socket.getfqdn)  # may ask DNS
             self.transport = build_transport(settings, hostname)
             accounts = settings.account_map() if self._accounts is None else self._accounts
+            signers = load_dkim_signers(settings) if self._signers is None else self._signers
+            signing = await self._signing_helper(signers)
             self.worker = DeliveryWorker(
                 spool=spool,
                 transport=self.transport,
                 pipeline=Pipeline(
-                    signers=(
-                        load_dkim_signers(settings) if self._signers is None else self._signers
-                    ),
+                    signers=signers,
                     accounts=accounts,
                     opens=settings.tracking.opens,
                     clicks=settings.tracking.click_mode,
@@ -133,6 +152,7 @@ class DeliveryRuntime:
                     enforce=settings.delivery.separate_process,
                 ),
                 marks=feedback_marks(settings, accounts, stores.signer()),
+                signing=signing,
             )
             task = asyncio.create_task(self.worker.run(), name="delivery-worker")
             self._exit.push_async_callback(self._stop, self.worker, task)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from suppression import (
     NO_WORD,
@@ -26,7 +27,7 @@ from tracking import Event, EventStore, EventType, TrackingUrls
 
 from ..feedback import CopyMarks, FeedbackMarks, FeedbackStore
 from ..mime import headers_of, parse_headers
-from ..pipeline import Arrival, Pipeline, PreparedMessage
+from ..pipeline import Arrival, Pipeline, PreparedMessage, UnsignedCopy
 from ..spool import (
     DSN,
     WHOLE,
@@ -43,6 +44,9 @@ from .dsn import Failure, build_dsn, status_of
 from .guard import OUT_OF_MEMORY, WorkGuard
 from .outcomes import OutcomeForwarder, event_record
 from .transport import Outcome, Outgoing, Status, Transport
+
+if TYPE_CHECKING:
+    from ..dkim.helper import SigningHelper
 
 log = logging.getLogger("optout.delivery")
 
@@ -136,9 +140,12 @@ class DeliveryWorker:
         partition: Partition = WHOLE,
         guard: WorkGuard | None = None,
         marks: FeedbackMarks | None = None,
+        signing: SigningHelper | None = None,
     ) -> None:
         """`guard`: bounds each message's work (relay.delivery.guard). `marks`: with
-        feedback on, each copy's return path, mailto: and fields."""
+        feedback on, each copy's return path, mailto: and fields. `signing`: makes the
+        copies' RSA signatures in a process of its own (None: here)."""
+        self._signing = signing
         self._partition = partition
         self._marks = marks
         self._spool = spool
@@ -649,10 +656,10 @@ class DeliveryWorker:
         sent again at once."""
         eight_bit = self._transport.eight_bit_ok
         while True:
-            content = await self._guard.run(
+            unsigned = await self._guard.run(
                 message.queue_id,
                 functools.partial(
-                    prepared.personalise,
+                    prepared.personalise_unsigned,
                     eight_bit_ok=eight_bit,
                     address_hash=address_hash,
                     marks=marks,
@@ -665,6 +672,7 @@ class DeliveryWorker:
                 offload=len(message.content) > OFFLOAD_BYTES,
                 alone=message.crashes > 0,
             )
+            content = await self._signed(unsigned)
             outcome = await self._transport.send(
                 Outgoing(
                     message.queue_id,
@@ -679,6 +687,15 @@ class DeliveryWorker:
             if not (outcome.needs_seven_bit and eight_bit):
                 return outcome
             eight_bit = False
+
+    async def _signed(self, copy: UnsignedCopy) -> bytes:
+        """The copy with its DKIM signatures, made by the signing helper when there is one
+        (relay.dkim.helper), while this loop goes on with other copies."""
+        if copy.fields is None:
+            return copy.content
+        if self._signing is None:
+            return copy.finish()
+        return await self._signing.finish(copy.fields) + copy.content
 
     async def _send_report(self, message: SpooledMessage, delivery: Delivery) -> None:
         """Our own DSNs go out as they are: no decoration, no suppression, no DSN of a DSN."""

@@ -26,6 +26,8 @@ from .signer import (
     DkimSigner,
     PrivateKey,
     SigningMemo,
+    UnsignedField,
+    UnsignedFields,
     signing_domains,
 )
 
@@ -40,6 +42,8 @@ __all__ = [
     "KeyAlgorithm",
     "PrivateKey",
     "SigningMemo",
+    "UnsignedField",
+    "UnsignedFields",
     "dns_record",
     "generate_key",
     "key_file_name",

@@ -18,7 +18,7 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -135,6 +135,10 @@ class DkimSigner:
     def __repr__(self) -> str:
         return f"DkimSigner(domain={self.domain!r}, selectors={self.selectors!r})"
 
+    @property
+    def private_keys(self) -> tuple[PrivateKey, ...]:
+        return tuple(key for _, _, key in self._keys)
+
     def sign(
         self,
         message: bytes,
@@ -149,6 +153,18 @@ class DkimSigner:
         `smtp_form`: `message` is in that form already (relay.mime.smtp_lines).
         `memo`: one per message whose copies differ only here and there (personalised
         copies): what they share is read and hashed once (`SigningMemo`)."""
+        return self.prepare(message, timestamp=timestamp, smtp_form=smtp_form, memo=memo).finish()
+
+    def prepare(
+        self,
+        message: bytes,
+        *,
+        timestamp: int | None = None,
+        smtp_form: bool = False,
+        memo: SigningMemo | None = None,
+    ) -> UnsignedFields:
+        """All of `sign` but the private-key operations, which `UnsignedFields.finish` does:
+        the part worth a thread of its own, as it lets go of the GIL."""
         when = int(time.time()) if timestamp is None else int(timestamp)
         if when < 0:
             raise DkimError("the DKIM timestamp cannot be before 1970")
@@ -177,7 +193,7 @@ class DkimSigner:
         signed_fields = b"".join(canonical)
         body_hash = base64.b64encode(body_digest)
         domain = self.domain.encode()
-        out = []
+        unsigned = []
         for selector, algorithm, key in self._keys:
             tags = [
                 b"v=1",
@@ -191,14 +207,42 @@ class DkimSigner:
                 b"h=" + b" : ".join(names),
                 b"bh=" + body_hash,
             ]
-            unsigned = b"; ".join([*tags, b"b="])
-            data = signed_fields + b"dkim-signature:" + unsigned
-            if isinstance(key, rsa.RSAPrivateKey):
-                signature = key.sign(data, _PKCS1, _SHA256)
-            else:
-                signature = key.sign(hashlib.sha256(data).digest())
-            out.append(_fold(tags, base64.b64encode(signature)))
-        return b"".join(out)
+            data = signed_fields + b"dkim-signature:" + b"; ".join([*tags, b"b="])
+            unsigned.append(UnsignedField(key, tags, data))
+        return UnsignedFields(tuple(unsigned))
+
+
+@dataclass(frozen=True, slots=True)
+class UnsignedField:
+    """One DKIM-Signature field of a copy, all but its signature."""
+
+    key: PrivateKey
+    tags: list[bytes]
+    data: bytes  # what the signature covers: the signed fields and this field without b=
+
+    def signature(self) -> bytes:
+        """The key's signature of `data`. The RSA or Ed25519 operation lets go of the GIL."""
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.sign(self.data, _PKCS1, _SHA256)
+        return self.key.sign(hashlib.sha256(self.data).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class UnsignedFields:
+    """A copy's DKIM-Signature fields, all but their signatures (`DkimSigner.prepare`)."""
+
+    fields: tuple[UnsignedField, ...]
+
+    def finish(self) -> bytes:
+        """The fields, signed, as `DkimSigner.sign` gives them."""
+        return self.signed_with([field.signature() for field in self.fields])
+
+    def signed_with(self, signatures: Sequence[bytes]) -> bytes:
+        """The fields with these signatures, one per field, made elsewhere."""
+        return b"".join(
+            _fold(field.tags, base64.b64encode(signature))
+            for field, signature in zip(self.fields, signatures, strict=True)
+        )
 
 
 def signing_domains(message: bytes) -> list[str]:
