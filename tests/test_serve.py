@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.cores import usable_cores
+from relay.dkim import generate_key
 from tests.helpers import ROOT, free_ports, newsletter, submit, wait_until_listening
 
 
@@ -158,3 +160,52 @@ def test_mail_is_taken_once_every_http_process_is_up(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+def _helpers() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"relay.dkim.helper" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return found
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="the DKIM signing helper needs two cores")
+def test_the_dkim_helper_goes_with_the_relay_on_a_stop_sent_to_every_process(
+    tmp_path: Path,
+) -> None:
+    smtp_port, http_port = free_ports(2)
+    key_file, _ = generate_key("shop.example", "s1", tmp_path / "dkim")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[[dkim.keys]]\ndomain = "shop.example"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    )
+    before = set(_helpers())
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            cwd=tmp_path,
+            stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,
+        )
+    try:
+        wait_until_listening(smtp_port, process)
+        poll(lambda: set(_helpers()) - before)
+        helpers = set(_helpers()) - before
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        poll(lambda: not helpers & set(_helpers()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "helper lost" not in text
+    assert text.rstrip().endswith("info: stopped")

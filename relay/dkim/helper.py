@@ -278,8 +278,12 @@ def serve(channel: socket.socket) -> None:
 
 
 def main() -> None:
-    # Ctrl-C in a terminal reaches the whole process group; the relay decides when this ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Its life is its parent's: it ends when the socket pair closes, however the parent
+    # ends. Signals sent to the whole process group (Ctrl-C in a terminal, a service
+    # manager's stop) are for the parent to act on; taken here they would only make the
+    # parent log a lost helper while it stops.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     with (
         contextlib.suppress(EOFError, ConnectionError),
         socket.socket(fileno=int(sys.argv[1])) as channel,
