@@ -450,10 +450,6 @@ class UnsignedCopy:
     content: bytes
     fields: UnsignedFields | None
 
-    @property
-    def signed(self) -> bool:
-        return self.fields is not None
-
     def finish(self) -> bytes:
         """The copy as sent: its signature fields, signed, in front of it."""
         if self.fields is None:
@@ -552,13 +548,6 @@ class PreparedMessage:
             log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
             return UnsignedCopy(copy, None)
         return UnsignedCopy(copy, fields)
-        try:
-            return signer.sign(copy, smtp_form=smtp_form, memo=self._signing_memo) + copy
-        except DkimError as exc:
-            # Headers DKIM cannot sign (e.g. a line without a colon): better unsigned than
-            # stuck; the log says why.
-            log.warning("DKIM: not signed: %s", exc, extra={"queue_id": self.meta.queue_id})
-            return copy
 
     def _render(
         self,

@@ -8,6 +8,10 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -16,6 +20,8 @@ from relay.dkim import DkimSigner
 from relay.dkim import helper as helper_module
 from relay.dkim.helper import SigningHelper
 from tests.helpers import wait_for
+
+T = TypeVar("T")
 
 
 def copy(number: int) -> bytes:
@@ -45,6 +51,11 @@ def keys(signers: list[DkimSigner]) -> list[rsa.RSAPrivateKey | ed25519.Ed25519P
     return [key for signer in signers for key in signer.private_keys]
 
 
+async def within(work: Awaitable[T]) -> T:
+    """A helper that loses a request would hang the test: fail it instead."""
+    return await asyncio.wait_for(work, 20)
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -64,9 +75,10 @@ async def test_the_helper_signs_what_the_signer_would(signers: list[DkimSigner])
             for n in range(40)
             for signer in signers
         ]
-        made = await asyncio.gather(*(helper.finish(fields) for fields in prepared))
+        made = await within(asyncio.gather(*(helper.finish(fields) for fields in prepared)))
         assert made == [fields.finish() for fields in prepared]
-        assert helper.pid == pid  # it did them all, nothing fell back
+        assert helper.fallbacks == 0  # the helper made every RSA signature
+        assert helper.pid == pid
     finally:
         await helper.close()
     assert gone(pid)
@@ -91,8 +103,9 @@ async def test_a_helper_killed_midway_leaves_no_copy_unsigned_and_comes_back(
         prepared = [signers[0].prepare(copy(n), timestamp=1_765_000_000) for n in range(200)]
         signing = [asyncio.ensure_future(helper.finish(fields)) for fields in prepared]
         os.kill(first, signal.SIGKILL)
-        made = await asyncio.gather(*signing)
+        made = await within(asyncio.gather(*signing))
         assert made == [fields.finish() for fields in prepared]
+        assert helper.fallbacks > 0
         assert "DKIM signing helper lost" in caplog.text
 
         async def back() -> bool:
@@ -117,8 +130,91 @@ async def test_a_helper_that_stops_answering_is_ended(
         os.kill(pid, signal.SIGSTOP)
         fields = signers[1].prepare(copy(7), timestamp=1_765_000_000)
         with caplog.at_level(logging.WARNING, logger="optout.delivery"):
-            assert await asyncio.wait_for(helper.finish(fields), 10) == fields.finish()
+            assert await within(helper.finish(fields)) == fields.finish()
         assert "no answer in 0.5 s" in caplog.text
         await wait_for(lambda: gone(pid), what="the stuck helper to be ended")
     finally:
         await helper.close()
+
+
+async def test_signals_sent_to_the_process_group_leave_the_helper_working(
+    signers: list[DkimSigner],
+) -> None:
+    """A service manager's stop or a terminal's Ctrl-C reaches every process of the group;
+    the helper leaves the stop to its parent and ends with its socket pair."""
+    helper = SigningHelper(keys(signers))
+    await helper.start()
+    try:
+        pid = helper.pid
+        assert pid is not None
+        fields = signers[0].prepare(copy(1), timestamp=1_765_000_000)
+        await within(helper.finish(fields))  # it is past setting up its signals
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(pid, number)
+        assert await within(helper.finish(fields)) == fields.finish()
+        assert helper.fallbacks == 0
+        assert helper.pid == pid
+    finally:
+        await helper.close()
+    await wait_for(lambda: gone(pid), what="the helper to end with its socket pair")
+
+
+async def test_a_helper_slow_to_die_does_not_end_the_watch(
+    signers: list[DkimSigner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every helper that stops answering is ended, the one after a helper that took long to
+    die too."""
+    monkeypatch.setattr(helper_module, "ANSWER_TIMEOUT", 0.5)
+    monkeypatch.setattr(helper_module, "RESTART_AFTER", 0.0)
+    monkeypatch.setattr(helper_module, "STOP_TIMEOUT", 0.0)  # as if it took long to die
+    helper = SigningHelper(keys(signers))
+    await helper.start()
+    fields = signers[1].prepare(copy(3), timestamp=1_765_000_000)
+    stopped: list[int] = []
+    try:
+        for _ in range(2):
+
+            async def running() -> bool:
+                await helper.finish(fields)  # a copy signed while it is away starts it again
+                return helper.pid is not None and helper.pid not in stopped
+
+            await wait_for(running, what="a helper")
+            assert helper.pid is not None
+            stopped.append(helper.pid)
+            os.kill(helper.pid, signal.SIGSTOP)
+            assert await within(helper.finish(fields)) == fields.finish()
+    finally:
+        monkeypatch.setattr(helper_module, "STOP_TIMEOUT", 5.0)
+        await helper.close()  # reaps the helpers that took long to die
+        for pid in stopped:
+            assert gone(pid)
+
+
+async def test_a_close_while_a_helper_starts_leaves_no_process(
+    signers: list[DkimSigner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned: list[subprocess.Popen[bytes]] = []
+    spawn = helper_module._spawn
+
+    def slow_spawn() -> Any:
+        made = spawn()
+        spawned.append(made[0])
+        time.sleep(0.3)  # the close comes while the start is under way
+        return made
+
+    monkeypatch.setattr(helper_module, "_spawn", slow_spawn)
+    monkeypatch.setattr(helper_module, "RESTART_AFTER", 0.0)
+    helper = SigningHelper(keys(signers))
+    await helper.start()
+    first = helper.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    fields = signers[0].prepare(copy(5), timestamp=1_765_000_000)
+    assert await within(helper.finish(fields)) == fields.finish()  # lost: signed here
+    await wait_for(lambda: len(spawned) == 1 or helper.pid is None, what="the helper lost")
+    await helper.finish(fields)  # starts a new helper, slowly
+    await wait_for(lambda: len(spawned) == 2, what="a second helper to be forked")
+    await within(helper.close())
+    assert helper.pid is None
+    for process in spawned:
+        assert process.poll() is not None  # ended and reaped: no stray process, no zombie

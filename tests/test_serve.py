@@ -162,16 +162,41 @@ def test_mail_is_taken_once_every_http_process_is_up(tmp_path: Path) -> None:
         assert process.wait(timeout=30) == 0
 
 
-def _helpers() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"relay.dkim.helper" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue  # gone meanwhile
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        children = [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    except OSError:
+        return found  # gone meanwhile
+    for child in children:
+        found |= {child, *_descendants(child)}
     return found
+
+
+def _helpers(pid: int) -> set[int]:
+    """The DKIM signing helpers among the relay's processes."""
+    found = set()
+    for process in _descendants(pid):
+        try:
+            if b"relay.dkim.helper" in Path(f"/proc/{process}/cmdline").read_bytes():
+                found.add(process)
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those still running: a zombie has ended (its reaper may be slow: a container's init)."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="the DKIM signing helper needs two cores")
@@ -185,7 +210,6 @@ def test_the_dkim_helper_goes_with_the_relay_on_a_stop_sent_to_every_process(
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
         f'[[dkim.keys]]\ndomain = "shop.example"\nselector = "s1"\nkey_file = "{key_file}"\n'
     )
-    before = set(_helpers())
     log = tmp_path / "serve.log"
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
@@ -197,11 +221,11 @@ def test_the_dkim_helper_goes_with_the_relay_on_a_stop_sent_to_every_process(
         )
     try:
         wait_until_listening(smtp_port, process)
-        poll(lambda: set(_helpers()) - before)
-        helpers = set(_helpers()) - before
+        poll(lambda: _helpers(process.pid))
+        helpers = _helpers(process.pid)
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-        poll(lambda: not helpers & set(_helpers()))
+        poll(lambda: not _alive(helpers))
     finally:
         if process.poll() is None:
             process.kill()

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,6 +76,9 @@ class SigningHelper:
         self._starting: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._closed = False
+        #: RSA signatures made in the caller's process, the helper being away.
+        self.fallbacks = 0
+        self._unreaped: list[subprocess.Popen[bytes]] = []  # ended, not yet reaped
 
     @property
     def useful(self) -> bool:
@@ -92,12 +94,20 @@ class SigningHelper:
         if not self._keys or self._closed:
             return
         try:
-            self._link = await self._spawn()
-        except (OSError, ValueError) as exc:
+            # In one thread, so that nothing closes the helper's end before it is forked.
+            process, ours = await asyncio.to_thread(_spawn)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self._retry_at = time.monotonic() + RESTART_AFTER
             log.warning("DKIM signing helper did not start (%s); signing in this process", exc)
             return
-        self._link.reading = asyncio.create_task(self._read(self._link), name="dkim-helper")
+        if self._closed:  # closed while it started
+            ours.close()
+            await self._reap(process)
+            return
+        reader, writer = await asyncio.open_connection(sock=ours)
+        writer.write(_keys_frame(self._keys))
+        link = self._link = _Link(process, reader, writer, {})
+        link.reading = asyncio.create_task(self._read(link), name="dkim-helper")
         if self._watching is None:
             self._watching = asyncio.create_task(self._watch(), name="dkim-helper-watch")
 
@@ -107,13 +117,16 @@ class SigningHelper:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._starting, self._watching):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._starting is not None:
+            await asyncio.shield(self._starting)  # a helper it starts now is ended at once
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         if self._link is not None:
             await self._end(self._link, None)
+        for process in list(self._unreaped):
+            await self._reap(process)
 
     # ---- requests ----
 
@@ -122,6 +135,7 @@ class SigningHelper:
         link = self._link
         if index is None or link is None:
             if index is not None:
+                self.fallbacks += 1
                 self._restart_when_due()
             return field.signature()
         request_id = next(self._ids) & 0xFFFFFFFF
@@ -131,6 +145,7 @@ class SigningHelper:
         try:
             return await future
         except _Lost:
+            self.fallbacks += 1
             return field.signature()
 
     async def _read(self, link: _Link) -> None:
@@ -158,12 +173,16 @@ class SigningHelper:
         held up for it longer than ANSWER_TIMEOUT."""
         while True:
             await asyncio.sleep(1)
+            self._unreaped = [process for process in self._unreaped if process.poll() is None]
             link = self._link
             if link is None or not link.pending:
                 continue
             _, sent = next(iter(link.pending.values()))
             if time.monotonic() - sent > ANSWER_TIMEOUT:
-                await self._end(link, f"no answer in {ANSWER_TIMEOUT:g} s")
+                try:
+                    await self._end(link, f"no answer in {ANSWER_TIMEOUT:g} s")
+                except Exception:  # this watch must outlive any one helper
+                    log.exception("DKIM signing helper: ending it failed")
 
     def _restart_when_due(self) -> None:
         if self._closed or self._starting is not None or time.monotonic() < self._retry_at:
@@ -179,26 +198,6 @@ class SigningHelper:
             self._starting = None
 
     # ---- the process ----
-
-    async def _spawn(self) -> _Link:
-        ours, theirs = socket.socketpair()
-        try:
-            process = await asyncio.to_thread(
-                subprocess.Popen,
-                [sys.executable, "-m", "relay.dkim.helper", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env=_same_code(),
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours)
-        writer.write(_keys_frame(self._keys))
-        return _Link(process, reader, writer, {})
 
     async def _end(self, link: _Link, why: str | None) -> None:
         """`why`: the helper failed (logged; copies are signed here a while); None: a stop."""
@@ -218,17 +217,54 @@ class SigningHelper:
         link.writer.close()
         if link.reading is not None and link.reading is not asyncio.current_task():
             link.reading.cancel()
-        with contextlib.suppress(ProcessLookupError):
-            link.process.kill()
-        await asyncio.to_thread(link.process.wait, STOP_TIMEOUT)
+        await self._reap(link.process)
+
+    async def _reap(self, process: subprocess.Popen[bytes]) -> None:
+        """Kill and wait. Listed until reaped, so that one whose wait is cut short (a stop
+        meanwhile, a process slow to die) is reaped later, by the watch or `close`."""
+        if process not in self._unreaped:
+            self._unreaped.append(process)
+        if await asyncio.to_thread(_stop, process) and process in self._unreaped:
+            self._unreaped.remove(process)
+
+
+def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """The helper process and our end of its socket pair (blocking: run in a thread)."""
+    ours, theirs = socket.socketpair()
+    try:
+        process = subprocess.Popen(  # noqa: S603 - our interpreter, our module, no input
+            # -P: the working directory stays out of its imports.
+            [sys.executable, "-P", "-m", "relay.dkim.helper", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=_same_code(),
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
+
+
+def _stop(process: subprocess.Popen[bytes]) -> bool:
+    """Kill and reap (blocking: run in a thread); False if it is not gone in STOP_TIMEOUT
+    (a process in uninterruptible sleep)."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log.warning("DKIM signing helper %d did not end in %g s", process.pid, STOP_TIMEOUT)
+        return False
+    return True
 
 
 def _same_code() -> dict[str, str]:
-    """The environment, with the helper importing the very code its parent runs (from a
-    checkout, a wheel or an editable install alike)."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
+    """The environment, with the helper's imports resolved as its parent's are: its path
+    is the parent's `sys.path`, as multiprocessing's spawn gives its children."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
 
 
 class _Lost(Exception):
