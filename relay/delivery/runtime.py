@@ -88,13 +88,14 @@ class DeliveryRuntime:
 
     async def _signing_helper(self, signers: Mapping[str, DkimSigner]) -> SigningHelper | None:
         """With RSA keys and a core to spare, a process of its own makes the signatures."""
-        if usable_cores() < 2:
+        keys = [key for signer in signers.values() for key in signer.private_keys]
+        if not keys or usable_cores() < 2:
             return None
         # Imported here: without a DKIM key, delivery loads no signing code.
         from ..dkim.helper import SigningHelper
 
-        helper = SigningHelper(key for signer in signers.values() for key in signer.private_keys)
-        if not helper.useful:
+        helper = SigningHelper(keys)
+        if not helper.useful:  # Ed25519 keys only: cheap, signed in this process
             return None
         await helper.start()
         self._exit.push_async_callback(helper.close)

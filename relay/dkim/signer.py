@@ -163,8 +163,8 @@ class DkimSigner:
         smtp_form: bool = False,
         memo: SigningMemo | None = None,
     ) -> UnsignedFields:
-        """All of `sign` but the private-key operations, which `UnsignedFields.finish` does:
-        the part worth a thread of its own, as it lets go of the GIL."""
+        """All of `sign` but the private-key operations, which `UnsignedFields.finish` does,
+        or a signing helper in another process (relay.dkim.helper)."""
         when = int(time.time()) if timestamp is None else int(timestamp)
         if when < 0:
             raise DkimError("the DKIM timestamp cannot be before 1970")
