@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
-from typing import Protocol
+from typing import Any, Protocol
 
 from suppression import (
     GLOBAL,
@@ -486,38 +486,10 @@ class PreparedMessage:
         return self.meta.modes.for_copy(consent, self.meta.header_consent)
 
     def personalise(
-        self,
-        recipient: str,
-        urls: TrackingUrls,
-        hasher: AddressHasher,
-        *,
-        eight_bit_ok: bool = True,
-        address_hash: str | None = None,
-        marks: CopyMarks | None = None,
-        modes: Modes | None = None,
-        smtp_form: bool = False,
+        self, recipient: str, urls: TrackingUrls, hasher: AddressHasher, **options: Any
     ) -> bytes:
-        """The recipient's copy, DKIM-signed last so the signature covers every change.
-
-        `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
-        `address_hash`: the recipient's keyed hash, when the caller has it already.
-        `marks`: the copy's feedback addresses and fields (relay.feedback), if any.
-        `modes`: how this copy is measured (`modes_for` the recipient's consent; default:
-        as if they had said nothing). `smtp_form`: the copy as SMTP carries it (CRLF line
-        breaks, a final CRLF; relay.mime.smtp_lines), made once for the signer and the
-        client alike.
-        """
-        copy = self.personalise_unsigned(
-            recipient,
-            urls,
-            hasher,
-            eight_bit_ok=eight_bit_ok,
-            address_hash=address_hash,
-            marks=marks,
-            modes=modes,
-            smtp_form=smtp_form,
-        )
-        return copy.finish()
+        """The recipient's copy as sent: `personalise_unsigned`, signed here."""
+        return self.personalise_unsigned(recipient, urls, hasher, **options).finish()
 
     def personalise_unsigned(
         self,
@@ -531,8 +503,17 @@ class PreparedMessage:
         modes: Modes | None = None,
         smtp_form: bool = False,
     ) -> UnsignedCopy:
-        """`personalise` but for the private-key operations of its signature, which
-        `UnsignedCopy.finish` does (in a thread of its own, if the caller likes)."""
+        """The recipient's copy, its DKIM signatures to be made last (`UnsignedCopy.finish`,
+        or a signing helper in another process) so that they cover every change.
+
+        `eight_bit_ok`: the next hop takes 8BITMIME; else 8bit parts go as 7-bit encodings.
+        `address_hash`: the recipient's keyed hash, when the caller has it already.
+        `marks`: the copy's feedback addresses and fields (relay.feedback), if any.
+        `modes`: how this copy is measured (`modes_for` the recipient's consent; default:
+        as if they had said nothing). `smtp_form`: the copy as SMTP carries it (CRLF line
+        breaks, a final CRLF; relay.mime.smtp_lines), made once for the signer and the
+        client alike.
+        """
         key = address_hash if address_hash is not None else hasher.hash(recipient)
         copy = self._render(key, urls, eight_bit_ok, marks, modes or self.modes_for())
         if smtp_form:

@@ -5,18 +5,19 @@ make, and a helper that dies or stops answering never leaves a copy unsigned."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay.dkim import DkimSigner
+from relay.dkim import DkimSigner, UnsignedFields
 from relay.dkim import helper as helper_module
 from relay.dkim.helper import SigningHelper
 from tests.helpers import wait_for
@@ -51,6 +52,32 @@ def keys(signers: list[DkimSigner]) -> list[rsa.RSAPrivateKey | ed25519.Ed25519P
     return [key for signer in signers for key in signer.private_keys]
 
 
+def unsigned(signer: DkimSigner, number: int) -> UnsignedFields:
+    return signer.prepare(copy(number), timestamp=1_765_000_000)
+
+
+@contextlib.asynccontextmanager
+async def started(signers: list[DkimSigner]) -> AsyncIterator[tuple[SigningHelper, int]]:
+    """A running helper and its process id; closed at the end."""
+    helper = SigningHelper(keys(signers))
+    await helper.start()
+    try:
+        assert helper.pid is not None
+        yield helper, helper.pid
+    finally:
+        await helper.close()
+
+
+async def back_again(helper: SigningHelper, fields: UnsignedFields, ended: list[int]) -> None:
+    """Wait for a new helper: a copy signed while none runs starts one."""
+
+    async def running() -> bool:
+        await helper.finish(fields)
+        return helper.pid is not None and helper.pid not in ended
+
+    await wait_for(running, what="a new helper")
+
+
 async def within(work: Awaitable[T]) -> T:
     """A helper that loses a request would hang the test: fail it instead."""
     return await asyncio.wait_for(work, 20)
@@ -65,22 +92,12 @@ def gone(pid: int) -> bool:
 
 
 async def test_the_helper_signs_what_the_signer_would(signers: list[DkimSigner]) -> None:
-    helper = SigningHelper(keys(signers))
-    await helper.start()
-    try:
-        pid = helper.pid
-        assert pid is not None
-        prepared = [
-            signer.prepare(copy(n), timestamp=1_765_000_000)
-            for n in range(40)
-            for signer in signers
-        ]
+    async with started(signers) as (helper, pid):
+        prepared = [unsigned(signer, n) for n in range(40) for signer in signers]
         made = await within(asyncio.gather(*(helper.finish(fields) for fields in prepared)))
         assert made == [fields.finish() for fields in prepared]
         assert helper.fallbacks == 0  # the helper made every RSA signature
         assert helper.pid == pid
-    finally:
-        await helper.close()
     assert gone(pid)
 
 
@@ -95,46 +112,29 @@ async def test_a_helper_killed_midway_leaves_no_copy_unsigned_and_comes_back(
     signers: list[DkimSigner], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(helper_module, "RESTART_AFTER", 0.0)
-    helper = SigningHelper(keys(signers))
-    await helper.start()
-    try:
-        first = helper.pid
-        assert first is not None
-        prepared = [signers[0].prepare(copy(n), timestamp=1_765_000_000) for n in range(200)]
+    async with started(signers) as (helper, first):
+        prepared = [unsigned(signers[0], n) for n in range(200)]
         signing = [asyncio.ensure_future(helper.finish(fields)) for fields in prepared]
         os.kill(first, signal.SIGKILL)
         made = await within(asyncio.gather(*signing))
         assert made == [fields.finish() for fields in prepared]
         assert helper.fallbacks > 0
         assert "DKIM signing helper lost" in caplog.text
-
-        async def back() -> bool:
-            await helper.finish(prepared[0])  # a copy signed while it is away starts it again
-            return helper.pid not in (None, first)
-
-        await wait_for(back, what="a new helper")
+        await back_again(helper, prepared[0], [first])
         await wait_for(lambda: gone(first), what="the killed helper to be reaped")
-    finally:
-        await helper.close()
 
 
 async def test_a_helper_that_stops_answering_is_ended(
     signers: list[DkimSigner], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(helper_module, "ANSWER_TIMEOUT", 0.5)
-    helper = SigningHelper(keys(signers))
-    await helper.start()
-    pid = helper.pid
-    assert pid is not None
-    try:
+    async with started(signers) as (helper, pid):
         os.kill(pid, signal.SIGSTOP)
-        fields = signers[1].prepare(copy(7), timestamp=1_765_000_000)
+        fields = unsigned(signers[1], 7)
         with caplog.at_level(logging.WARNING, logger="optout.delivery"):
             assert await within(helper.finish(fields)) == fields.finish()
         assert "no answer in 0.5 s" in caplog.text
         await wait_for(lambda: gone(pid), what="the stuck helper to be ended")
-    finally:
-        await helper.close()
 
 
 async def test_signals_sent_to_the_process_group_leave_the_helper_working(
@@ -142,20 +142,14 @@ async def test_signals_sent_to_the_process_group_leave_the_helper_working(
 ) -> None:
     """A service manager's stop or a terminal's Ctrl-C reaches every process of the group;
     the helper leaves the stop to its parent and ends with its socket pair."""
-    helper = SigningHelper(keys(signers))
-    await helper.start()
-    try:
-        pid = helper.pid
-        assert pid is not None
-        fields = signers[0].prepare(copy(1), timestamp=1_765_000_000)
+    async with started(signers) as (helper, pid):
+        fields = unsigned(signers[0], 1)
         await within(helper.finish(fields))  # it is past setting up its signals
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             os.kill(pid, number)
         assert await within(helper.finish(fields)) == fields.finish()
         assert helper.fallbacks == 0
         assert helper.pid == pid
-    finally:
-        await helper.close()
     await wait_for(lambda: gone(pid), what="the helper to end with its socket pair")
 
 
@@ -167,27 +161,20 @@ async def test_a_helper_slow_to_die_does_not_end_the_watch(
     monkeypatch.setattr(helper_module, "ANSWER_TIMEOUT", 0.5)
     monkeypatch.setattr(helper_module, "RESTART_AFTER", 0.0)
     monkeypatch.setattr(helper_module, "STOP_TIMEOUT", 0.0)  # as if it took long to die
-    helper = SigningHelper(keys(signers))
-    await helper.start()
-    fields = signers[1].prepare(copy(3), timestamp=1_765_000_000)
+    fields = unsigned(signers[1], 3)
     stopped: list[int] = []
-    try:
-        for _ in range(2):
-
-            async def running() -> bool:
-                await helper.finish(fields)  # a copy signed while it is away starts it again
-                return helper.pid is not None and helper.pid not in stopped
-
-            await wait_for(running, what="a helper")
-            assert helper.pid is not None
-            stopped.append(helper.pid)
-            os.kill(helper.pid, signal.SIGSTOP)
-            assert await within(helper.finish(fields)) == fields.finish()
-    finally:
-        monkeypatch.setattr(helper_module, "STOP_TIMEOUT", 5.0)
-        await helper.close()  # reaps the helpers that took long to die
-        for pid in stopped:
-            assert gone(pid)
+    async with started(signers) as (helper, _):
+        try:
+            for _ in range(2):
+                await back_again(helper, fields, stopped)
+                assert helper.pid is not None
+                stopped.append(helper.pid)
+                os.kill(helper.pid, signal.SIGSTOP)
+                assert await within(helper.finish(fields)) == fields.finish()
+        finally:
+            monkeypatch.setattr(helper_module, "STOP_TIMEOUT", 5.0)  # the close reaps them
+    for pid in stopped:
+        assert gone(pid)
 
 
 async def test_a_close_while_a_helper_starts_leaves_no_process(
@@ -209,7 +196,7 @@ async def test_a_close_while_a_helper_starts_leaves_no_process(
     first = helper.pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
-    fields = signers[0].prepare(copy(5), timestamp=1_765_000_000)
+    fields = unsigned(signers[0], 5)
     assert await within(helper.finish(fields)) == fields.finish()  # lost: signed here
     await wait_for(lambda: len(spawned) == 1 or helper.pid is None, what="the helper lost")
     await helper.finish(fields)  # starts a new helper, slowly

@@ -27,27 +27,44 @@ def poll(condition: object, within: float = 20) -> None:
         time.sleep(0.05)
 
 
+def start_serve(
+    cwd: Path, *, http: str = "", extra: str = "", log_format: str = "text"
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`serve` in a process group of its own (as a service manager runs it), logging to
+    cwd/serve.log, once it takes mail; and its SMTP and HTTP ports. `http`: more lines of
+    its [http] table; `extra`: more tables."""
+    smtp_port, http_port = free_ports(2)
+    config = cwd / "relay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n{http}{extra}'
+    )
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
+    with open(cwd / "serve.log", "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--log-format", log_format],
+            cwd=cwd,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,
+        )
+    try:
+        wait_until_listening(smtp_port, process)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, smtp_port, http_port
+
+
 @pytest.fixture
 def served(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
-    smtp_port, http_port = free_ports(2)
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
+    process, smtp_port, http_port = start_serve(
+        tmp_path, log_format=getattr(request, "param", "text")
     )
-    log_format = getattr(request, "param", "text")
-    command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
-    with open(tmp_path / "serve.log", "wb") as log:
-        process = subprocess.Popen(
-            [*command, "--log-format", log_format],
-            cwd=tmp_path,
-            stderr=log,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            start_new_session=True,  # a process group of its own, as a service manager makes
-        )
     try:
-        wait_until_listening(smtp_port, process)
         yield process, smtp_port, http_port, tmp_path
     finally:
         if process.poll() is None:
@@ -140,23 +157,10 @@ def test_a_rewrite_failure_is_a_json_log_line_with_its_queue_id(
 def test_mail_is_taken_once_every_http_process_is_up(tmp_path: Path) -> None:
     """A first burst of mail must not find the HTTP workers still loading: the SMTP port
     opens only after they answer."""
-    smtp_port, http_port = free_ports(2)
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n'
-        f'[http]\nlisten = "127.0.0.1:{http_port}"\nprocesses = 2\n'
-    )
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stderr=stderr,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+    process, _, _ = start_serve(tmp_path, http="processes = 2\n")
     try:
-        wait_until_listening(smtp_port, process)
-        assert "http: 2 processes answer on the listen address" in log.read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert "http: 2 processes answer on the listen address" in log
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
@@ -203,24 +207,12 @@ def _alive(pids: set[int]) -> set[int]:
 def test_the_dkim_helper_goes_with_the_relay_on_a_stop_sent_to_every_process(
     tmp_path: Path,
 ) -> None:
-    smtp_port, http_port = free_ports(2)
     key_file, _ = generate_key("shop.example", "s1", tmp_path / "dkim")
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
-        f'[[dkim.keys]]\ndomain = "shop.example"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    process, _, _ = start_serve(
+        tmp_path,
+        extra=f'[[dkim.keys]]\ndomain = "shop.example"\nselector = "s1"\nkey_file = "{key_file}"\n',
     )
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stderr=stderr,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            start_new_session=True,
-        )
     try:
-        wait_until_listening(smtp_port, process)
         poll(lambda: _helpers(process.pid))
         helpers = _helpers(process.pid)
         os.killpg(process.pid, signal.SIGTERM)
@@ -230,6 +222,6 @@ def test_the_dkim_helper_goes_with_the_relay_on_a_stop_sent_to_every_process(
         if process.poll() is None:
             process.kill()
             process.wait()
-    text = log.read_text()
+    text = (tmp_path / "serve.log").read_text()
     assert "helper lost" not in text
     assert text.rstrip().endswith("info: stopped")
